@@ -1,0 +1,239 @@
+"""The ``clipinvert`` command line: a thin Typer layer over :mod:`clipinvert.jobs`.
+
+Exit codes: 0 all inputs done; 1 some inputs failed (the rest done) or a runtime error;
+2 usage error; 3 weights missing or invalid.  Progress and messages go to stderr only.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .errors import EXIT_FAILED, ClipInvertError, UsageError
+
+app = typer.Typer(
+    name="clipinvert",
+    help="Edit real photos with plain-language text (CLIPInverter).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+# ---- shared options (typed, defaults shown in --help) -------------------------------------
+Input = Annotated[Path, typer.Argument(help="An image file or a folder (searched recursively).",
+                                       show_default=False)]
+Output = Annotated[Path, typer.Option("-o", "--output", help="Output folder.")]
+Domain = Annotated[str, typer.Option(help="Domain from models.toml (faces, cats, birds, …).")]
+Models = Annotated[Path | None, typer.Option(
+    "--models", envvar="CLIPINVERT_MODELS", help="Extra models.toml merged over the packaged one.",
+    show_default=False)]
+Device = Annotated[str, typer.Option(help="auto (CUDA if present, else CPU), cpu, cuda[:N], mps.")]
+Dtype = Annotated[str, typer.Option(help="float32, bfloat16 or float16 (CUDA only).")]
+BatchSize = Annotated[int, typer.Option("--batch-size", "-b", min=1,
+                                        help="Images per forward pass.")]
+Workers = Annotated[int, typer.Option(
+    min=0, help="Processes decoding/aligning images ahead of the model (0 = in-process).")]
+Overwrite = Annotated[bool, typer.Option(help="Redo inputs whose outputs already exist.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")]
+ReportOpt = Annotated[Path | None, typer.Option(
+    help="Where to write the JSON run report [default: OUT/clipinvert-report.json].",
+    show_default=False)]
+Aligned = Annotated[bool, typer.Option(
+    "--aligned", help="Inputs are already aligned crops: skip face alignment.")]
+AllFaces = Annotated[bool, typer.Option(
+    "--all-faces", help="Edit every face found, as <stem>_face<i>, not only the most confident.")]
+Seed = Annotated[int, typer.Option(help="Seed for any randomness (inference is deterministic).")]
+
+
+def _default_workers() -> int:
+    return max(1, min(4, (os.cpu_count() or 2) - 1))
+
+
+def _editor(domain: str, models: Path | None, device: str, dtype: str):
+    from .pipeline import Editor
+
+    return Editor(domain, models=models, device=device, dtype=dtype)
+
+
+def _run_options(output: Path, batch_size: int, overwrite: bool, quiet: bool, workers: int,
+                 report: Path | None, editor, aligned: bool, all_faces: bool,
+                 paste_back: bool = False):
+    from .batch import PrepareOptions, RunOptions
+
+    align = editor.domain.align == "ffhq" and not aligned
+    if paste_back and not align:
+        raise UsageError("--paste-back needs face alignment (a domain with align = \"ffhq\" "
+                         "and no --aligned)")
+    predictor = None
+    if align and "landmarks" in editor.domain.weights:
+        predictor = editor.registry.locate(editor.domain, "landmarks")
+    if align:  # fail before any work when the landmark model is missing (exit 3)
+        from .align import FaceDetector
+
+        FaceDetector(predictor)
+    prep = PrepareOptions(align=align, size=editor.input_size, all_faces=all_faces,
+                          keep_original=paste_back, predictor=predictor)
+    return RunOptions(output=output, batch_size=batch_size, overwrite=overwrite, quiet=quiet,
+                      workers=workers if align else min(workers, 1), report=report, prepare=prep)
+
+
+def _finish(report) -> None:
+    raise typer.Exit(report.exit_code)
+
+
+@app.command()
+def invert(
+    input: Input,
+    output: Output = Path("out"),
+    domain: Domain = "faces",
+    models: Models = None,
+    device: Device = "auto",
+    dtype: Dtype = "float32",
+    batch_size: BatchSize = 4,
+    workers: Workers = _default_workers(),
+    aligned: Aligned = False,
+    all_faces: AllFaces = False,
+    latents: Annotated[bool, typer.Option(help="Also write <stem>.pt W+ latents.")] = True,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+    report: ReportOpt = None,
+    seed: Seed = 0,
+) -> None:
+    """Reconstruct images with e4e: OUT/<stem>.png and the W+ latents OUT/<stem>.pt."""
+    from .jobs import run_invert
+
+    ed = _editor(domain, models, device, dtype)
+    opts = _run_options(output, batch_size, overwrite, quiet, workers, report, ed, aligned,
+                        all_faces)
+    params = {"input": str(input), "domain": domain, "batch_size": batch_size, "seed": seed}
+    _finish(run_invert(ed, input, opts, params, save_latents=latents))
+
+
+@app.command()
+def edit(
+    input: Input,
+    prompt: Annotated[str | None, typer.Argument(
+        help="What the result should look like, e.g. \"she has wavy blond hair\".",
+        show_default=False)] = None,
+    output: Output = Path("out"),
+    prompts: Annotated[Path | None, typer.Option(
+        help="File with one prompt per line (outputs go to OUT/<prompt-slug>/).",
+        show_default=False)] = None,
+    ref_image: Annotated[list[Path] | None, typer.Option(
+        "--ref-image", help="Reference image(s) to take the look from instead of text.",
+        show_default=False)] = None,
+    strength: Annotated[float, typer.Option(
+        help="Edit strength: 0 = inversion, 1 = as trained, >1 exaggerates.")] = 1.0,
+    compare: Annotated[bool, typer.Option(
+        help="Also write OUT/compare/<stem>.png: input | inversion | edits.")] = False,
+    save_latents: Annotated[bool, typer.Option(help="Also write <stem>.pt latents.")] = False,
+    paste_back: Annotated[bool, typer.Option(
+        help="Put the edited face back into the original photo (original size).")] = False,
+    domain: Domain = "faces",
+    models: Models = None,
+    device: Device = "auto",
+    dtype: Dtype = "float32",
+    batch_size: BatchSize = 4,
+    workers: Workers = _default_workers(),
+    aligned: Aligned = False,
+    all_faces: AllFaces = False,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+    report: ReportOpt = None,
+    seed: Seed = 0,
+) -> None:
+    """Edit images with a text prompt (or several, or a reference image)."""
+    from .jobs import conditions_from, read_prompts, run_edit
+
+    texts = ([prompt] if prompt else []) + (read_prompts(prompts) if prompts else [])
+    conds = conditions_from(texts, ref_image or [])
+    ed = _editor(domain, models, device, dtype)
+    opts = _run_options(output, batch_size, overwrite, quiet, workers, report, ed, aligned,
+                        all_faces, paste_back)
+    params = {"input": str(input), "conditions": [c.label for c in conds], "domain": domain,
+              "strength": strength, "batch_size": batch_size, "paste_back": paste_back,
+              "seed": seed}
+    _finish(run_edit(ed, input, conds, opts, params, strength=strength,
+                     save_latents=save_latents, compare=compare, paste_back=paste_back))
+
+
+@app.command()
+def interpolate(
+    input: Input,
+    prompt: Annotated[str | None, typer.Argument(help="Target description.",
+                                                 show_default=False)] = None,
+    output: Output = Path("out"),
+    steps: Annotated[int, typer.Option(min=2, help="Frames, inversion first, edit last.")] = 8,
+    ref_image: Annotated[Path | None, typer.Option(
+        "--ref-image", help="Reference image instead of a prompt.", show_default=False)] = None,
+    strength: Annotated[float, typer.Option(help="Strength of the last frame.")] = 1.0,
+    format: Annotated[list[str] | None, typer.Option(
+        "--format", help="Animation format(s): gif, webp, mp4 [default: gif].",
+        show_default=False)] = None,
+    fps: Annotated[float, typer.Option(help="Animation frames per second.")] = 8.0,
+    boomerang: Annotated[bool, typer.Option(help="Animation plays forth and back.")] = False,
+    paste_back: Annotated[bool, typer.Option(
+        help="Frames are the original photo with the face replaced.")] = False,
+    domain: Domain = "faces",
+    models: Models = None,
+    device: Device = "auto",
+    dtype: Dtype = "float32",
+    batch_size: BatchSize = 4,
+    workers: Workers = _default_workers(),
+    aligned: Aligned = False,
+    all_faces: AllFaces = False,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+    report: ReportOpt = None,
+    seed: Seed = 0,
+) -> None:
+    """Frames walking from the inversion to the edit, plus an animation."""
+    from .jobs import conditions_from, run_interpolate
+
+    conds = conditions_from([prompt] if prompt else [], [ref_image] if ref_image else [])
+    if len(conds) != 1:
+        raise UsageError("interpolate takes one PROMPT or one --ref-image, not both")
+    ed = _editor(domain, models, device, dtype)
+    opts = _run_options(output, batch_size, overwrite, quiet, workers, report, ed, aligned,
+                        all_faces, paste_back)
+    params = {"input": str(input), "condition": conds[0].label, "steps": steps,
+              "strength": strength, "domain": domain, "seed": seed}
+    _finish(run_interpolate(ed, input, conds[0], opts, params, steps=steps, strength=strength,
+                            formats=format or ["gif"], fps=fps, boomerang=boomerang,
+                            paste_back=paste_back))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: maps our errors to exit codes with one line, never a traceback."""
+    try:
+        rc = app(args=argv, standalone_mode=False)
+    except typer.Exit as exc:
+        return int(exc.exit_code)
+    except ClipInvertError as exc:
+        print(f"clipinvert: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("clipinvert: interrupted — run the same command again to resume", file=sys.stderr)
+        return 130
+    except typer.Abort:
+        return 130
+    except Exception as exc:  # click usage errors (Typer vendors click) and anything unexpected
+        if callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None),
+                                                                int):
+            exc.show()  # click's own "Usage: … Error: …" text, on stderr
+            return exc.exit_code
+        if os.environ.get("CLIPINVERT_DEBUG"):
+            raise
+        print(f"clipinvert: error: {type(exc).__name__}: {exc} "
+              "(set CLIPINVERT_DEBUG=1 for a traceback)", file=sys.stderr)
+        return EXIT_FAILED
+    return rc if isinstance(rc, int) else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""Exceptions that map onto the exit codes scripts rely on (see README, "Exit codes").
+
+0 all inputs done; 1 one or more inputs failed or a runtime error; 2 usage error;
+3 weights missing or invalid.  Every error carries a one-line, actionable message: the CLI
+prints ``str(err)`` and never a traceback for these.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_WEIGHTS = 3
+
+
+class ClipInvertError(Exception):
+    """Base class; ``exit_code`` tells the CLI how to end."""
+
+    exit_code = EXIT_FAILED
+
+
+class UsageError(ClipInvertError):
+    """The command line or the registry asks for something that cannot be done."""
+
+    exit_code = EXIT_USAGE
+
+
+class WeightsError(ClipInvertError):
+    """A weight file is missing, unreadable, not a checkpoint, or has the wrong layout."""
+
+    exit_code = EXIT_WEIGHTS
+
+
+class InputError(ClipInvertError):
+    """One input (image, reference) cannot be used; the batch goes on without it."""
+
+    exit_code = EXIT_FAILED

@@ -1,0 +1,617 @@
+"""Image I/O for clipinvert: finding inputs, safe decoding, tensor conversion, atomic outputs.
+
+Why this module exists as one place:
+
+* Real-world photo folders contain everything: 16-bit PNGs, CMYK JPEGs, transparent stickers,
+  phone pictures that are only upright because of an EXIF tag, half-copied files, stray text
+  files with an image suffix.  Every one of them must either become a proper 8-bit RGB image or
+  fail with a one-line :class:`~clipinvert.errors.InputError` so the batch can go on.  PIL's own
+  exceptions never leave :func:`load_image`.
+* The networks expect exactly what the released e4e/CLIPInverter code fed them (BILINEAR resize,
+  ``[-1, 1]`` range) and their outputs are turned back into pixels the same way (``tensor2im``),
+  so results match the reference implementation bit for bit where it matters.
+* Outputs are written atomically: a crash, Ctrl-C or full disk never leaves a half-written file
+  that a later ``--skip-existing`` run would mistake for a finished result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import struct
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
+
+from clipinvert.errors import InputError, UsageError
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"}
+)
+
+# Formats PIL may try when opening an input.  Restricting the list keeps PIL from handing
+# arbitrary files to risky or exotic decoders (EPS would call Ghostscript, for example) while
+# still accepting every common photo format, whatever the file's suffix says.
+_OPEN_FORMATS: tuple[str, ...] = (
+    "PNG",
+    "JPEG",
+    "MPO",
+    "WEBP",
+    "BMP",
+    "DIB",
+    "TIFF",
+    "GIF",
+    "PPM",
+    "TGA",
+    "ICO",
+    "QOI",
+    "AVIF",
+)
+
+# Leading bytes of the formats above, used only to word error messages: a file that starts
+# like a PNG but cannot be opened is a damaged PNG, not "not an image".
+_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"qoif", "QOI"),
+)
+
+# Errors PIL (and the codecs under it) raise for damaged data.  Broad on purpose: decoders
+# report corruption through many exception types, and none of them may escape load_image.
+_DECODE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    IndexError,
+    KeyError,
+    TypeError,
+    struct.error,
+    ZeroDivisionError,
+    RuntimeError,
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Finding inputs
+# --------------------------------------------------------------------------------------------
+
+
+def list_inputs(root: Path) -> list[tuple[Path, Path]]:
+    """Resolve an input argument to ``(absolute path, relative path)`` pairs.
+
+    A single file is taken as is (whatever its suffix: the user named it, so a bad one should
+    fail loudly in :func:`load_image` rather than be silently skipped).  A folder is walked
+    recursively for files whose suffix is in :data:`IMAGE_EXTENSIONS`; the relative path lets
+    callers mirror the input tree in the output folder.  Hidden files and folders (``.git``,
+    ``.DS_Store``, our own ``.partial`` temporaries) are skipped, symlinked folders are not
+    followed (no cycles), and the result is sorted by relative POSIX path so runs are
+    reproducible across file systems.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise UsageError(f"input not found: {root}")
+    if root.is_file():
+        return [(root.absolute(), Path(root.name))]
+    if not root.is_dir():
+        raise UsageError(f"input is neither a file nor a folder: {root}")
+
+    base = root.absolute()
+    found: list[tuple[Path, Path]] = []
+    for dirpath, dirnames, filenames in os.walk(base):
+        # Prune in place so os.walk never descends into hidden folders.
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        here = Path(dirpath)
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            if Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            full = here / name
+            if not full.is_file():  # broken symlink, socket, ...
+                continue
+            found.append((full, full.relative_to(base)))
+    found.sort(key=lambda pair: pair[1].as_posix())
+    return found
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding
+# --------------------------------------------------------------------------------------------
+
+
+def _sniff(path: Path) -> tuple[str | None, bool]:
+    """Guess ``(image format, looks like text)`` from the first bytes, for error wording only."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(512)
+    except OSError:
+        return None, False
+    textish = _looks_like_text(head)
+    for magic, name in _MAGIC:
+        # A file cut inside the signature itself (2+ bytes left) still counts as that format.
+        partial = 2 <= len(head) < len(magic) and magic.startswith(head)
+        if head.startswith(magic) or partial:
+            # "BM" is too short a signature to beat plain text ("BMW service notes").
+            if not (name == "BMP" and textish):
+                return name, False
+    if head[:4] == b"RIFF" and (len(head) < 12 or head[8:12] == b"WEBP"):
+        return "WEBP", False
+    if re.match(rb"P[1-6]\s", head):  # plain PNM variants are text, but they are images
+        return "PPM", False
+    return None, textish
+
+
+def _looks_like_text(head: bytes) -> bool:
+    """True for UTF-8 text without control characters (the head may end mid-character)."""
+    for cut in range(4):
+        try:
+            text = head[: len(head) - cut].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        return bool(text) and all(c.isprintable() or c in "\t\n\r\f" for c in text)
+    return False
+
+
+def _too_large(size: tuple[int, int], max_pixels: int) -> InputError:
+    w, h = size
+    return InputError(f"image too large: {w}x{h} (limit {max_pixels:,} pixels)")
+
+
+def _int_bit_depth(im: Image.Image, arr: np.ndarray) -> int:
+    """Bit depth of an integer-mode image, so values are scaled by range rather than clipped.
+
+    ``I;16*`` modes are 16-bit by definition.  Mode ``I`` is a 32-bit container that PIL uses
+    for several sources: 16-bit PGM (PIL already normalises those to 0..65535), TIFFs with a
+    declared ``BitsPerSample``, and others; when the file does not say, the smallest common
+    depth that holds the data is assumed.
+    """
+    if im.mode.startswith("I;16"):
+        return 16
+    tags = getattr(im, "tag_v2", None)
+    if tags is not None:
+        bits = tags.get(258)
+        if isinstance(bits, tuple):
+            bits = bits[0] if bits else None
+        if isinstance(bits, int) and 1 <= bits <= 32:
+            signed = tags.get(339) in (2, (2,))
+            return bits - 1 if signed else bits
+    if im.format == "PPM":
+        return 16
+    peak = int(arr.max()) if arr.size else 0
+    for bits in (8, 16, 24):
+        if peak < (1 << bits):
+            return bits
+    return 31  # signed 32-bit container
+
+
+def _int_to_l(im: Image.Image) -> Image.Image:
+    """Scale a 16/32-bit integer greyscale image to 8 bits (65535 -> 255), rounding."""
+    arr = np.asarray(im).astype(np.int64)
+    bits = _int_bit_depth(im, arr)
+    top = (1 << bits) - 1
+    arr = np.clip(arr, 0, top)
+    scaled = (arr * 255 + top // 2) // top
+    return Image.fromarray(scaled.astype(np.uint8), "L")
+
+
+def _float_to_l(im: Image.Image) -> Image.Image:
+    """Map a float greyscale image to 8 bits.
+
+    Float images carry no bit depth, so the usual conventions are assumed: data within
+    ``[0, 1]`` is normalised, data within ``[0, 255]`` is already in 8-bit units, and anything
+    brighter (HDR) is scaled by its maximum.  NaN/inf become black; negatives clip to 0.
+    """
+    arr = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    peak = float(arr.max()) if arr.size else 0.0
+    if peak <= 1.0:
+        arr = arr * 255.0
+    elif peak > 255.0:
+        arr = arr * (255.0 / peak)
+    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB; transparency is composited onto white.
+
+    White, not black: a transparent background converted naively becomes black, which the
+    encoder then tries to reproduce as part of the face photo.
+    """
+    mode = im.mode
+    if mode.startswith("I;16") or mode == "I":
+        return _int_to_l(im).convert("RGB")
+    if mode == "F":
+        return _float_to_l(im).convert("RGB")
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
+    if has_alpha:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if mode == "RGB":
+        return im.copy()
+    return im.convert("RGB")
+
+
+def load_image(path: Path, max_pixels: int = 100_000_000) -> Image.Image:
+    """Decode ``path`` to a fully loaded 8-bit RGB image, or raise :class:`InputError`.
+
+    The whole image is decoded here (``load()``), so a truncated file fails now, with a clear
+    message, instead of deep inside the model later.  The size is checked from the header
+    before decoding, so an oversized image (or a decompression bomb) costs no memory.  EXIF
+    orientation is applied because phones store portrait photos sideways; animated files yield
+    their first frame.  ``ImageFile.LOAD_TRUNCATED_IMAGES`` is never touched: silently
+    grey-padded faces would be worse than an error.
+    """
+    path = Path(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise InputError("file not found") from None
+    except PermissionError:
+        raise InputError("permission denied (cannot read the file)") from None
+    except OSError as exc:
+        raise InputError(f"cannot access file ({exc.strerror or exc})") from None
+    if path.is_dir():
+        raise InputError("is a folder, not an image file")
+    if st.st_size == 0:
+        raise InputError("empty file (0 bytes)")
+
+    try:
+        with warnings.catch_warnings():
+            # PIL warns (rather than fails) between MAX_IMAGE_PIXELS and twice that; our own
+            # max_pixels check below is the one that decides.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            Image.init()
+            formats = [f for f in _OPEN_FORMATS if f in Image.OPEN]
+            with Image.open(path, formats=formats) as im:
+                if im.width * im.height > max_pixels:
+                    raise _too_large(im.size, max_pixels)
+                try:
+                    im.load()
+                except MemoryError:
+                    raise InputError(f"image too large to decode: {im.width}x{im.height}") from None
+                except _DECODE_ERRORS:
+                    raise InputError("truncated or corrupt image (decoding failed)") from None
+                try:
+                    upright = ImageOps.exif_transpose(im)
+                except _DECODE_ERRORS:
+                    upright = im  # unreadable EXIF: keep the pixels, lose only the rotation
+                try:
+                    return _to_rgb(upright)
+                except _DECODE_ERRORS:
+                    raise InputError(f"unsupported image mode {im.mode!r}") from None
+    except InputError:
+        raise
+    except Image.DecompressionBombError as exc:
+        match = re.search(r"\((\d+) pixels\)", str(exc))
+        pixels = f"{int(match.group(1)):,} pixels" if match else "too many pixels"
+        raise InputError(f"image too large: {pixels} (decompression-bomb guard)") from None
+    except PermissionError:
+        raise InputError("permission denied (cannot read the file)") from None
+    except FileNotFoundError:
+        raise InputError("file not found") from None
+    except IsADirectoryError:
+        raise InputError("is a folder, not an image file") from None
+    except MemoryError:
+        raise InputError("image too large to decode (out of memory)") from None
+    except _DECODE_ERRORS as exc:
+        # The header could not be read.  Word the reason from the leading bytes: a damaged PNG
+        # and a text file renamed to .png need different fixes.
+        fmt, textish = _sniff(path)
+        if fmt is not None:
+            raise InputError(f"truncated or corrupt image ({fmt} header unreadable)") from None
+        if textish:
+            raise InputError("not an image file (contents are text)") from None
+        if isinstance(exc, UnidentifiedImageError):
+            raise InputError("not an image file (unrecognised or unsupported format)") from None
+        raise InputError("truncated or corrupt image (cannot read header)") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Tensors
+# --------------------------------------------------------------------------------------------
+
+
+def to_tensor(images: Sequence[Image.Image], size: int) -> torch.Tensor:
+    """Stack images into a ``(B, 3, size, size)`` float32 batch in ``[-1, 1]``.
+
+    Mirrors the released e4e transform exactly: ``Resize((size, size))`` on the PIL image
+    (BILINEAR, which PIL antialiases when shrinking), ``ToTensor`` (divide by 255) and
+    ``Normalize(0.5, 0.5)``.  Any other resampler shifts the inversion slightly.
+    """
+    if size <= 0:
+        raise ValueError(f"size must be positive, got {size}")
+    out = torch.empty((len(images), 3, size, size), dtype=torch.float32)
+    for i, image in enumerate(images):
+        rgb = image if image.mode == "RGB" else image.convert("RGB")
+        resized = rgb.resize((size, size), Image.Resampling.BILINEAR)
+        arr = torch.from_numpy(np.array(resized, dtype=np.uint8, copy=True))
+        out[i] = arr.permute(2, 0, 1).to(torch.float32).div(255.0)
+    return out.sub_(0.5).div_(0.5)
+
+
+def to_pil(batch: torch.Tensor) -> list[Image.Image]:
+    """Turn generator output ``(B, 3, H, W)`` (about ``[-1, 1]``) into uint8 RGB images.
+
+    Same arithmetic as the released ``tensor2im``: ``(x + 1) / 2``, clamp to ``[0, 1]``,
+    ``* 255`` and *truncate* (``astype(uint8)``), not round, so outputs match published ones.
+    A single ``(3, H, W)`` image is accepted too.  NaNs (a diverged edit) become black.
+    """
+    x = batch.detach().to(device="cpu", dtype=torch.float32)
+    if x.dim() == 3:
+        x = x.unsqueeze(0)
+    if x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(f"expected a (B, 3, H, W) tensor, got shape {tuple(batch.shape)}")
+    x = torch.nan_to_num(x, nan=-1.0)
+    x = ((x + 1) / 2).clamp(0, 1) * 255
+    arr = x.permute(0, 2, 3, 1).contiguous().numpy().astype(np.uint8)
+    return [Image.fromarray(a, "RGB") for a in arr]
+
+
+# --------------------------------------------------------------------------------------------
+# Atomic outputs
+# --------------------------------------------------------------------------------------------
+
+
+def _temp_sibling(path: Path) -> Path:
+    """Create (exclusively) and return an empty temporary file next to ``path``.
+
+    Same directory so ``os.replace`` is an atomic rename; hidden so folder listings (ours
+    included) ignore it; ``.partial`` plus the real suffix so writers that pick the format from
+    the name (PIL, ffmpeg) still do the right thing.  Created with ``O_EXCL`` and mode 0o666 so
+    it is unique and the final file gets the user's normal umask permissions (``mkstemp`` would
+    leave outputs readable by the owner only).
+    """
+    stem = path.name[:120]  # keep the temporary name within NAME_MAX for long output names
+    for _ in range(100):
+        tmp = path.parent / f".{stem}.{secrets.token_hex(4)}.partial{path.suffix}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise FileExistsError(f"cannot create a temporary file next to {path}")
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Run ``write(tmp)`` and move the result onto ``path``: the output appears whole or not at all.
+
+    Any exception, including ``KeyboardInterrupt``, removes the temporary file and is re-raised,
+    leaving an existing ``path`` untouched.  This protects against crashes and interrupts of
+    this process; it does not fsync, so it is not a guarantee against power loss.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_sibling(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def _format_for(path: Path) -> str:
+    """PIL format name for ``path``'s suffix; PNG (lossless) when there is none or it is unknown."""
+    return Image.registered_extensions().get(path.suffix.lower(), "PNG")
+
+
+def save_image(image: Image.Image, path: Path) -> None:
+    """Save atomically in the format the suffix names (PNG by default).
+
+    JPEG and WebP are written at quality 95: these are final results, and the default 75 shows
+    visible artefacts on skin and hair.
+    """
+    fmt = _format_for(Path(path))
+    params: dict[str, object] = {}
+    img = image
+    if fmt == "JPEG":
+        params = {"quality": 95}
+        if img.mode not in ("RGB", "L", "CMYK"):
+            img = _to_rgb(img)
+    elif fmt == "WEBP":
+        params = {"quality": 95}
+
+    def write(tmp: Path) -> None:
+        img.save(tmp, format=fmt, **params)
+
+    atomic_write(Path(path), write)
+
+
+def save_tensor(obj: dict[str, torch.Tensor], path: Path) -> None:
+    """``torch.save`` atomically; tensors go to CPU first so the file loads on any machine."""
+    portable = {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in obj.items()}
+    atomic_write(Path(path), lambda tmp: torch.save(portable, tmp))
+
+
+def _even(frame: Image.Image) -> np.ndarray:
+    """RGB array padded (edge-replicated) to even width/height, which yuv420p requires."""
+    arr = np.asarray(frame.convert("RGB"))
+    h, w = arr.shape[:2]
+    pad = ((0, h % 2), (0, w % 2), (0, 0))
+    return np.pad(arr, pad, mode="edge") if (h % 2 or w % 2) else arr
+
+
+def save_animation(
+    frames: Sequence[Image.Image],
+    path: Path,
+    fps: float = 10.0,
+    loop: bool = True,
+    boomerang: bool = False,
+) -> None:
+    """Write frames (e.g. an edit-strength sweep) as ``.gif``, ``.webp`` or ``.mp4``, atomically.
+
+    GIF for universal previews, lossless WebP for exact frames, H.264/yuv420p MP4 for anything
+    that plays in browsers and messengers.  ``boomerang`` appends the frames reversed without
+    repeating the two ends, so a looping sweep plays smoothly back and forth.  All frames are
+    brought to the first frame's size.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".gif", ".webp", ".mp4"):
+        shown = suffix or "(none)"
+        raise UsageError(f"unsupported animation format {shown!r}: use .gif, .webp or .mp4")
+    if not frames:
+        raise UsageError("no frames to write")
+    if not fps > 0:
+        raise UsageError(f"fps must be positive, got {fps}")
+
+    size = frames[0].size
+    seq: list[Image.Image] = []
+    for frame in frames:
+        rgb = frame.convert("RGB")  # always a copy: safe to clear its metadata below
+        if rgb.size != size:
+            rgb = rgb.resize(size, Image.Resampling.LANCZOS)
+        rgb.info = {}  # a source GIF's "loop"/"duration" must not override ours
+        seq.append(rgb)
+    if boomerang:  # a b c d -> a b c d c b (then loops to a); 1-2 frames are unchanged
+        seq = seq + seq[-2:0:-1]
+    duration_ms = max(1, round(1000.0 / fps))
+
+    if suffix == ".gif":
+        # GIF counts in 1/100 s and browsers replace delays under 20 ms by 100 ms, so
+        # very high frame rates are capped at 50 fps rather than played in slow motion.
+        gif_ms = max(20, duration_ms)
+
+        def write(tmp: Path) -> None:
+            extra = {"loop": 0} if loop else {}  # no NETSCAPE block at all: play once
+            seq[0].save(
+                tmp,
+                format="GIF",
+                save_all=True,
+                append_images=seq[1:],
+                duration=gif_ms,
+                optimize=True,
+                **extra,
+            )
+
+    elif suffix == ".webp":
+
+        def write(tmp: Path) -> None:
+            seq[0].save(
+                tmp,
+                format="WEBP",
+                save_all=True,
+                append_images=seq[1:],
+                duration=duration_ms,
+                loop=0 if loop else 1,
+                lossless=True,
+            )
+
+    else:
+        try:
+            import imageio.v2 as iio
+            import imageio_ffmpeg  # noqa: F401  (the plugin imageio needs for mp4)
+        except ImportError:
+            raise UsageError(
+                "mp4 output needs imageio and imageio-ffmpeg (pip install imageio imageio-ffmpeg);"
+                " or use .gif/.webp"
+            ) from None
+
+        def write(tmp: Path) -> None:
+            writer = iio.get_writer(
+                tmp,
+                format="FFMPEG",
+                mode="I",
+                fps=fps,
+                codec="libx264",
+                pixelformat="yuv420p",
+                quality=None,
+                macro_block_size=1,
+                output_params=["-crf", "18", "-movflags", "+faststart"],
+                ffmpeg_log_level="error",
+            )
+            with writer:
+                for frame in seq:
+                    writer.append_data(_even(frame))
+
+    atomic_write(path, write)
+
+
+# --------------------------------------------------------------------------------------------
+# Comparison strips
+# --------------------------------------------------------------------------------------------
+
+
+def _fit_label(
+    draw: ImageDraw.ImageDraw,
+    text: str,
+    font: ImageFont.ImageFont | ImageFont.FreeTypeFont,
+    width: int,
+) -> str:
+    """Shorten ``text`` with '...' until it fits ``width`` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while len(text) > 1 and draw.textlength(text + "...", font=font) > width:
+        text = text[:-1]
+    return text + "..."
+
+
+def side_by_side(
+    images: Sequence[Image.Image],
+    labels: Sequence[str] | None = None,
+    height: int | None = None,
+) -> Image.Image:
+    """Concatenate images left to right at a common height, optionally labelled underneath.
+
+    Used for ``input | inversion | edit ...`` previews: seeing the inversion next to the input
+    is how users judge whether an odd edit comes from the edit or from a poor inversion.
+    Aspect ratios are kept; labels use PIL's built-in font (scaled with the strip) so no font
+    files are needed, and are shortened to fit under their image.
+    """
+    if not images:
+        raise ValueError("side_by_side needs at least one image")
+    if labels is not None and len(labels) != len(images):
+        raise ValueError(f"got {len(labels)} labels for {len(images)} images")
+    h = int(height) if height is not None else images[0].height
+    if h <= 0:
+        raise ValueError(f"height must be positive, got {h}")
+
+    tiles: list[Image.Image] = []
+    for im in images:
+        rgb = im if im.mode == "RGB" else _to_rgb(im)
+        w = max(1, round(rgb.width * h / rgb.height))
+        tiles.append(rgb if rgb.size == (w, h) else rgb.resize((w, h), Image.Resampling.LANCZOS))
+
+    total_w = sum(t.width for t in tiles)
+    band = 0
+    font: ImageFont.ImageFont | ImageFont.FreeTypeFont | None = None
+    if labels is not None:
+        font = ImageFont.load_default(size=max(10, h // 20))
+        probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+        top, bottom = probe.textbbox((0, 0), "Ag", font=font)[1::2]
+        pad = max(2, (bottom - top) // 3)
+        band = bottom - top + 2 * pad
+
+    strip = Image.new("RGB", (total_w, h + band), (255, 255, 255))
+    draw = ImageDraw.Draw(strip)
+    x = 0
+    for i, tile in enumerate(tiles):
+        strip.paste(tile, (x, 0))
+        if labels is not None and font is not None:
+            text = str(labels[i])
+            try:
+                text = _fit_label(draw, text, font, tile.width - 4)
+            except UnicodeError:  # bitmap fallback font is Latin-1 only
+                text = _fit_label(
+                    draw, text.encode("ascii", "replace").decode(), font, tile.width - 4
+                )
+            left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+            tx = x + (tile.width - (right - left)) // 2 - left
+            ty = h + (band - (bottom - top)) // 2 - top
+            draw.text((tx, ty), text, fill=(0, 0, 0), font=font)
+        x += tile.width
+    return strip

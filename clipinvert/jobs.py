@@ -1,0 +1,217 @@
+"""The folder jobs behind ``invert``, ``edit`` and ``interpolate`` (callable from Python too).
+
+Output layout (all paths relative to OUT, ``<rel>`` = the input's relative path without suffix,
+``<rel>_face<i>`` per face with ``--all-faces``):
+
+* invert: ``<rel>.png`` reconstruction, ``<rel>.pt`` W+ latent ``(n_latent, 512)`` tensor.
+* edit, one condition: ``<rel>.png``; several: ``<slug>/<rel>.png`` per prompt (slug from the
+  prompt text, ``ref-<name>`` for a reference image).  ``--save-latents``: ``<…>.pt`` beside each
+  image (dict: ``w`` inversion, ``w_edit`` edited W+, ``remapped`` conv latents, ``embedding``).
+  ``--compare``: ``compare/<rel>.png`` strip input | inversion | edits.
+* interpolate: ``<rel>/<name>_000.png …`` frames and ``<rel>.gif`` (and other formats asked).
+* With ``--paste-back`` (aligned inputs) the edited face is put back into the original photo and
+  that full-size photo is the main output.
+* ``clipinvert-report.json`` (or ``--report``): every input's status and outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from . import imaging
+from .batch import Crop, Prepared, Report, RunOptions, run_folder, unique_slugs
+from .errors import UsageError
+from .pipeline import Condition, Editor
+
+
+@dataclass
+class EditCondition:
+    """A prompt or a reference image, with the folder name its outputs go to."""
+
+    label: str
+    value: Condition
+    slug: str = ""
+
+
+def conditions_from(prompts: Sequence[str], references: Sequence[Path]) -> list[EditCondition]:
+    conds = [EditCondition(p, p) for p in prompts]
+    for ref in references:
+        conds.append(EditCondition(f"ref:{ref.name}", imaging.load_image(ref), ""))
+    if not conds:
+        raise UsageError("give a PROMPT, --prompts FILE or --ref-image")
+    slugs = unique_slugs([c.label if not c.label.startswith("ref:") else
+                          "ref-" + Path(c.label[4:]).stem for c in conds])
+    for c, s in zip(conds, slugs, strict=True):
+        c.slug = s
+    return conds
+
+
+def read_prompts(path: Path) -> list[str]:
+    """One prompt per line; blank lines and lines starting with '#' are ignored."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise UsageError(f"cannot read prompts file {path}: {exc.strerror}") from None
+    prompts = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    if not prompts:
+        raise UsageError(f"prompts file {path} has no prompts")
+    return prompts
+
+
+def _meta(editor: Editor) -> dict:
+    return {"domain": editor.domain.name, "device": str(editor.device),
+            "dtype": str(editor.dtype).replace("torch.", ""),
+            "weights": {k: str(v) for k, v in editor.loaded.items()}}
+
+
+def _paste(owner: Prepared, crop: Crop, face: Image.Image) -> Image.Image:
+    """The edited face back in the original photo (or the crop itself when not aligned)."""
+    if crop.transform is None or owner.original is None:
+        return face
+    from .align import paste_back
+
+    return paste_back(owner.original, face, crop.transform)
+
+
+def _save_transform(crop: Crop, path: Path) -> None:
+    import json
+
+    text = json.dumps(crop.transform, indent=1)
+    imaging.atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def run_invert(editor: Editor, inputs: Path, opts: RunOptions, params: dict | None = None,
+               save_latents: bool = True) -> Report:
+    editor.preload(edit=False)
+    out = opts.output
+
+    def outputs_for(crop: Crop) -> list[Path]:
+        paths = [out / f"{crop.rel}.png"]
+        if save_latents:
+            paths.append(out / f"{crop.rel}.pt")
+        return paths
+
+    def process(crops: list[Crop], owners: list[Prepared]) -> list[list[Path]]:
+        result = editor.invert([c.image for c in crops])
+        written = []
+        for crop, img, w in zip(crops, result.pil(), result.latents, strict=True):
+            paths = outputs_for(crop)
+            imaging.save_image(img, paths[0])
+            if save_latents:
+                imaging.atomic_write(paths[1], lambda tmp, w=w: torch.save(w.float().cpu(), tmp))
+            written.append(paths)
+        return written
+
+    return run_folder("invert", inputs, opts, params or {}, outputs_for, process,
+                      meta=lambda: _meta(editor))
+
+
+def run_edit(editor: Editor, inputs: Path, conditions: Sequence[EditCondition],
+             opts: RunOptions, params: dict | None = None, *, strength: float = 1.0,
+             save_latents: bool = False, compare: bool = False,
+             paste_back: bool = False) -> Report:
+    editor.preload(edit=True)
+    out = opts.output
+    single = len(conditions) == 1
+    # Embeddings once per run, not per batch (CLIP is the slowest thing to call per prompt).
+    embeddings = [editor.embed(c.value) for c in conditions]
+
+    def image_path(crop: Crop, cond: EditCondition) -> Path:
+        return out / f"{crop.rel}.png" if single else out / cond.slug / f"{crop.rel}.png"
+
+    def outputs_for(crop: Crop) -> list[Path]:
+        paths = []
+        for cond in conditions:
+            p = image_path(crop, cond)
+            paths.append(p)
+            if save_latents:
+                paths.append(p.with_suffix(".pt"))
+        if compare:
+            paths.append(out / "compare" / f"{crop.rel}.png")
+        return paths
+
+    def process(crops: list[Crop], owners: list[Prepared]) -> list[list[Path]]:
+        enc = editor.encode([c.image for c in crops])
+        inversion = editor.invert(enc).pil() if compare else None
+        written: list[list[Path]] = [[] for _ in crops]
+        edits: list[list[Image.Image]] = [[] for _ in crops]
+        for cond, emb in zip(conditions, embeddings, strict=True):
+            res = editor.edit(enc, emb, strength=strength)
+            for i, (crop, owner, img) in enumerate(zip(crops, owners, res.pil(), strict=True)):
+                edits[i].append(img)
+                p = image_path(crop, cond)
+                imaging.save_image(_paste(owner, crop, img) if paste_back else img, p)
+                written[i].append(p)
+                if save_latents:
+                    rec = {"w": enc.w[i], "w_edit": res.latents[i], "embedding": res.embedding[i],
+                           "condition": cond.label, "strength": strength}
+                    if res.remapped is not None:
+                        rec["remapped"] = res.remapped[i]
+                    imaging.save_tensor(rec, p.with_suffix(".pt"))
+                    written[i].append(p.with_suffix(".pt"))
+        if compare:
+            assert inversion is not None
+            labels = ["input", "inversion", *[c.label for c in conditions]]
+            for i, crop in enumerate(crops):
+                size = inversion[i].size
+                strip = imaging.side_by_side(
+                    [crop.image.resize(size, Image.Resampling.LANCZOS), inversion[i], *edits[i]],
+                    labels=labels)
+                p = out / "compare" / f"{crop.rel}.png"
+                imaging.save_image(strip, p)
+                written[i].append(p)
+        for i, crop in enumerate(crops):
+            if crop.transform is not None:
+                p = out / f"{crop.rel}.json"
+                _save_transform(crop, p)
+                written[i].append(p)
+        return written
+
+    return run_folder("edit", inputs, opts, params or {}, outputs_for, process,
+                      meta=lambda: _meta(editor))
+
+
+def run_interpolate(editor: Editor, inputs: Path, condition: EditCondition, opts: RunOptions,
+                    params: dict | None = None, *, steps: int = 8, strength: float = 1.0,
+                    formats: Sequence[str] = ("gif",), fps: float = 8.0,
+                    boomerang: bool = False, paste_back: bool = False) -> Report:
+    if steps < 2:
+        raise UsageError("--steps must be at least 2")
+    for f in formats:
+        if f not in ("gif", "webp", "mp4"):
+            raise UsageError(f"unknown animation format {f!r} (use gif, webp, mp4)")
+    editor.preload(edit=True)
+    out = opts.output
+    emb = editor.embed(condition.value)
+    digits = max(3, len(str(steps - 1)))
+
+    def frame_paths(crop: Crop) -> list[Path]:
+        folder = out / crop.rel
+        return [folder / f"{crop.rel.name}_{k:0{digits}d}.png" for k in range(steps)]
+
+    def outputs_for(crop: Crop) -> list[Path]:
+        return [*frame_paths(crop), *(out / f"{crop.rel}.{f}" for f in formats)]
+
+    def process(crops: list[Crop], owners: list[Prepared]) -> list[list[Path]]:
+        frames: list[list[Image.Image]] = [[] for _ in crops]
+        for res in editor.iter_interpolation([c.image for c in crops], emb, steps, strength):
+            for i, (crop, owner, img) in enumerate(zip(crops, owners, res.pil(), strict=True)):
+                k = len(frames[i])
+                img = _paste(owner, crop, img) if paste_back else img
+                imaging.save_image(img, frame_paths(crop)[k])
+                frames[i].append(img)
+        written = []
+        for i, crop in enumerate(crops):
+            for f in formats:
+                imaging.save_animation(frames[i], out / f"{crop.rel}.{f}", fps=fps,
+                                       boomerang=boomerang)
+            written.append(outputs_for(crop))
+        return written
+
+    return run_folder("interpolate", inputs, opts, params or {}, outputs_for, process,
+                      meta=lambda: _meta(editor))

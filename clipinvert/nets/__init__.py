@@ -1,0 +1,7 @@
+"""Networks, written to the released checkpoints' state-dict layouts."""
+
+from .adapter import CLIPAdapter
+from .e4e import Encoder4Editing
+from .stylegan2 import Generator, GeneratorConfig
+
+__all__ = ["CLIPAdapter", "Encoder4Editing", "Generator", "GeneratorConfig"]

@@ -1,0 +1,310 @@
+"""StyleGAN2 generator in rosinality's state-dict layout, with CLIPInverter's CLIPRemapper.
+
+Module and buffer names are exactly those of the released files (``style.*``, ``conv1.*``,
+``convs.*``, ``to_rgbs.*``, ``noises.noise_*`` and, in CLIPInverter decoders, ``affine_mlps.*`` and
+``lambdas.*``) so checkpoints load with ``strict=True`` and no renaming table.  The layer sizes are
+described by :class:`GeneratorConfig`, which :meth:`GeneratorConfig.from_state_dict` reads off a
+checkpoint's shapes: a user can never pick a resolution that does not fit their file.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ops import EqualLinear, FusedLeakyReLU, PixelNorm, make_kernel, upfirdn2d
+
+BLUR_KERNEL = (1, 3, 3, 1)
+
+
+def default_channels(size: int, channel_multiplier: int = 2) -> dict[int, int]:
+    """rosinality's channel table: 512 up to 32×32, then halving with the multiplier."""
+    cm = channel_multiplier
+    table = {4: 512, 8: 512, 16: 512, 32: 512, 64: 256 * cm, 128: 128 * cm, 256: 64 * cm,
+             512: 32 * cm, 1024: 16 * cm, 2048: 8 * cm}
+    return {r: c for r, c in table.items() if r <= size}
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    """Everything needed to rebuild a generator; derived from a checkpoint, not from user flags."""
+
+    size: int = 1024
+    style_dim: int = 512
+    n_mlp: int = 8
+    channels: Mapping[int, int] = field(default_factory=dict)
+    lr_mlp: float = 0.01
+    text_dim: int | None = None  # CLIPRemapper input size (CLIP embed dim); None = plain generator
+    remap_hidden: int = 512
+
+    def __post_init__(self) -> None:
+        log = math.log2(self.size)
+        if self.size < 8 or log != int(log):
+            raise ValueError(f"generator size must be a power of two ≥ 8, got {self.size}")
+        if not self.channels:
+            object.__setattr__(self, "channels", default_channels(self.size))
+        missing = [2**i for i in range(2, self.log_size + 1) if 2**i not in self.channels]
+        if missing:
+            raise ValueError(f"no channel count for resolutions {missing}")
+
+    @property
+    def log_size(self) -> int:
+        return int(math.log2(self.size))
+
+    @property
+    def n_latent(self) -> int:
+        """W+ length: 18 at 1024, 16 at 512, 14 at 256."""
+        return 2 * self.log_size - 2
+
+    @property
+    def num_noise(self) -> int:
+        return 2 * (self.log_size - 2) + 1
+
+    @property
+    def num_remap(self) -> int:
+        """Latents of ``convs[0..]``, the ones the remapper blends (16 at 1024)."""
+        return 2 * (self.log_size - 2)
+
+    @classmethod
+    def from_state_dict(cls, sd: Mapping[str, torch.Tensor]) -> GeneratorConfig:
+        """Read size, widths and remapper presence off a generator state dict's shapes."""
+        n_rgb = sum(1 for k in sd if k.startswith("to_rgbs.") and k.endswith(".conv.weight"))
+        if n_rgb == 0 or "conv1.conv.weight" not in sd or "style.1.weight" not in sd:
+            raise KeyError("not a StyleGAN2 generator state dict (no to_rgbs/conv1/style keys)")
+        size = 2 ** (n_rgb + 2)
+        channels = {4: int(sd["conv1.conv.weight"].shape[1])}
+        for k in range(n_rgb):
+            channels[2 ** (k + 3)] = int(sd[f"convs.{2 * k}.conv.weight"].shape[1])
+        n_mlp = sum(1 for k in sd if k.startswith("style.") and k.endswith(".weight"))
+        style_dim = int(sd["style.1.weight"].shape[0])
+        text_dim = None
+        hidden = 512
+        if "affine_mlps.0.0.weight" in sd:
+            hidden, text_dim = (int(s) for s in sd["affine_mlps.0.0.weight"].shape)
+        return cls(size=size, style_dim=style_dim, n_mlp=n_mlp, channels=channels,
+                   text_dim=text_dim, remap_hidden=hidden)
+
+
+class Blur(nn.Module):
+    def __init__(self, kernel: Sequence[int], pad: tuple[int, int], upsample_factor: int = 1):
+        super().__init__()
+        k = make_kernel(kernel)
+        if upsample_factor > 1:
+            k = k * upsample_factor**2
+        self.register_buffer("kernel", k)
+        self.pad = pad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return upfirdn2d(x, self.kernel, pad=self.pad)
+
+
+class Upsample(nn.Module):
+    """×2 FIR upsampling of the RGB skip branch: upfirdn2d(up=2, pad=(2,1)), kernel×4."""
+
+    def __init__(self, kernel: Sequence[int], factor: int = 2):
+        super().__init__()
+        self.factor = factor
+        self.register_buffer("kernel", make_kernel(kernel) * factor**2)
+        p = self.kernel.shape[0] - factor
+        self.pad = ((p + 1) // 2 + factor - 1, p // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return upfirdn2d(x, self.kernel, up=self.factor, pad=self.pad)
+
+
+class ModulatedConv2d(nn.Module):
+    """Style-modulated convolution.
+
+    Instead of building one weight per sample (grouped conv), the style scales the input
+    activations and demodulation scales the output: the same maths, but a single ordinary
+    convolution serves the whole batch, which is much faster on CPU and for large batches.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int, style_dim: int,
+                 demodulate: bool = True, upsample: bool = False,
+                 blur_kernel: Sequence[int] = BLUR_KERNEL) -> None:
+        super().__init__()
+        self.in_channel, self.out_channel, self.kernel_size = in_ch, out_ch, kernel_size
+        self.upsample, self.demodulate = upsample, demodulate
+        if upsample:
+            factor = 2
+            p = (len(blur_kernel) - factor) - (kernel_size - 1)
+            self.blur = Blur(blur_kernel, pad=((p + 1) // 2 + factor - 1, p // 2 + 1),
+                             upsample_factor=factor)
+        self.scale = 1 / math.sqrt(in_ch * kernel_size**2)
+        self.padding = kernel_size // 2
+        self.weight = nn.Parameter(torch.randn(1, out_ch, in_ch, kernel_size, kernel_size))
+        self.modulation = EqualLinear(style_dim, in_ch, bias_init=1)
+
+    def forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
+        b, c = x.shape[:2]
+        assert c == self.in_channel, f"expected {self.in_channel} channels, got {c}"
+        s = self.modulation(style)  # (B, in)
+        w = self.weight[0] * self.scale  # (out, in, k, k)
+        x = x * s.view(b, c, 1, 1)
+        if self.upsample:
+            out = F.conv_transpose2d(x, w.transpose(0, 1), stride=2)
+            out = self.blur(out)
+        else:
+            out = F.conv2d(x, w, padding=self.padding)
+        if self.demodulate:
+            # Σ_{in,kh,kw} (w·s)² = (s²) @ Σ_{kh,kw} w²ᵀ, per sample and output channel.
+            demod = torch.rsqrt(s.square() @ w.square().sum([2, 3]).t() + 1e-8)
+            out = out * demod.view(b, self.out_channel, 1, 1)
+        return out
+
+
+class NoiseInjection(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return x + self.weight * noise
+
+
+class StyledConv(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int, style_dim: int,
+                 upsample: bool = False, blur_kernel: Sequence[int] = BLUR_KERNEL) -> None:
+        super().__init__()
+        self.conv = ModulatedConv2d(in_ch, out_ch, kernel_size, style_dim, upsample=upsample,
+                                    blur_kernel=blur_kernel)
+        self.noise = NoiseInjection()
+        self.activate = FusedLeakyReLU(out_ch)
+
+    def forward(self, x: torch.Tensor, style: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return self.activate(self.noise(self.conv(x, style), noise))
+
+
+class ToRGB(nn.Module):
+    def __init__(self, in_ch: int, style_dim: int, upsample: bool = True,
+                 blur_kernel: Sequence[int] = BLUR_KERNEL) -> None:
+        super().__init__()
+        if upsample:
+            self.upsample = Upsample(blur_kernel)
+        self.conv = ModulatedConv2d(in_ch, 3, 1, style_dim, demodulate=False)
+        self.bias = nn.Parameter(torch.zeros(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor, style: torch.Tensor,
+                skip: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.conv(x, style) + self.bias
+        if skip is not None:
+            out = out + self.upsample(skip)
+        return out
+
+
+class ConstantInput(nn.Module):
+    def __init__(self, channels: int, size: int = 4) -> None:
+        super().__init__()
+        self.input = nn.Parameter(torch.randn(1, channels, size, size))
+
+    def forward(self, batch: int) -> torch.Tensor:
+        return self.input.expand(batch, -1, -1, -1)
+
+
+def _remap_block(text_dim: int, hidden: int, style_dim: int) -> nn.Sequential:
+    """One CLIPRemapper MLP: text embedding → a latent for one generator layer."""
+    return nn.Sequential(nn.Linear(text_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden),
+                         nn.LayerNorm(hidden), nn.ReLU(), nn.Linear(hidden, style_dim))
+
+
+class Generator(nn.Module):
+    """StyleGAN2 generator (rosinality layout), optionally carrying CLIPInverter's CLIPRemapper.
+
+    ``forward(w, text)`` decodes W+ latents ``(B, n_latent, style_dim)``; noise comes from the
+    stored ``noises.*`` buffers so decoding is deterministic.  With ``text`` (a raw CLIP
+    embedding, ``(B, text_dim)``) and a remapper, the latents of ``convs[j-1]`` are blended
+    ``(1−λ)·w + λ·mlp_j(text)`` with ``λ = 0.9·lambdas[j-1]·mix`` (formats.md §3; the released
+    weights use this convex blend).  ``mix`` scales the blend so interpolation can walk it from 0.
+    """
+
+    def __init__(self, config: GeneratorConfig | None = None, **kwargs: object) -> None:
+        super().__init__()
+        cfg = config or GeneratorConfig(**kwargs)  # type: ignore[arg-type]
+        self.config = cfg
+        ch, sd = cfg.channels, cfg.style_dim
+        self.size, self.style_dim, self.log_size = cfg.size, sd, cfg.log_size
+        self.n_latent, self.num_layers = cfg.n_latent, cfg.num_noise
+
+        self.style = nn.Sequential(
+            PixelNorm(),
+            *[EqualLinear(sd, sd, lr_mul=cfg.lr_mlp, activation=True) for _ in range(cfg.n_mlp)],
+        )
+        self.input = ConstantInput(ch[4])
+        self.conv1 = StyledConv(ch[4], ch[4], 3, sd)
+        self.to_rgb1 = ToRGB(ch[4], sd, upsample=False)
+
+        self.convs = nn.ModuleList()
+        self.to_rgbs = nn.ModuleList()
+        self.noises = nn.Module()
+        for j in range(self.num_layers):
+            res = 2 ** ((j + 5) // 2)
+            self.noises.register_buffer(f"noise_{j}", torch.randn(1, 1, res, res))
+        in_ch = ch[4]
+        for i in range(3, self.log_size + 1):
+            out_ch = ch[2**i]
+            self.convs.append(StyledConv(in_ch, out_ch, 3, sd, upsample=True))
+            self.convs.append(StyledConv(out_ch, out_ch, 3, sd))
+            self.to_rgbs.append(ToRGB(out_ch, sd))
+            in_ch = out_ch
+
+        if cfg.text_dim is not None:
+            self.affine_mlps = nn.ModuleList(
+                [_remap_block(cfg.text_dim, cfg.remap_hidden, sd) for _ in range(cfg.num_remap)])
+            self.lambdas = nn.ParameterList(
+                [nn.Parameter(torch.tensor(0.05)) for _ in range(cfg.num_remap)])
+
+    @property
+    def has_remapper(self) -> bool:
+        return self.config.text_dim is not None
+
+    def noise_buffers(self) -> list[torch.Tensor]:
+        return [getattr(self.noises, f"noise_{j}") for j in range(self.num_layers)]
+
+    def mapping(self, z: torch.Tensor) -> torch.Tensor:
+        """Z → W through the 8-layer MLP."""
+        return self.style(z)
+
+    @torch.no_grad()
+    def mean_latent(self, n: int = 10_000, seed: int = 0) -> torch.Tensor:
+        """Mean W of ``n`` mapped z (for training checkpoints that store no ``latent_avg``)."""
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        p = next(self.parameters())
+        z = torch.randn(n, self.style_dim, generator=g).to(p)
+        return self.mapping(z).mean(0)
+
+    def remap(self, w: torch.Tensor, text: torch.Tensor, mix: float = 1.0) -> torch.Tensor:
+        """Remapped latents for ``convs[0..num_remap-1]``: ``(B, num_remap, style_dim)``."""
+        if not self.has_remapper:
+            raise RuntimeError("this generator has no CLIPRemapper (stage-1 checkpoint)")
+        text = text.to(w.dtype)
+        out = []
+        for j, (mlp, lam) in enumerate(zip(self.affine_mlps, self.lambdas, strict=True)):
+            lam_j = 0.9 * lam * mix
+            out.append((1 - lam_j) * w[:, j + 1] + lam_j * mlp(text))
+        return torch.stack(out, dim=1)
+
+    def forward(self, w: torch.Tensor, text: torch.Tensor | None = None,
+                mix: float = 1.0) -> torch.Tensor:
+        """Decode W+ ``(B, n_latent, style_dim)`` or W ``(B, style_dim)`` to RGB ``(B,3,S,S)``."""
+        if w.ndim == 2:
+            w = w[:, None].expand(-1, self.n_latent, -1)
+        assert w.shape[1:] == (self.n_latent, self.style_dim), (
+            f"expected latents (B, {self.n_latent}, {self.style_dim}), got {tuple(w.shape)}")
+        conv_w = w[:, 1 : 1 + len(self.convs)]
+        if text is not None and self.has_remapper:
+            conv_w = self.remap(w, text, mix)
+        noise = self.noise_buffers()
+
+        out = self.conv1(self.input(w.shape[0]), w[:, 0], noise[0])
+        skip = self.to_rgb1(out, w[:, 1])
+        for k, to_rgb in enumerate(self.to_rgbs):
+            out = self.convs[2 * k](out, conv_w[:, 2 * k], noise[2 * k + 1])
+            out = self.convs[2 * k + 1](out, conv_w[:, 2 * k + 1], noise[2 * k + 2])
+            skip = to_rgb(out, w[:, 2 * k + 3], skip)
+        return skip

@@ -1,0 +1,311 @@
+"""The editing pipeline as a Python API: :class:`Editor` (what the CLI and notebooks call).
+
+    >>> from clipinvert import Editor
+    >>> ed = Editor("faces", device="auto")
+    >>> out = ed.edit([Image.open("face.png")], "she has wavy blond hair")
+    >>> out.pil()[0].save("edited.png")
+
+CLIPInverter (formats.md §3): the e4e IR-SE50 body runs once per image giving (c1, c2, c3);
+``w = styles(c) + latent_avg`` is the inversion; CLIPAdapter modulates (c1, c2, c3) with the raw
+CLIP embedding ``t`` and the same FPN + styles give the residual Δ; ``ŵ = w + 0.1·s·Δ`` (s the
+strength) is decoded by the generator whose CLIPRemapper blends ``t`` into the conv latents.
+Weights load lazily, the first time a method needs them.  Decoding uses the generator's stored
+noise buffers: the same input always gives the same output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from . import imaging
+from .checkpoints import (
+    CLIPInverterWeights,
+    E4EWeights,
+    build_generator,
+    load_clipinverter,
+    load_e4e,
+    load_stylegan2,
+)
+from .errors import UsageError, WeightsError
+from .nets import Generator
+from .registry import Domain, Registry
+
+RESIDUAL_SCALE = 0.1  # the released edit code: w_hat = w + 0.1·Δ
+
+Condition = str | Image.Image | torch.Tensor  # prompt, reference image, or a raw CLIP embedding
+ImagesIn = Sequence[Image.Image] | torch.Tensor
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(spec: str | torch.device = "auto") -> torch.device:
+    """``auto`` = CUDA when present, else CPU; an unavailable device is a usage error."""
+    if isinstance(spec, torch.device):
+        return spec
+    spec = spec.strip().lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        raise UsageError(f"unknown device {spec!r} (use auto, cpu, cuda, cuda:N or mps)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda asked for, but no CUDA device is available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device mps asked for, but MPS is not available")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"unsupported device {spec!r}")
+    return dev
+
+
+def resolve_dtype(spec: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(spec, torch.dtype):
+        return spec
+    try:
+        dtype = DTYPES[spec]
+    except KeyError:
+        raise UsageError(f"unknown dtype {spec!r} (use {', '.join(DTYPES)})") from None
+    if dtype == torch.float16 and device.type == "cpu":
+        raise UsageError("float16 is not supported on the CPU; use float32 or bfloat16")
+    return dtype
+
+
+@dataclass
+class Encoded:
+    """An encoded batch: inversion latents and the IR-SE50 feature maps an edit needs."""
+
+    w: torch.Tensor  # (B, n_latent, style_dim), latent_avg included
+    features: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # c1, c2, c3
+
+    def __len__(self) -> int:
+        return self.w.shape[0]
+
+
+@dataclass
+class Result:
+    """Decoded images ``(B,3,S,S)`` in ≈[-1,1] and the latents that produced them."""
+
+    images: torch.Tensor
+    latents: torch.Tensor  # W+ fed to the generator (before remapping)
+    remapped: torch.Tensor | None = None  # conv latents after CLIPRemapper, if it ran
+    embedding: torch.Tensor | None = None  # the conditioning vector(s)
+
+    def pil(self) -> list[Image.Image]:
+        return imaging.to_pil(self.images)
+
+
+class Editor:
+    """Invert, edit and interpolate images of one domain.  Safe to reuse across batches."""
+
+    def __init__(self, domain: str = "faces", *, registry: Registry | None = None,
+                 models: Path | str | None = None, device: str | torch.device = "auto",
+                 dtype: str | torch.dtype = "float32") -> None:
+        self.registry = registry or Registry.load(models)
+        self.domain: Domain = self.registry.domain(domain)
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self._text_cache: dict[str, torch.Tensor] = {}
+        self.loaded: dict[str, Path] = {}  # role -> file actually loaded (for run reports)
+
+    @classmethod
+    def from_files(cls, *, e4e: Path | str, clipinverter: Path | str | None = None,
+                   clip: Path | str | None = None, clip_arch: str = "ViT-B-32-quickgelu",
+                   stylegan2: Path | str | None = None, device: str | torch.device = "auto",
+                   dtype: str | torch.dtype = "float32") -> Editor:
+        """An editor over explicit files, without any models.toml (handy in notebooks)."""
+        table: dict[str, object] = {"resolution": 0, "align": "none", "clip_arch": clip_arch}
+        for role, p in (("e4e", e4e), ("clipinverter", clipinverter), ("clip", clip),
+                        ("stylegan2", stylegan2)):
+            if p is not None:
+                table[role] = str(Path(p).expanduser().resolve())
+        reg = Registry()
+        reg.add_mapping({"domains": {"files": table}}, Path.cwd() / "<from_files>")
+        return cls("files", registry=reg, device=device, dtype=dtype)
+
+    # ---- lazily loaded parts -------------------------------------------------------------
+    def _locate(self, role: str) -> Path:
+        path = self.registry.locate(self.domain, role)
+        self.loaded[role] = path
+        return path
+
+    def _to(self, module: torch.nn.Module) -> torch.nn.Module:
+        return module.to(device=self.device, dtype=self.dtype)
+
+    @cached_property
+    def e4e(self) -> E4EWeights:
+        weights = load_e4e(self._locate("e4e"))
+        self._to(weights.encoder)
+        weights.latent_avg = weights.latent_avg.to(self.device, self.dtype)
+        return weights
+
+    @cached_property
+    def inverter(self) -> CLIPInverterWeights:
+        weights = load_clipinverter(self._locate("clipinverter"))
+        self._to(weights.adapter)
+        self._to(weights.decoder)
+        self._check_generator(weights.decoder, "CLIPInverter decoder")
+        return weights
+
+    @cached_property
+    def generator(self) -> Generator:
+        """The decoder for inversions: the CLIPInverter decoder (without text) when the domain has
+        one, so ``invert`` and the first interpolation frame match exactly; else e4e's own."""
+        if "clipinverter" in self.domain.weights:
+            return self.inverter.decoder
+        if "stylegan2" in self.domain.weights and not self.e4e.decoder_sd:
+            g, _ = load_stylegan2(self._locate("stylegan2"))
+        else:
+            g = build_generator(self.e4e.decoder_sd, "e4e decoder", self.loaded["e4e"])
+        self._to(g)
+        self._check_generator(g, "e4e decoder")
+        return g
+
+    @cached_property
+    def clip(self):  # -> ClipEncoder (imported lazily: open_clip is slow to import)
+        from .clip_encoder import ClipEncoder
+
+        return ClipEncoder(self.domain.clip_arch, self._locate("clip"), device=self.device,
+                           base_dir=self.domain.base_dir)
+
+    def _check_generator(self, g: Generator, what: str) -> None:
+        enc = self.e4e.encoder
+        if (enc.n_styles, enc.style_dim) != (g.n_latent, g.style_dim):
+            raise WeightsError(
+                f"{what} ({g.size}px, W+ {g.n_latent}×{g.style_dim}) does not match the e4e "
+                f"encoder ({enc.n_styles}×{enc.style_dim} styles) of domain {self.domain.name!r}")
+        if self.domain.resolution and g.size != self.domain.resolution:
+            raise WeightsError(f"domain {self.domain.name!r} says resolution "
+                               f"{self.domain.resolution} but its {what} is {g.size}px")
+
+    # ---- building blocks -----------------------------------------------------------------
+    @property
+    def input_size(self) -> int:
+        return self.e4e.encoder.input_size
+
+    def preprocess(self, images: ImagesIn) -> torch.Tensor:
+        """PIL images or a ``(B,3,H,W)`` tensor in [-1,1] → the encoder's 256×256 input."""
+        if isinstance(images, torch.Tensor):
+            x = images
+            if x.ndim != 4 or x.shape[1] != 3:
+                raise UsageError(f"expected images as (B,3,H,W), got {tuple(x.shape)}")
+            if x.shape[-2:] != (self.input_size, self.input_size):
+                x = torch.nn.functional.interpolate(x.float(), size=(self.input_size,) * 2,
+                                                    mode="bilinear", align_corners=False)
+        else:
+            x = imaging.to_tensor(list(images), self.input_size)
+        return x.to(self.device, self.dtype)
+
+    @torch.no_grad()
+    def encode(self, images: ImagesIn) -> Encoded:
+        """Run the IR-SE50 body once; returns the inversion and the features edits reuse."""
+        enc = self.e4e.encoder
+        feats = enc.forward_features(self.preprocess(images))
+        return Encoded(enc.forward_styles(*feats) + self.e4e.latent_avg, feats)
+
+    @torch.no_grad()
+    def embed_text(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Raw CLIP text embeddings ``(N, D)``, computed once per distinct prompt."""
+        todo = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
+        if todo:
+            for p, e in zip(todo, self.clip.encode_text(todo), strict=True):
+                self._text_cache[p] = e.float()
+        return torch.stack([self._text_cache[p] for p in prompts])
+
+    @torch.no_grad()
+    def embed_images(self, references: Sequence[Image.Image]) -> torch.Tensor:
+        """Raw CLIP image embeddings of reference images, used in place of a text embedding."""
+        return self.clip.encode_image(list(references)).float()
+
+    def embed(self, condition: Condition) -> torch.Tensor:
+        """One conditioning vector ``(D,)`` from a prompt, a reference image or an embedding."""
+        if isinstance(condition, str):
+            return self.embed_text([condition])[0]
+        if isinstance(condition, Image.Image):
+            return self.embed_images([condition])[0]
+        if isinstance(condition, torch.Tensor):
+            return condition.reshape(-1).float()
+        raise UsageError(f"cannot condition an edit on a {type(condition).__name__}")
+
+    def _batch_embedding(self, condition: Condition | torch.Tensor, batch: int) -> torch.Tensor:
+        t = condition if isinstance(condition, torch.Tensor) and condition.ndim == 2 \
+            else self.embed(condition)[None]
+        if t.shape[0] not in (1, batch):
+            raise UsageError(f"{t.shape[0]} embeddings for a batch of {batch} images")
+        return t.to(self.device).expand(batch, -1)
+
+    @torch.no_grad()
+    def residual(self, encoded: Encoded, embedding: torch.Tensor) -> torch.Tensor:
+        """Δ: the text-modulated features through e4e's frozen FPN + style heads (no latent_avg)."""
+        adapted = self.inverter.adapter(*encoded.features, embedding)
+        return self.e4e.encoder.forward_styles(*adapted)
+
+    @torch.no_grad()
+    def decode(self, w: torch.Tensor, embedding: torch.Tensor | None = None,
+               mix: float = 1.0) -> torch.Tensor:
+        """Generator output ``(B,3,S,S)``; with an embedding, through the CLIPRemapper."""
+        if embedding is None:
+            return self.generator(w)
+        return self.inverter.decoder(w, embedding, mix=mix)
+
+    # ---- the three operations ------------------------------------------------------------
+    @torch.no_grad()
+    def invert(self, images: ImagesIn | Encoded) -> Result:
+        """e4e reconstruction: W+ latents and their decoding."""
+        enc = images if isinstance(images, Encoded) else self.encode(images)
+        return Result(self.decode(enc.w), enc.w)
+
+    @torch.no_grad()
+    def edit(self, images: ImagesIn | Encoded, condition: Condition,
+             strength: float = 1.0) -> Result:
+        """Text- (or reference-image-) driven edit; ``strength`` scales the residual and the
+        remapper blend together (0 = the inversion, 1 = the released behaviour)."""
+        enc = images if isinstance(images, Encoded) else self.encode(images)
+        t = self._batch_embedding(condition, len(enc))
+        return self._edit_at(enc, t, self.residual(enc, t), strength)
+
+    def _edit_at(self, enc: Encoded, t: torch.Tensor, delta: torch.Tensor,
+                 alpha: float) -> Result:
+        if alpha == 0:
+            return Result(self.decode(enc.w), enc.w, embedding=t)
+        w_hat = enc.w + (RESIDUAL_SCALE * alpha) * delta
+        remapped = None
+        dec = self.inverter.decoder
+        if dec.has_remapper:
+            remapped = dec.remap(w_hat, t, mix=alpha)
+        return Result(self.decode(w_hat, t, mix=alpha), w_hat, remapped, t)
+
+    @torch.no_grad()
+    def interpolate(self, images: ImagesIn | Encoded, condition: Condition, steps: int,
+                    strength: float = 1.0) -> list[Result]:
+        """``steps`` results walking from the inversion (first, exactly ``invert``'s image) to
+        the edit (last, exactly ``edit``'s image at the same strength)."""
+        if steps < 2:
+            raise UsageError("interpolation needs --steps 2 or more")
+        return list(self.iter_interpolation(images, condition, steps, strength))
+
+    def iter_interpolation(self, images: ImagesIn | Encoded, condition: Condition, steps: int,
+                           strength: float = 1.0) -> Iterator[Result]:
+        """Like :meth:`interpolate`, one frame at a time (keeps memory flat for long walks)."""
+        with torch.no_grad():
+            enc = images if isinstance(images, Encoded) else self.encode(images)
+            t = self._batch_embedding(condition, len(enc))
+            delta = self.residual(enc, t)
+        for k in range(steps):
+            alpha = strength if k == steps - 1 else strength * k / (steps - 1)
+            with torch.no_grad():
+                yield self._edit_at(enc, t, delta, alpha)
+
+    def preload(self, *, edit: bool = True) -> None:
+        """Load every file the chosen operation needs now, so missing weights fail before work."""
+        _ = self.e4e, self.generator
+        if edit:
+            _ = self.inverter, self.clip

@@ -1,0 +1,186 @@
+"""The model registry: which weight files each domain needs and where they are.
+
+Registry files are TOML (``models.toml``).  They are merged in order, later ones overriding
+earlier tables of the same name: the packaged file, the user's
+``~/.config/clipinvert/models.toml`` (XDG config dir), then ``--models FILE`` or
+``$CLIPINVERT_MODELS``.  Each domain/weights entry remembers which file it came from, and a
+relative path is resolved against *that* file's folder, so a registry can be moved together
+with its weights.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import platformdirs
+
+from .errors import UsageError, WeightsError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+PACKAGED_REGISTRY = Path(__file__).with_name("models.toml")
+WEIGHT_ROLES = ("clip", "e4e", "clipinverter", "stylegan2", "arcface", "moco", "landmarks")
+ALIGN_METHODS = ("ffhq", "none")
+
+
+def cache_dir() -> Path:
+    """Where downloaded weights live: ``$CLIPINVERT_HOME``, else the XDG cache folder."""
+    home = os.environ.get("CLIPINVERT_HOME")
+    if home:
+        return Path(home).expanduser()
+    return Path(platformdirs.user_cache_dir("clipinvert", appauthor=False))
+
+
+def user_registry() -> Path:
+    return Path(platformdirs.user_config_dir("clipinvert", appauthor=False)) / "models.toml"
+
+
+@dataclass(frozen=True)
+class WeightEntry:
+    """A ``[weights.NAME]`` table: a file and how to get it."""
+
+    name: str
+    file: str
+    urls: tuple[str, ...] = ()
+    sha256: str | None = None
+    size: int | None = None
+    license: str | None = None
+    description: str | None = None
+    path: str | None = None  # an explicit location, relative to the registry file
+    source: Path = PACKAGED_REGISTRY
+
+    def how_to_get(self) -> str:
+        if self.urls:
+            return f"download {self.urls[0]} to {cache_dir() / self.file}"
+        return self.description or "no download is published for it"
+
+
+@dataclass(frozen=True)
+class Domain:
+    """A ``[domains.NAME]`` table."""
+
+    name: str
+    resolution: int
+    align: str
+    clip_arch: str
+    weights: Mapping[str, str] = field(default_factory=dict)  # role -> weights name or path
+    description: str | None = None
+    note: str | None = None  # e.g. "no released model: train one with clipinvert train"
+    source: Path = PACKAGED_REGISTRY
+
+    @property
+    def base_dir(self) -> Path:
+        return self.source.parent
+
+
+def _as_tuple(value: object) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    return tuple(str(v) for v in value)  # type: ignore[union-attr]
+
+
+class Registry:
+    """Merged registry files; resolves a domain's weight roles to files on disk."""
+
+    def __init__(self) -> None:
+        self.domains: dict[str, Domain] = {}
+        self.weights: dict[str, WeightEntry] = {}
+        self.files: list[Path] = []
+
+    @classmethod
+    def load(cls, models: Path | str | None = None, *, user: bool = True) -> Registry:
+        """Packaged registry, then the user's config file, then ``models`` / $CLIPINVERT_MODELS."""
+        reg = cls()
+        reg.add_file(PACKAGED_REGISTRY)
+        if user and user_registry().is_file():
+            reg.add_file(user_registry())
+        extra = models or os.environ.get("CLIPINVERT_MODELS")
+        if extra:
+            path = Path(extra).expanduser()
+            if not path.is_file():
+                raise UsageError(f"registry file not found: {path}")
+            reg.add_file(path)
+        return reg
+
+    def add_file(self, path: Path) -> None:
+        path = path.resolve()
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"cannot read registry {path}: {exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise UsageError(f"registry {path} is not valid TOML: {exc}") from None
+        self.add_mapping(data, path)
+
+    def add_mapping(self, data: Mapping[str, object], source: Path) -> None:
+        self.files.append(source)
+        for name, t in dict(data.get("weights", {})).items():  # type: ignore[call-overload]
+            if not isinstance(t, dict) or not ("file" in t or "path" in t):
+                raise UsageError(f"registry {source}: [weights.{name}] needs a 'file' or 'path'")
+            self.weights[name] = WeightEntry(
+                name=name, file=str(t.get("file") or Path(str(t["path"])).name),
+                urls=_as_tuple(t.get("urls", t.get("url"))), sha256=t.get("sha256") or None,
+                size=t.get("size"), license=t.get("license"), description=t.get("description"),
+                path=t.get("path"), source=source)
+        for name, t in dict(data.get("domains", {})).items():  # type: ignore[call-overload]
+            if not isinstance(t, dict):
+                raise UsageError(f"registry {source}: [domains.{name}] must be a table")
+            align = str(t.get("align", "none"))
+            if align not in ALIGN_METHODS:
+                raise UsageError(f"registry {source}: domain {name}: align must be one of "
+                                 f"{', '.join(ALIGN_METHODS)}, not {align!r}")
+            try:
+                resolution = int(t["resolution"])
+            except (KeyError, TypeError, ValueError):
+                raise UsageError(f"registry {source}: domain {name} needs resolution = "
+                                 "<generator size>") from None
+            roles = {r: str(t[r]) for r in WEIGHT_ROLES if t.get(r)}
+            self.domains[name] = Domain(
+                name=name, resolution=resolution, align=align,
+                clip_arch=str(t.get("clip_arch", "ViT-B-32-quickgelu")), weights=roles,
+                description=t.get("description"), note=t.get("note"), source=source)
+
+    def domain(self, name: str) -> Domain:
+        try:
+            return self.domains[name]
+        except KeyError:
+            known = ", ".join(sorted(self.domains)) or "none"
+            raise UsageError(f"unknown domain {name!r} (known: {known})") from None
+
+    def candidates(self, domain: Domain, role: str) -> tuple[list[Path], WeightEntry | None]:
+        """Every place a role's file may be, in search order, and its registry entry if any."""
+        ref = domain.weights.get(role)
+        if ref is None:
+            return [], None
+        entry = self.weights.get(ref)
+        if entry is None:  # a plain path, relative to the registry that names it
+            return [(domain.base_dir / Path(ref).expanduser())], None
+        places = []
+        if entry.path:
+            places.append(entry.source.parent / Path(entry.path).expanduser())
+        places.append(cache_dir() / entry.file)
+        return places, entry
+
+    def locate(self, domain: Domain, role: str) -> Path:
+        """The file for ``role`` of ``domain``; a one-line exit-3 error when it is not there."""
+        if role not in domain.weights:
+            raise WeightsError(f"domain {domain.name!r} ({domain.source}) names no {role} weights"
+                               + (f" — {domain.note}" if domain.note else ""))
+        places, entry = self.candidates(domain, role)
+        for p in places:
+            if p.is_file():
+                return p
+        looked = ", ".join(str(p) for p in places)
+        how = entry.how_to_get() if entry else f"fix the path in {domain.source}"
+        note = f" ({domain.note})" if domain.note else ""
+        raise WeightsError(f"{role} weights for domain {domain.name!r} not found{note}; "
+                           f"looked in {looked}; {how}")

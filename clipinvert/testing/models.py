@@ -1,0 +1,163 @@
+"""Random-weight checkpoints in the *released* file layouts, for tests and benchmarks.
+
+The real weights cannot be fetched offline, so tests write small random models of the real
+architectures in exactly the layouts users have on disk and read them back through the real
+loaders (the way diffusers and open_clip test).  Everything is seeded: the same arguments always
+write the same tensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from ..nets import CLIPAdapter, Encoder4Editing, Generator, GeneratorConfig
+from ..nets.stylegan2 import default_channels
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Deterministic module initialisation without disturbing the caller's global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def tiny_config(size: int = 32, style_dim: int = 64, max_channels: int = 32,
+                text_dim: int | None = None) -> GeneratorConfig:
+    """A narrow generator of the real architecture (rosinality layout, fewer channels)."""
+    channels = {r: min(c, max_channels) for r, c in default_channels(size).items()}
+    return GeneratorConfig(size=size, style_dim=style_dim, channels=channels, text_dim=text_dim)
+
+
+def make_generator(config: GeneratorConfig, seed: int = 0) -> Generator:
+    with seeded(seed):
+        g = Generator(config)
+        if g.has_remapper:
+            # Released lambdas are trained away from their 0.05 init; vary them so a test
+            # would notice a wrong index or a swapped blend.
+            for j, lam in enumerate(g.lambdas):
+                lam.data.fill_(0.05 + 0.4 * j / max(len(g.lambdas) - 1, 1))
+        for m in g.modules():  # trained noise strengths are not zero; make the noise matter
+            if m.__class__.__name__ == "NoiseInjection":
+                m.weight.data.normal_(0, 0.1)
+    return g.eval()
+
+
+def make_encoder(n_styles: int, style_dim: int, seed: int = 1) -> Encoder4Editing:
+    with seeded(seed):
+        enc = Encoder4Editing(n_styles=n_styles, style_dim=style_dim)
+        # Non-trivial BatchNorm statistics so eval-mode normalisation is exercised.
+        for m in enc.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                m.num_batches_tracked.fill_(1000)
+    return enc.eval()
+
+
+def make_adapter(text_dim: int = 512, seed: int = 2) -> CLIPAdapter:
+    with seeded(seed):
+        return CLIPAdapter(text_dim=text_dim).eval()
+
+
+def _prefixed(prefix: str, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {prefix + k: v.detach().clone() for k, v in sd.items()}
+
+
+def write_e4e(path: Path, config: GeneratorConfig, *, seed: int = 1,
+              latent_avg: str = "full", drop_kernels: bool = False) -> Path:
+    """``{'state_dict': {encoder.*, decoder.*}, 'opts', 'latent_avg'}`` like e4e_ffhq_encode.pt.
+
+    ``latent_avg`` "full" stores (n_latent, style_dim), "single" the (style_dim) variant.
+    """
+    plain = GeneratorConfig(size=config.size, style_dim=config.style_dim, n_mlp=config.n_mlp,
+                            channels=config.channels)
+    g = make_generator(plain, seed=seed + 100)
+    enc = make_encoder(plain.n_latent, plain.style_dim, seed=seed)
+    with seeded(seed + 200):
+        avg = g.mean_latent(1000)
+    dec_sd = g.state_dict()
+    if drop_kernels:
+        dec_sd = {k: v for k, v in dec_sd.items() if not k.endswith("kernel")}
+    ckpt = {
+        "state_dict": {**_prefixed("encoder.", enc.state_dict()), **_prefixed("decoder.", dec_sd)},
+        "opts": {"stylegan_size": config.size, "start_from_latent_avg": True,
+                 "encoder_type": "Encoder4Editing"},
+        "latent_avg": avg[None].repeat(plain.n_latent, 1) if latent_avg == "full" else avg,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ckpt, path)
+    return path
+
+
+def write_clipinverter(path: Path, config: GeneratorConfig, *, text_dim: int = 512,
+                       seed: int = 3, remapper: bool = True, prefix: str = "adapter.") -> Path:
+    """``{'state_dict': {adapter.*|mapper.*, decoder.*}, 'opts'}`` like pretrained_faces.pt.
+
+    The decoder shares the e4e file's generator weights (same seed), as the released files do.
+    """
+    cfg = GeneratorConfig(size=config.size, style_dim=config.style_dim, n_mlp=config.n_mlp,
+                          channels=config.channels, text_dim=text_dim if remapper else None)
+    g = make_generator(cfg, seed=1 + 100)
+    if remapper:
+        with seeded(seed + 50):
+            for mlp in g.affine_mlps:
+                for layer in mlp:
+                    if isinstance(layer, torch.nn.Linear):
+                        layer.reset_parameters()
+    adapter = make_adapter(text_dim, seed=seed)
+    ckpt = {
+        "state_dict": {**_prefixed(prefix, adapter.state_dict()),
+                       **_prefixed("decoder.", g.state_dict())},
+        "opts": {"stylegan_size": config.size, "clip_model": "ViT-B/32"},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ckpt, path)
+    return path
+
+
+def write_stylegan2(path: Path, config: GeneratorConfig, *, seed: int = 1,
+                    training: bool = False) -> Path:
+    """rosinality files: ``{'g_ema', 'latent_avg'}``, or a training checkpoint with ``args``."""
+    g = make_generator(GeneratorConfig(size=config.size, style_dim=config.style_dim,
+                                       n_mlp=config.n_mlp, channels=config.channels),
+                       seed=seed + 100)
+    sd = g.state_dict()
+    if training:
+        ckpt = {"g": sd, "d": {}, "g_ema": sd, "g_optim": {}, "d_optim": {},
+                "args": argparse.Namespace(size=config.size, channel_multiplier=2),
+                "ada_aug_p": 0.0}
+    else:
+        ckpt = {"g_ema": sd, "latent_avg": g.mean_latent(1000)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ckpt, path)
+    return path
+
+
+def write_domain(directory: Path, *, size: int = 32, style_dim: int = 64,
+                 max_channels: int = 32, clip_format: str = "open_clip",
+                 name: str = "tiny") -> Path:
+    """A complete tiny domain — CLIP, e4e, CLIPInverter files and a models.toml naming them by
+    relative paths — ready for ``Editor(name, models=<returned path>)`` or ``--models``."""
+    from .clip import write_tiny_clip
+
+    directory.mkdir(parents=True, exist_ok=True)
+    cfg = tiny_config(size, style_dim, max_channels)
+    clip_cfg, clip_weights = write_tiny_clip(directory, fmt=clip_format)
+    write_e4e(directory / "e4e.pt", cfg)
+    write_clipinverter(directory / "clipinverter.pt", cfg)
+    toml = directory / "models.toml"
+    toml.write_text(
+        f"[domains.{name}]\n"
+        f"resolution = {size}\n"
+        'align = "none"\n'
+        f'clip_arch = "{clip_cfg.name}"\n'
+        f'clip = "{clip_weights.name}"\n'
+        'e4e = "e4e.pt"\n'
+        'clipinverter = "clipinverter.pt"\n', encoding="utf-8")
+    return toml

@@ -1,0 +1,177 @@
+"""The command line end to end on a tiny folder, bad inputs included."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clipinvert.cli import main
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory, face_crop: Image.Image) -> Path:
+    """Good images in many modes plus every kind of bad file, in nested folders."""
+    d = tmp_path_factory.mktemp("photos")
+    (d / "sub").mkdir()
+    face_crop.save(d / "a_rgb.png")
+    face_crop.convert("L").save(d / "b_grey.png")
+    face_crop.convert("RGBA").save(d / "c_rgba.png")
+    face_crop.convert("P").save(d / "sub" / "d_palette.gif")
+    face_crop.convert("CMYK").save(d / "sub" / "e_cmyk.jpg")
+    arr16 = (np.asarray(face_crop.convert("L"), dtype=np.uint16) * 257)
+    Image.fromarray(arr16).save(d / "f_16bit.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° on display
+    face_crop.crop((0, 0, 256, 200)).save(d / "g_exif.jpg", exif=exif)
+    (d / "h_empty.png").write_bytes(b"")
+    data = (d / "a_rgb.png").read_bytes()
+    (d / "i_truncated.png").write_bytes(data[: len(data) // 2])
+    (d / "j_text.jpg").write_text("not an image")
+    (d / "notes.txt").write_text("ignored: not an image suffix")
+    return d
+
+
+GOOD = ["a_rgb", "b_grey", "c_rgba", "f_16bit", "g_exif", "sub/d_palette", "sub/e_cmyk"]
+BAD = ["h_empty.png", "i_truncated.png", "j_text.jpg"]
+
+
+def run(args: list[str], models: Path, capsys) -> tuple[int, str]:
+    rc = main([*args, "--models", str(models), "--domain", "tiny", "--device", "cpu",
+               "--workers", "0"])
+    return rc, capsys.readouterr().err
+
+
+def report(out: Path) -> dict:
+    return json.loads((out / "clipinvert-report.json").read_text())
+
+
+def test_edit_folder_with_bad_inputs(photos: Path, tiny_models: Path, tmp_path: Path,
+                                     capsys) -> None:
+    out = tmp_path / "out"
+    rc, err = run(["edit", str(photos), "she has wavy blond hair", "-o", str(out), "-b", "3",
+                   "--compare", "--save-latents"], tiny_models, capsys)
+    assert rc == 1  # some inputs failed, the rest done
+    for stem in GOOD:
+        img = Image.open(out / f"{stem}.png")
+        assert img.size == (32, 32) and img.mode == "RGB"
+        assert (out / f"{stem}.pt").exists() and (out / "compare" / f"{stem}.png").exists()
+    rep = report(out)
+    assert rep["counts"] == {"done": 7, "skipped": 0, "failed": 3}
+    failed = {Path(r["input"]).name: r["reason"] for r in rep["inputs"] if r["status"] == "failed"}
+    assert set(failed) == set(BAD)
+    assert "empty" in failed["h_empty.png"] and "truncated" in failed["i_truncated.png"]
+    assert "not an image" in failed["j_text.jpg"]
+    for name in BAD:  # one line each on stderr
+        assert sum(name in line for line in err.splitlines()) == 1
+    assert not list(out.rglob("*.partial*"))
+    assert rep["weights"]["e4e"].endswith("e4e.pt") and rep["device"] == "cpu"
+
+    # EXIF rotation respected: the portrait-on-display JPEG was read as 200×256 → the crop
+    # the model saw is the rotated one (compare panel 1 is the input resized)
+    import torch
+
+    lat = torch.load(out / "a_rgb.pt", weights_only=True)
+    assert lat["w"].shape == (8, 64) and lat["condition"] == "she has wavy blond hair"
+
+    # Resume: a second run skips everything that exists, writes nothing new.
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
+    rc, _ = run(["edit", str(photos), "she has wavy blond hair", "-o", str(out),
+                 "--compare", "--save-latents", "--quiet"], tiny_models, capsys)
+    assert rc == 1
+    rep = report(out)
+    assert rep["counts"] == {"done": 0, "skipped": 7, "failed": 3}
+    assert before == {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
+
+    # A deleted output is redone; --overwrite redoes everything.
+    (out / "b_grey.png").unlink()
+    rc, _ = run(["edit", str(photos), "she has wavy blond hair", "-o", str(out), "--quiet",
+                 "--compare", "--save-latents"], tiny_models, capsys)
+    assert report(out)["counts"]["done"] == 1 and (out / "b_grey.png").exists()
+    rc, _ = run(["edit", str(photos), "she has wavy blond hair", "-o", str(out), "--quiet",
+                 "--overwrite", "--compare", "--save-latents"], tiny_models, capsys)
+    assert report(out)["counts"]["done"] == 7
+
+
+def test_invert_writes_images_and_latents(photos: Path, tiny_models: Path, tmp_path: Path,
+                                          capsys) -> None:
+    good = tmp_path / "good"
+    good.mkdir()
+    shutil.copy(photos / "a_rgb.png", good / "x.png")
+    out = tmp_path / "inv"
+    rc, _ = run(["invert", str(good), "-o", str(out)], tiny_models, capsys)
+    assert rc == 0
+    import torch
+
+    w = torch.load(out / "x.pt", weights_only=True)
+    assert w.shape == (8, 64) and w.dtype == torch.float32
+    assert Image.open(out / "x.png").size == (32, 32)
+
+
+def test_edit_many_prompts_and_reference(photos: Path, tiny_models: Path, tmp_path: Path,
+                                         capsys, cat_photo: Image.Image) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# comment\nshe has blond hair\n\nhe wears glasses!\n")
+    ref = tmp_path / "chelsea.jpg"
+    cat_photo.save(ref)
+    out = tmp_path / "many"
+    rc, _ = run(["edit", str(photos / "a_rgb.png"), "-o", str(out), "--prompts", str(prompts),
+                 "--ref-image", str(ref), "--strength", "0.5"], tiny_models, capsys)
+    assert rc == 0
+    for sub in ("she-has-blond-hair", "he-wears-glasses", "ref-chelsea"):
+        assert (out / sub / "a_rgb.png").exists(), sub
+
+
+def test_interpolate_frames_match_invert_and_edit(photos: Path, tiny_models: Path,
+                                                  tmp_path: Path, capsys) -> None:
+    src = photos / "a_rgb.png"
+    rc, _ = run(["interpolate", str(src), "a bearded man", "--steps", "4", "-o",
+                 str(tmp_path / "interp"), "--format", "gif", "--format", "webp"],
+                tiny_models, capsys)
+    assert rc == 0
+    run(["invert", str(src), "-o", str(tmp_path / "inv")], tiny_models, capsys)
+    run(["edit", str(src), "a bearded man", "-o", str(tmp_path / "ed")], tiny_models, capsys)
+    frames = sorted((tmp_path / "interp" / "a_rgb").glob("*.png"))
+    assert [f.name for f in frames] == [f"a_rgb_{k:03d}.png" for k in range(4)]
+    first, last = (np.asarray(Image.open(f)) for f in (frames[0], frames[-1]))
+    assert np.array_equal(first, np.asarray(Image.open(tmp_path / "inv" / "a_rgb.png")))
+    assert np.array_equal(last, np.asarray(Image.open(tmp_path / "ed" / "a_rgb.png")))
+    gif = Image.open(tmp_path / "interp" / "a_rgb.gif")
+    assert gif.n_frames == 4
+    assert (tmp_path / "interp" / "a_rgb.webp").exists()
+
+
+def test_exit_codes(tiny_models: Path, tmp_path: Path, capsys) -> None:
+    img = tmp_path / "x.png"
+    Image.new("RGB", (64, 64), "gray").save(img)
+    # 2: usage errors
+    assert main(["edit", str(img), "-o", str(tmp_path / "o")]) == 2  # no prompt
+    assert main(["edit", str(img), "x", "--batch-size", "0"]) == 2
+    assert main(["invert", str(tmp_path / "missing.png"), "--models", str(tiny_models),
+                 "--domain", "tiny", "-o", str(tmp_path / "o")]) == 2
+    assert main(["invert", str(img), "--domain", "nope", "-o", str(tmp_path / "o")]) == 2
+    # 3: weights missing / invalid, one line, no traceback
+    bad = tmp_path / "bad.toml"
+    bad.write_text(f'[domains.b]\nresolution = 32\nalign = "none"\ne4e = "{tmp_path}/none.pt"\n')
+    capsys.readouterr()
+    assert main(["invert", str(img), "--models", str(bad), "--domain", "b", "-o",
+                 str(tmp_path / "o")]) == 3
+    err = capsys.readouterr().err
+    assert "not found" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    html = tmp_path / "html.pt"
+    html.write_text("<html>quota exceeded</html>")
+    bad.write_text(f'[domains.b]\nresolution = 32\nalign = "none"\ne4e = "{html}"\n')
+    assert main(["invert", str(img), "--models", str(bad), "--domain", "b", "-o",
+                 str(tmp_path / "o")]) == 3
+    assert "HTML" in capsys.readouterr().err
+
+
+def test_help_lists_commands(capsys) -> None:
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for cmd in ("invert", "edit", "interpolate"):
+        assert cmd in out

@@ -1,0 +1,149 @@
+"""Networks: released key names/counts/shapes and the maths of the building blocks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clipinvert.nets import CLIPAdapter, Encoder4Editing, Generator, GeneratorConfig
+from clipinvert.nets.ops import make_kernel, upfirdn2d
+from clipinvert.nets.stylegan2 import ModulatedConv2d
+from clipinvert.testing.models import make_encoder, seeded, tiny_config
+
+
+@pytest.mark.parametrize(("size", "count", "n_latent", "noises"),
+                         [(1024, 171, 18, 17), (512, 153, 16, 15), (256, 135, 14, 13)])
+def test_generator_released_key_counts(size: int, count: int, n_latent: int, noises: int) -> None:
+    g = Generator(GeneratorConfig(size=size))
+    sd = g.state_dict()
+    assert len(sd) == count
+    assert g.n_latent == n_latent and g.num_layers == noises
+    assert sd["input.input"].shape == (1, 512, 4, 4)
+    assert sd["conv1.conv.weight"].shape == (1, 512, 512, 3, 3)
+    assert sd["to_rgb1.bias"].shape == (1, 3, 1, 1)
+    assert sd["convs.0.conv.blur.kernel"].shape == (4, 4)
+    assert "convs.1.conv.blur.kernel" not in sd
+    assert sd["to_rgbs.0.upsample.kernel"].shape == (4, 4)
+    assert sd[f"noises.noise_{noises - 1}"].shape == (1, 1, size, size)
+    assert sum(1 for k in sd if k.startswith("style.")) == 16
+
+
+def test_generator_1024_channels_follow_rosinality_table() -> None:
+    sd = Generator(GeneratorConfig(size=1024)).state_dict()
+    # convs.{2k}: resolution 2^(k+3); 1024 → 16·2 = 32 channels
+    assert sd["convs.14.conv.weight"].shape == (1, 32, 64, 3, 3)
+    assert sd["convs.8.conv.weight"].shape == (1, 256, 512, 3, 3)
+    assert sd["to_rgbs.7.conv.weight"].shape == (1, 3, 32, 1, 1)
+
+
+def test_remapper_adds_144_tensors_at_1024() -> None:
+    plain = Generator(GeneratorConfig(size=1024)).state_dict()
+    remap = Generator(GeneratorConfig(size=1024, text_dim=512)).state_dict()
+    extra = set(remap) - set(plain)
+    assert len(extra) == 144
+    assert remap["lambdas.0"].shape == () and float(remap["lambdas.15"]) == pytest.approx(0.05)
+    assert remap["affine_mlps.15.5.weight"].shape == (512, 512)
+    assert remap["affine_mlps.0.3.weight"].shape == (512,)  # the LayerNorm
+
+
+def test_config_is_read_back_from_state_dict() -> None:
+    for cfg in (GeneratorConfig(size=256), tiny_config(64, 64, 32, text_dim=512)):
+        sd = Generator(cfg).state_dict()
+        back = GeneratorConfig.from_state_dict(sd)
+        assert back.size == cfg.size and back.style_dim == cfg.style_dim
+        assert dict(back.channels) == dict(cfg.channels) and back.text_dim == cfg.text_dim
+
+
+def test_e4e_621_tensors_and_feature_taps() -> None:
+    enc = Encoder4Editing(18)
+    sd = enc.state_dict()
+    assert len(sd) == 621
+    assert "body.3.shortcut_layer.0.weight" in sd and "body.4.shortcut_layer.0.weight" not in sd
+    assert sd["body.23.res_layer.5.fc1.weight"].shape == (32, 512, 1, 1)
+    assert sd["styles.17.convs.10.weight"].shape == (512, 512, 3, 3)  # fine: 6 convs (64→1)
+    assert "styles.0.convs.8.weight" not in sd and "styles.0.convs.6.weight" in sd  # coarse: 4
+    assert sd["latlayer1.weight"].shape == (512, 256, 1, 1)
+    enc = make_encoder(8, 64)
+    with torch.no_grad():
+        c1, c2, c3 = enc.forward_features(torch.randn(1, 3, 256, 256))
+        w = enc.forward_styles(c1, c2, c3)
+    assert c1.shape == (1, 128, 64, 64) and c2.shape == (1, 256, 32, 32)
+    assert c3.shape == (1, 512, 16, 16) and w.shape == (1, 8, 64)
+
+
+def test_adapter_45_tensors_and_shapes() -> None:
+    a = CLIPAdapter()
+    sd = a.state_dict()
+    assert len(sd) == 45
+    assert sd["fine_mapping.modulation_module_list.0.conv.weight"].shape == (128, 128, 3, 3)
+    assert sd["medium_mapping.modulation_module_list.0.gamma_function.3.weight"].shape == (256, 512)
+    c = [torch.randn(2, ch, s, s) for ch, s in ((128, 64), (256, 32), (512, 16))]
+    out = a(*c, torch.randn(2, 512))
+    assert [tuple(o.shape) for o in out] == [tuple(x.shape) for x in c]
+
+
+def _naive_upfirdn(x: torch.Tensor, k: torch.Tensor, up: int, down: int,
+                   pad: tuple[int, int]) -> torch.Tensor:
+    """Literal loops over output pixels: the definition, not an optimisation of it."""
+    b, c, h, w = x.shape
+    z = torch.zeros(b, c, h * up, w * up)
+    z[:, :, ::up, ::up] = x
+    p0, p1 = pad
+    z = F.pad(z, [p0, p1, p0, p1])
+    kf = torch.flip(k, [0, 1])
+    kh, kw = k.shape
+    oh, ow = z.shape[2] - kh + 1, z.shape[3] - kw + 1
+    out = torch.zeros(b, c, oh, ow)
+    for i in range(oh):
+        for j in range(ow):
+            out[:, :, i, j] = (z[:, :, i:i + kh, j:j + kw] * kf).sum((-1, -2))
+    return out[:, :, ::down, ::down]
+
+
+@pytest.mark.parametrize(("up", "down", "pad"), [(2, 1, (2, 1)), (1, 1, (1, 1)), (1, 2, (1, 1))])
+def test_upfirdn2d_matches_definition(up: int, down: int, pad: tuple[int, int]) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 6, 6, generator=g)
+    k = make_kernel([1, 3, 3, 1]) * (4 if up > 1 else 1)
+    out = upfirdn2d(x, k, up=up, down=down, pad=pad)
+    assert out.shape[-1] == (6 * up + pad[0] + pad[1] - 4) // down + 1
+    torch.testing.assert_close(out, _naive_upfirdn(x, k, up, down, pad), atol=1e-5, rtol=1e-5)
+
+
+def test_make_kernel_sums_to_one() -> None:
+    k = make_kernel([1, 3, 3, 1])
+    assert k.shape == (4, 4) and float(k.sum()) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("upsample", [False, True])
+@pytest.mark.parametrize("demodulate", [False, True])
+def test_modulated_conv_equals_per_sample_grouped_conv(upsample: bool, demodulate: bool) -> None:
+    """Activation modulation (ours) must equal the per-sample-weight formulation (released)."""
+    with seeded(0):
+        conv = ModulatedConv2d(8, 6, 3, 16, demodulate=demodulate, upsample=upsample)
+        x, style = torch.randn(3, 8, 8, 8), torch.randn(3, 16)
+    out = conv(x, style)
+    b = x.shape[0]
+    s = conv.modulation(style)
+    w = conv.scale * conv.weight * s.view(b, 1, 8, 1, 1)  # (B,out,in,k,k)
+    if demodulate:
+        w = w * torch.rsqrt(w.pow(2).sum([2, 3, 4]) + 1e-8).view(b, 6, 1, 1, 1)
+    if upsample:
+        wt = w.transpose(1, 2).reshape(b * 8, 6, 3, 3)
+        ref = F.conv_transpose2d(x.reshape(1, b * 8, 8, 8), wt, stride=2, groups=b)
+        ref = conv.blur(ref.reshape(b, 6, *ref.shape[-2:]))
+    else:
+        ref = F.conv2d(x.reshape(1, b * 8, 8, 8), w.reshape(b * 6, 8, 3, 3), padding=1, groups=b)
+        ref = ref.reshape(b, 6, 8, 8)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_equal_linear_and_mapping_scale() -> None:
+    g = Generator(tiny_config(32, 64, 32))
+    lin = g.style[1]
+    assert lin.scale == pytest.approx(0.01 / math.sqrt(64))
+    z = torch.randn(4, 64)
+    assert g.mapping(z).shape == (4, 64)
