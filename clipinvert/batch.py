@@ -282,6 +282,10 @@ def run_folder(command: str, inputs: Path, opts: RunOptions, params: dict,
     interrupted = False
     with progress:
         task = progress.add_task(command, total=len(todo))
+        # Decoding/alignment runs ahead in worker processes; its own bar shows whether the
+        # model is waiting for it or the other way round.
+        prep_task = progress.add_task("align" if opts.prepare.align else "decode",
+                                      total=len(todo))
 
         def fail(owner: Prepared, reason: str) -> None:
             if not owner.failed:
@@ -319,6 +323,7 @@ def run_folder(command: str, inputs: Path, opts: RunOptions, params: dict,
         try:
             for item in prepared_stream(todo, opts.prepare, opts.workers,
                                         window=opts.batch_size * 2):
+                progress.advance(prep_task)
                 if item.error:
                     report.failed(item.src, item.error)
                     progress.advance(task)

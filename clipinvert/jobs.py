@@ -9,6 +9,8 @@ Output layout (all paths relative to OUT, ``<rel>`` = the input's relative path 
   image (dict: ``w`` inversion, ``w_edit`` edited W+, ``remapped`` conv latents, ``embedding``).
   ``--compare``: ``compare/<rel>.png`` strip input | inversion | edits.
 * interpolate: ``<rel>/<name>_000.png …`` frames and ``<rel>.gif`` (and other formats asked).
+* align: ``<rel>.png`` aligned crop and ``<rel>.json``, the crop → photo transform.
+* Whenever a command aligns faces, ``<rel>.json`` (the transform) is written beside its output.
 * With ``--paste-back`` (aligned inputs) the edited face is put back into the original photo and
   that full-size photo is the main output.
 * ``clipinvert-report.json`` (or ``--report``): every input's status and outputs.
@@ -85,6 +87,32 @@ def _save_transform(crop: Crop, path: Path) -> None:
     imaging.atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+def _transform_outputs(crop: Crop, out: Path) -> list[Path]:
+    """Write the crop's transform sidecar when it was aligned; return what was written."""
+    if crop.transform is None:
+        return []
+    p = out / f"{crop.rel}.json"
+    _save_transform(crop, p)
+    return [p]
+
+
+def run_align(inputs: Path, opts: RunOptions, params: dict | None = None) -> Report:
+    """FFHQ-aligned crops and their transforms; no model weights needed."""
+    out = opts.output
+
+    def outputs_for(crop: Crop) -> list[Path]:
+        return [out / f"{crop.rel}.png", out / f"{crop.rel}.json"]
+
+    def process(crops: list[Crop], owners: list[Prepared]) -> list[list[Path]]:
+        written = []
+        for crop in crops:
+            imaging.save_image(crop.image, out / f"{crop.rel}.png")
+            written.append([out / f"{crop.rel}.png", *_transform_outputs(crop, out)])
+        return written
+
+    return run_folder("align", inputs, opts, params or {}, outputs_for, process)
+
+
 def run_invert(editor: Editor, inputs: Path, opts: RunOptions, params: dict | None = None,
                save_latents: bool = True) -> Report:
     editor.preload(edit=False)
@@ -104,7 +132,7 @@ def run_invert(editor: Editor, inputs: Path, opts: RunOptions, params: dict | No
             imaging.save_image(img, paths[0])
             if save_latents:
                 imaging.atomic_write(paths[1], lambda tmp, w=w: torch.save(w.float().cpu(), tmp))
-            written.append(paths)
+            written.append(paths + _transform_outputs(crop, out))
         return written
 
     return run_folder("invert", inputs, opts, params or {}, outputs_for, process,
@@ -166,10 +194,7 @@ def run_edit(editor: Editor, inputs: Path, conditions: Sequence[EditCondition],
                 imaging.save_image(strip, p)
                 written[i].append(p)
         for i, crop in enumerate(crops):
-            if crop.transform is not None:
-                p = out / f"{crop.rel}.json"
-                _save_transform(crop, p)
-                written[i].append(p)
+            written[i] += _transform_outputs(crop, out)
         return written
 
     return run_folder("edit", inputs, opts, params or {}, outputs_for, process,
@@ -210,7 +235,7 @@ def run_interpolate(editor: Editor, inputs: Path, condition: EditCondition, opts
             for f in formats:
                 imaging.save_animation(frames[i], out / f"{crop.rel}.{f}", fps=fps,
                                        boomerang=boomerang)
-            written.append(outputs_for(crop))
+            written.append(outputs_for(crop) + _transform_outputs(crop, out))
         return written
 
     return run_folder("interpolate", inputs, opts, params or {}, outputs_for, process,

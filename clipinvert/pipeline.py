@@ -33,7 +33,7 @@ from .checkpoints import (
     load_stylegan2,
 )
 from .errors import UsageError, WeightsError
-from .nets import Generator
+from .nets import Encoder4Editing, Generator
 from .registry import Domain, Registry
 
 RESIDUAL_SCALE = 0.1  # the released edit code: w_hat = w + 0.1·Δ
@@ -189,7 +189,8 @@ class Editor:
     # ---- building blocks -----------------------------------------------------------------
     @property
     def input_size(self) -> int:
-        return self.e4e.encoder.input_size
+        """The encoder's input side (256 for the released e4e); known without loading it."""
+        return Encoder4Editing.input_size
 
     def preprocess(self, images: ImagesIn) -> torch.Tensor:
         """PIL images or a ``(B,3,H,W)`` tensor in [-1,1] → the encoder's 256×256 input."""

@@ -141,7 +141,7 @@ def write_stylegan2(path: Path, config: GeneratorConfig, *, seed: int = 1,
 
 def write_domain(directory: Path, *, size: int = 32, style_dim: int = 64,
                  max_channels: int = 32, clip_format: str = "open_clip",
-                 name: str = "tiny") -> Path:
+                 name: str = "tiny", align: str = "none") -> Path:
     """A complete tiny domain — CLIP, e4e, CLIPInverter files and a models.toml naming them by
     relative paths — ready for ``Editor(name, models=<returned path>)`` or ``--models``."""
     from .clip import write_tiny_clip
@@ -155,7 +155,7 @@ def write_domain(directory: Path, *, size: int = 32, style_dim: int = 64,
     toml.write_text(
         f"[domains.{name}]\n"
         f"resolution = {size}\n"
-        'align = "none"\n'
+        f'align = "{align}"\n'
         f'clip_arch = "{clip_cfg.name}"\n'
         f'clip = "{clip_weights.name}"\n'
         'e4e = "e4e.pt"\n'
