@@ -14,8 +14,6 @@ names the file.  Nothing here ever falls back to random weights.
 
 from __future__ import annotations
 
-import argparse
-import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,57 +23,17 @@ from torch import nn
 
 from .errors import WeightsError
 from .nets import CLIPAdapter, Encoder4Editing, Generator, GeneratorConfig
-
-# Harmless types the released files need beyond tensors and builtins.  rosinality training
-# checkpoints pickle their argparse options.
-SAFE_GLOBALS: list[type] = [argparse.Namespace]
+from .weights.cache import cached_state
 
 StateDict = dict[str, torch.Tensor]
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
-
-
-def check_file(path: Path, what: str) -> None:
-    """Fail early, with one line, on the commonest broken downloads."""
-    if not path.exists():
-        raise WeightsError(f"{what} weights not found: {path}")
-    if path.is_dir():
-        raise WeightsError(f"{what} weights path is a folder, not a file: {path}")
-    size = path.stat().st_size
-    if size == 0:
-        raise WeightsError(f"{what} weights file is empty (0 bytes): {path} — download it again")
-    with path.open("rb") as fh:
-        head = fh.read(512).lstrip()
-    if head[:1] == b"<" or head[:9].lower() == b"<!doctype":
-        raise WeightsError(
-            f"{what} weights file {path} is an HTML page, not a checkpoint — the download hit a "
-            "quota or permission page; download it again")
-
-
-def read_checkpoint(path: Path | str, what: str = "model") -> dict:
-    """``torch.load(weights_only=True)`` with the allow-list, mapping every failure to one line."""
-    path = Path(path)
-    check_file(path, what)
-    try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        msg = _first_line(exc)
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
-            raise WeightsError(
-                f"{what} weights file {path} wants to load objects other than tensors; refused "
-                f"for safety ({msg})") from None
-        raise WeightsError(f"{what} weights file {path} is corrupt: {msg}") from None
-    except Exception as exc:  # torch raises many types for a bad file; all mean the same
-        raise WeightsError(
-            f"{what} weights file {path} is truncated or not a PyTorch checkpoint "
-            f"({_first_line(exc)}) — download it again") from None
-    if not isinstance(obj, dict):
-        raise WeightsError(f"{what} weights file {path} holds a {type(obj).__name__}, not a dict")
-    return obj
+def read_checkpoint(path: Path | str, what: str = "model", *, trust: bool = False) -> dict:
+    """Load a checkpoint dict safely (``weights_only``, allow-list; ``trust`` lifts it) and fast
+    (a memory-mapped safetensors copy in the cache after the first load).  Every failure —
+    missing, empty, HTML page, truncated, a pickle that wants to run code — is one
+    :class:`WeightsError` line naming the file."""
+    return cached_state(Path(path), trust=trust, what=what)
 
 
 def sub_state_dict(sd: Mapping[str, torch.Tensor], prefix: str) -> StateDict:
@@ -152,9 +110,9 @@ class E4EWeights:
     opts: dict = field(default_factory=dict, repr=False)
 
 
-def load_e4e(path: Path | str) -> E4EWeights:
+def load_e4e(path: Path | str, *, trust: bool = False) -> E4EWeights:
     path = Path(path)
-    ckpt = read_checkpoint(path, "e4e")
+    ckpt = read_checkpoint(path, "e4e", trust=trust)
     sd = ckpt.get("state_dict")
     if not isinstance(sd, dict):
         raise WeightsError(
@@ -185,9 +143,9 @@ class CLIPInverterWeights:
 ADAPTER_PREFIXES = ("adapter.", "mapper.")  # the older release called the adapter "mapper"
 
 
-def load_clipinverter(path: Path | str) -> CLIPInverterWeights:
+def load_clipinverter(path: Path | str, *, trust: bool = False) -> CLIPInverterWeights:
     path = Path(path)
-    ckpt = read_checkpoint(path, "CLIPInverter")
+    ckpt = read_checkpoint(path, "CLIPInverter", trust=trust)
     sd = ckpt.get("state_dict")
     if not isinstance(sd, dict):
         raise WeightsError(
@@ -210,10 +168,10 @@ def load_clipinverter(path: Path | str) -> CLIPInverterWeights:
     return CLIPInverterWeights(adapter.eval().requires_grad_(False), decoder, opts or {})
 
 
-def load_stylegan2(path: Path | str) -> tuple[Generator, torch.Tensor]:
+def load_stylegan2(path: Path | str, *, trust: bool = False) -> tuple[Generator, torch.Tensor]:
     """A rosinality file: ``g_ema`` and ``latent_avg`` (mean of 10,000 mapped z if absent)."""
     path = Path(path)
-    ckpt = read_checkpoint(path, "StyleGAN2")
+    ckpt = read_checkpoint(path, "StyleGAN2", trust=trust)
     sd = ckpt.get("g_ema")
     if not isinstance(sd, dict):
         raise WeightsError(

@@ -48,16 +48,26 @@ Aligned = Annotated[bool, typer.Option(
 AllFaces = Annotated[bool, typer.Option(
     "--all-faces", help="Edit every face found, as <stem>_face<i>, not only the most confident.")]
 Seed = Annotated[int, typer.Option(help="Seed for any randomness (inference is deterministic).")]
+Download = Annotated[bool, typer.Option(
+    "--download", help="Fetch missing weights from the registry's URLs (verified).")]
+Offline = Annotated[bool, typer.Option(
+    "--offline", envvar="CLIPINVERT_OFFLINE",
+    help="Never touch the network (also $HF_HUB_OFFLINE).")]
+Trust = Annotated[bool, typer.Option(
+    "--trust-checkpoint",
+    help="Allow checkpoints whose pickles hold more than weights. Only for files you vouch for.")]
 
 
 def _default_workers() -> int:
     return max(1, min(4, (os.cpu_count() or 2) - 1))
 
 
-def _editor(domain: str, models: Path | None, device: str, dtype: str):
+def _editor(domain: str, models: Path | None, device: str, dtype: str, download: bool,
+            offline: bool, trust: bool):
     from .pipeline import Editor
 
-    return Editor(domain, models=models, device=device, dtype=dtype)
+    return Editor(domain, models=models, device=device, dtype=dtype, download=download,
+                  offline=offline or None, trust_checkpoint=trust)
 
 
 def _prepare(registry, domain, *, aligned: bool, all_faces: bool, size: int,
@@ -147,11 +157,14 @@ def invert(
     quiet: Quiet = False,
     report: ReportOpt = None,
     seed: Seed = 0,
+    download: Download = False,
+    offline: Offline = False,
+    trust_checkpoint: Trust = False,
 ) -> None:
     """Reconstruct images with e4e: OUT/<stem>.png and the W+ latents OUT/<stem>.pt."""
     from .jobs import run_invert
 
-    ed = _editor(domain, models, device, dtype)
+    ed = _editor(domain, models, device, dtype, download, offline, trust_checkpoint)
     opts = _run_options(output, batch_size, overwrite, quiet, workers, report, ed, aligned,
                         all_faces)
     params = {"input": str(input), "domain": domain, "batch_size": batch_size, "seed": seed}
@@ -190,13 +203,16 @@ def edit(
     quiet: Quiet = False,
     report: ReportOpt = None,
     seed: Seed = 0,
+    download: Download = False,
+    offline: Offline = False,
+    trust_checkpoint: Trust = False,
 ) -> None:
     """Edit images with a text prompt (or several, or a reference image)."""
     from .jobs import conditions_from, read_prompts, run_edit
 
     texts = ([prompt] if prompt else []) + (read_prompts(prompts) if prompts else [])
     conds = conditions_from(texts, ref_image or [])
-    ed = _editor(domain, models, device, dtype)
+    ed = _editor(domain, models, device, dtype, download, offline, trust_checkpoint)
     opts = _run_options(output, batch_size, overwrite, quiet, workers, report, ed, aligned,
                         all_faces, paste_back)
     params = {"input": str(input), "conditions": [c.label for c in conds], "domain": domain,
@@ -235,6 +251,9 @@ def interpolate(
     quiet: Quiet = False,
     report: ReportOpt = None,
     seed: Seed = 0,
+    download: Download = False,
+    offline: Offline = False,
+    trust_checkpoint: Trust = False,
 ) -> None:
     """Frames walking from the inversion to the edit, plus an animation."""
     from .jobs import conditions_from, run_interpolate
@@ -242,7 +261,7 @@ def interpolate(
     conds = conditions_from([prompt] if prompt else [], [ref_image] if ref_image else [])
     if len(conds) != 1:
         raise UsageError("interpolate takes one PROMPT or one --ref-image, not both")
-    ed = _editor(domain, models, device, dtype)
+    ed = _editor(domain, models, device, dtype, download, offline, trust_checkpoint)
     opts = _run_options(output, batch_size, overwrite, quiet, workers, report, ed, aligned,
                         all_faces, paste_back)
     params = {"input": str(input), "condition": conds[0].label, "steps": steps,
@@ -250,6 +269,16 @@ def interpolate(
     _finish(run_interpolate(ed, input, conds[0], opts, params, steps=steps, strength=strength,
                             formats=format or ["gif"], fps=fps, boomerang=boomerang,
                             paste_back=paste_back))
+
+
+def _mount_models() -> None:
+    from .cli_models import models_app
+
+    app.add_typer(models_app, name="models",
+                  help="List, download, verify and locate weight files.")
+
+
+_mount_models()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -108,8 +108,16 @@ class Editor:
 
     def __init__(self, domain: str = "faces", *, registry: Registry | None = None,
                  models: Path | str | None = None, device: str | torch.device = "auto",
-                 dtype: str | torch.dtype = "float32") -> None:
+                 dtype: str | torch.dtype = "float32", download: bool = False,
+                 offline: bool | None = None, trust_checkpoint: bool = False) -> None:
+        """``download`` consents to fetching missing weights from the registry's URLs;
+        ``offline`` forbids any network use (default: $CLIPINVERT_OFFLINE / $HF_HUB_OFFLINE);
+        ``trust_checkpoint`` lets pickles load arbitrary objects — only for files you vouch for.
+        """
         self.registry = registry or Registry.load(models)
+        self.registry.download = download
+        self.registry.offline = offline
+        self.trust = trust_checkpoint
         self.domain: Domain = self.registry.domain(domain)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -120,7 +128,8 @@ class Editor:
     def from_files(cls, *, e4e: Path | str, clipinverter: Path | str | None = None,
                    clip: Path | str | None = None, clip_arch: str = "ViT-B-32-quickgelu",
                    stylegan2: Path | str | None = None, device: str | torch.device = "auto",
-                   dtype: str | torch.dtype = "float32") -> Editor:
+                   dtype: str | torch.dtype = "float32",
+                   trust_checkpoint: bool = False) -> Editor:
         """An editor over explicit files, without any models.toml (handy in notebooks)."""
         table: dict[str, object] = {"resolution": 0, "align": "none", "clip_arch": clip_arch}
         for role, p in (("e4e", e4e), ("clipinverter", clipinverter), ("clip", clip),
@@ -129,7 +138,8 @@ class Editor:
                 table[role] = str(Path(p).expanduser().resolve())
         reg = Registry()
         reg.add_mapping({"domains": {"files": table}}, Path.cwd() / "<from_files>")
-        return cls("files", registry=reg, device=device, dtype=dtype)
+        return cls("files", registry=reg, device=device, dtype=dtype,
+                   trust_checkpoint=trust_checkpoint)
 
     # ---- lazily loaded parts -------------------------------------------------------------
     def _locate(self, role: str) -> Path:
@@ -142,14 +152,14 @@ class Editor:
 
     @cached_property
     def e4e(self) -> E4EWeights:
-        weights = load_e4e(self._locate("e4e"))
+        weights = load_e4e(self._locate("e4e"), trust=self.trust)
         self._to(weights.encoder)
         weights.latent_avg = weights.latent_avg.to(self.device, self.dtype)
         return weights
 
     @cached_property
     def inverter(self) -> CLIPInverterWeights:
-        weights = load_clipinverter(self._locate("clipinverter"))
+        weights = load_clipinverter(self._locate("clipinverter"), trust=self.trust)
         self._to(weights.adapter)
         self._to(weights.decoder)
         self._check_generator(weights.decoder, "CLIPInverter decoder")
@@ -162,7 +172,7 @@ class Editor:
         if "clipinverter" in self.domain.weights:
             return self.inverter.decoder
         if "stylegan2" in self.domain.weights and not self.e4e.decoder_sd:
-            g, _ = load_stylegan2(self._locate("stylegan2"))
+            g, _ = load_stylegan2(self._locate("stylegan2"), trust=self.trust)
         else:
             g = build_generator(self.e4e.decoder_sd, "e4e decoder", self.loaded["e4e"])
         self._to(g)

@@ -56,10 +56,13 @@ class WeightEntry:
     path: str | None = None  # an explicit location, relative to the registry file
     source: Path = PACKAGED_REGISTRY
 
-    def how_to_get(self) -> str:
-        if self.urls:
-            return f"download {self.urls[0]} to {cache_dir() / self.file}"
-        return self.description or "no download is published for it"
+    def places(self) -> list[Path]:
+        """Where the file may be, in search order: the explicit ``path``, then the cache."""
+        places = []
+        if self.path:
+            places.append(self.source.parent / Path(self.path).expanduser())
+        places.append(cache_dir() / self.file)
+        return places
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,9 @@ class Registry:
         self.domains: dict[str, Domain] = {}
         self.weights: dict[str, WeightEntry] = {}
         self.files: list[Path] = []
+        # Consent to download (``--download``) and offline mode (``--offline``; None = from env).
+        self.download = False
+        self.offline: bool | None = None
 
     @classmethod
     def load(cls, models: Path | str | None = None, *, user: bool = True) -> Registry:
@@ -164,23 +170,28 @@ class Registry:
         entry = self.weights.get(ref)
         if entry is None:  # a plain path, relative to the registry that names it
             return [(domain.base_dir / Path(ref).expanduser())], None
-        places = []
-        if entry.path:
-            places.append(entry.source.parent / Path(entry.path).expanduser())
-        places.append(cache_dir() / entry.file)
-        return places, entry
+        return entry.places(), entry
 
     def locate(self, domain: Domain, role: str) -> Path:
-        """The file for ``role`` of ``domain``; a one-line exit-3 error when it is not there."""
-        if role not in domain.weights:
-            raise WeightsError(f"domain {domain.name!r} ({domain.source}) names no {role} weights"
-                               + (f" — {domain.note}" if domain.note else ""))
-        places, entry = self.candidates(domain, role)
-        for p in places:
-            if p.is_file():
-                return p
-        looked = ", ".join(str(p) for p in places)
-        how = entry.how_to_get() if entry else f"fix the path in {domain.source}"
+        """The file for ``role`` of ``domain``: explicit path → cache → (with consent) its URLs.
+
+        A file that is not there is a one-line exit-3 error saying where it looked and how to
+        get it.
+        """
         note = f" ({domain.note})" if domain.note else ""
-        raise WeightsError(f"{role} weights for domain {domain.name!r} not found{note}; "
-                           f"looked in {looked}; {how}")
+        if role not in domain.weights:
+            raise WeightsError(f"domain {domain.name!r} ({domain.source}) names no {role} "
+                               f"weights{note}")
+        places, entry = self.candidates(domain, role)
+        if entry is not None:
+            from .weights.download import find_or_fetch
+
+            try:
+                return find_or_fetch(entry, download=self.download, offline=self.offline)
+            except WeightsError as exc:
+                raise WeightsError(f"{role} weights for domain {domain.name!r}{note}: "
+                                   f"{exc}") from None
+        if places[0].is_file():
+            return places[0]
+        raise WeightsError(f"{role} weights for domain {domain.name!r} not found{note}; looked "
+                           f"in {places[0]}; fix the path in {domain.source}")

@@ -1,0 +1,314 @@
+"""``clipinvert models …``: list, download, verify and locate the weight files of the registry.
+
+Mounted by the main CLI with ``app.add_typer(models_app, name="models")``.  Commands raise
+:mod:`clipinvert.errors` exceptions and leave exit codes to ``clipinvert.cli.main`` (2 usage,
+3 weights missing or invalid).  Results (tables, JSON, paths) go to stdout; download progress
+and per-file notes go to stderr, so scripts can capture the one and show the other.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.filesize import decimal as human_size
+from rich.markup import escape
+from rich.table import Table
+
+from .errors import UsageError, WeightsError
+from .registry import PACKAGED_REGISTRY, Registry, WeightEntry, cache_dir, user_registry
+from .weights.download import (
+    fetch,
+    find_file,
+    find_or_fetch,
+    is_offline,
+    payload_problem,
+    places_for,
+    verify_file,
+)
+
+models_app = typer.Typer(
+    help="List, download, verify and locate the weight files named in models.toml.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ModelsOpt = Annotated[Path | None, typer.Option(
+    "--models", envvar="CLIPINVERT_MODELS", help="Extra models.toml merged over the packaged one.",
+    show_default=False)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
+OfflineOpt = Annotated[bool, typer.Option(
+    "--offline", help="Never touch the network (also CLIPINVERT_OFFLINE=1, HF_HUB_OFFLINE=1).")]
+DEFAULT_DOMAIN = "faces"
+
+
+def _out() -> Console:
+    return Console(soft_wrap=False)
+
+
+def _err() -> Console:
+    # soft_wrap: one line per message, whatever the terminal width (scripts grep these).
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def registry_label(path: Path) -> str:
+    """Where an entry came from, short: ``packaged``, ``user``, or the --models file."""
+    path = Path(path)
+    if path.resolve() == PACKAGED_REGISTRY.resolve():
+        return "packaged"
+    if path.resolve() == user_registry().resolve():
+        return "user"
+    return str(path)
+
+
+@dataclass
+class Row:
+    """One weight file of the merged registry, as ``models list`` shows it."""
+
+    domain: str | None
+    role: str | None
+    weights: str | None  # the [weights.NAME], None for a plain path
+    file: str
+    status: str  # present / missing
+    path: str  # where it was found, else where it would go first
+    size: int | None
+    license: str | None
+    registry: str  # the models.toml the entry (or the domain, for a path) came from
+    origin: str  # packaged / user / the --models file
+    note: str | None = None
+
+
+def collect_rows(reg: Registry) -> list[Row]:
+    """Every domain role, then the [weights.*] entries that no domain names."""
+    rows: list[Row] = []
+    used: set[str] = set()
+    for dname, domain in reg.domains.items():
+        for role, ref in domain.weights.items():
+            places, entry = reg.candidates(domain, role)
+            found = next((p for p in places if p.is_file()), None)
+            src = entry.source if entry else domain.source
+            if entry:
+                used.add(entry.name)
+            rows.append(Row(
+                domain=dname, role=role, weights=entry.name if entry else None,
+                file=entry.file if entry else ref,
+                status="present" if found else "missing",
+                path=str(found or (places[-1] if entry else places[0])),
+                size=found.stat().st_size if found else None,
+                license=entry.license if entry else None, registry=str(src),
+                origin=registry_label(src),
+                note=None if found or entry else domain.note))
+    for name, entry in reg.weights.items():
+        if name in used:
+            continue
+        found = find_file(entry)
+        rows.append(Row(
+            domain=None, role=None, weights=name, file=entry.file,
+            status="present" if found else "missing",
+            path=str(found or places_for(entry)[-1]),
+            size=found.stat().st_size if found else None, license=entry.license,
+            registry=str(entry.source), origin=registry_label(entry.source)))
+    return rows
+
+
+@models_app.command("list")
+def list_(models: ModelsOpt = None, as_json: JsonOpt = False) -> None:
+    """Domains, their weight files, present/missing, size, licence and source registry."""
+    reg = Registry.load(models)
+    rows = collect_rows(reg)
+    if as_json:
+        typer.echo(json.dumps({"cache": str(cache_dir()),
+                               "registries": [str(p) for p in reg.files],
+                               "weights": [asdict(r) for r in rows]}, indent=2))
+        return
+    table = Table(title="clipinvert weights", caption=f"cache: {cache_dir()}")
+    for col in ("Domain", "Role", "Weights", "File", "Status", "Size", "Licence", "Registry"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        status = "[green]present[/]" if r.status == "present" else "[red]missing[/]"
+        cells = [r.domain or "—", r.role or "—", r.weights or "(path)", r.file]
+        tail = [human_size(r.size) if r.size is not None else "—", r.license or "—", r.origin]
+        table.add_row(*map(escape, cells), status, *map(escape, tail))
+    console = _out()
+    console.print(table)
+    notes = {(r.domain, r.note) for r in rows if r.note}
+    for domain, text in sorted(notes, key=lambda n: str(n[0])):
+        console.print(escape(f"{domain}: {text}"), highlight=False)
+
+
+def _select(reg: Registry, targets: Iterable[str]) -> tuple[list[WeightEntry], list[str]]:
+    """Weight entries for DOMAIN or NAME targets, and why any requested file has no download."""
+    entries: dict[str, WeightEntry] = {}
+    unavailable: list[str] = []
+    for target in targets:
+        if target in reg.domains:
+            domain = reg.domains[target]
+            for role in domain.weights:
+                places, entry = reg.candidates(domain, role)
+                if entry is not None:
+                    entries.setdefault(entry.name, entry)
+                elif not any(p.is_file() for p in places):
+                    unavailable.append(
+                        f"{target} {role}: {places[0]} is missing and has no download"
+                        + (f" — {domain.note}" if domain.note else ""))
+        elif target in reg.weights:
+            entries.setdefault(target, reg.weights[target])
+        else:
+            raise UsageError(
+                f"unknown domain or weights name {target!r} (domains: "
+                f"{', '.join(sorted(reg.domains)) or 'none'}; weights: "
+                f"{', '.join(sorted(reg.weights)) or 'none'})")
+    return list(entries.values()), unavailable
+
+
+@models_app.command("download")
+def download(
+    targets: Annotated[list[str] | None, typer.Argument(
+        help=f"Domains and/or weights names [default: {DEFAULT_DOMAIN}].",
+        show_default=False)] = None,
+    models: ModelsOpt = None,
+    offline: OfflineOpt = False,
+    force: Annotated[bool, typer.Option(help="Download again even if present.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Download the weight files of domains or named entries into the cache (verified)."""
+    reg = Registry.load(models)
+    entries, unavailable = _select(reg, targets or [DEFAULT_DOMAIN])
+    err = _err()
+    off = is_offline(offline)
+    problems: list[tuple[str, str]] = []  # (what, one-line reason)
+    for line in unavailable:
+        what, _, why = line.partition(": ")
+        problems.append((what, why))
+        err.print(f"[red]unavailable[/] {escape(what)}: {escape(why)}")
+    for entry in entries:
+        found = find_file(entry)
+        problem = payload_problem(found, entry) if found is not None else None
+        if found is not None and problem is None and not force:
+            if not quiet:
+                err.print(f"present     {escape(entry.name)}: {escape(str(found))}")
+            continue
+        if found is not None and problem and found != cache_dir() / entry.file:
+            # An explicit path wins over the cache, so downloading would not fix it.
+            reason = f"{found} {problem}; replace or remove that file"
+            problems.append((entry.name, reason))
+            err.print(f"[red]bad[/]         {escape(entry.name)}: {escape(reason)}")
+            continue
+        try:
+            got = fetch(entry, offline=off, progress=not quiet, force=force)
+        except WeightsError as exc:
+            problems.append((entry.name, str(exc)))
+            err.print(f"[red]failed[/]      {escape(entry.name)}: {escape(str(exc))}")
+            continue
+        if not quiet:
+            err.print(f"downloaded  {escape(entry.name)}: {escape(str(got))} "
+                      f"({human_size(got.stat().st_size)})")
+    if len(problems) == 1:
+        raise WeightsError(problems[0][1])
+    if problems:
+        raise WeightsError(f"{len(problems)} weight files are missing or failed to download: "
+                           + ", ".join(p[0] for p in problems) + " (reasons above)")
+
+
+@dataclass
+class Check:
+    name: str
+    path: str | None
+    status: str  # ok / unverified / bad / missing
+    detail: str
+    sha256: str | None = None
+    size: int | None = None
+
+
+def _verify_entry(entry: WeightEntry, *, required: bool) -> Check:
+    found = find_file(entry)
+    if found is None:
+        return Check(entry.name, None, "bad" if required else "missing",
+                     f"not found in {', '.join(str(p) for p in places_for(entry))}")
+    v = verify_file(found, entry)
+    return Check(entry.name, str(found), v.status, v.detail, v.sha256, v.size)
+
+
+@models_app.command("verify")
+def verify(
+    names: Annotated[list[str] | None, typer.Argument(
+        help="Domains and/or weights names [default: every file present].",
+        show_default=False)] = None,
+    models: ModelsOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check size and sha256 of present files; exit 3 if any is bad.
+
+    The expected sha256 is the registry's, else the one recorded at the first verified
+    download (<cache>/checksums.json).
+    """
+    reg = Registry.load(models)
+    checks: list[Check] = []
+    if names:
+        entries, unavailable = _select(reg, names)
+        checks += [_verify_entry(e, required=True) for e in entries]
+        checks += [Check(u.split(":", 1)[0], None, "bad", u) for u in unavailable]
+    else:
+        checks += [_verify_entry(e, required=False) for e in reg.weights.values()]
+        for dname, domain in reg.domains.items():  # plain paths: present ones are sanity-checked
+            for role in domain.weights:
+                places, entry = reg.candidates(domain, role)
+                if entry is None and places[0].is_file():
+                    plain = WeightEntry(name=f"{dname}:{role}", file=places[0].name,
+                                        source=domain.source)
+                    v = verify_file(places[0], plain, dest_dir=places[0].parent)
+                    checks.append(Check(plain.name, str(places[0]), v.status, v.detail,
+                                        v.sha256, v.size))
+    if as_json:
+        typer.echo(json.dumps([asdict(c) for c in checks], indent=2))
+    else:
+        table = Table(title="clipinvert weights check")
+        for col in ("Weights", "Status", "Size", "Path", "Detail"):
+            table.add_column(col, overflow="fold")
+        colour = {"ok": "green", "unverified": "yellow", "bad": "red", "missing": "dim"}
+        for c in checks:
+            detail = c.detail + (f" (sha256 {c.sha256})" if c.status == "unverified" else "")
+            table.add_row(escape(c.name), f"[{colour[c.status]}]{c.status}[/]",
+                          human_size(c.size) if c.size is not None else "—",
+                          escape(c.path or "—"), escape(detail))
+        _out().print(table)
+    bad = [c for c in checks if c.status == "bad"]
+    if bad:
+        raise WeightsError(f"{len(bad)} weight file(s) failed verification: "
+                           + " | ".join(f"{c.name}: {c.detail}" for c in bad))
+
+
+@models_app.command("path")
+def path(
+    name: Annotated[str, typer.Argument(help="A weights name, or DOMAIN:ROLE (e.g. faces:e4e).",
+                                        show_default=False)],
+    models: ModelsOpt = None,
+    download: Annotated[bool, typer.Option(
+        "--download", help="Download the file if it is missing.")] = False,
+    offline: OfflineOpt = False,
+) -> None:
+    """Print the resolved path of a weight file (exit 3 when it is missing)."""
+    reg = Registry.load(models)
+    if name in reg.weights:
+        found = find_or_fetch(reg.weights[name], download=download, offline=offline or None,
+                              progress=sys.stderr.isatty())
+    elif ":" in name:
+        dname, _, role = name.partition(":")
+        domain = reg.domain(dname)
+        _, entry = reg.candidates(domain, role)
+        if entry is not None:
+            found = find_or_fetch(entry, download=download, offline=offline or None,
+                                  progress=sys.stderr.isatty())
+        else:
+            found = reg.locate(domain, role)
+    else:
+        raise UsageError(f"unknown weights name {name!r} (known: "
+                         f"{', '.join(sorted(reg.weights)) or 'none'}; or use DOMAIN:ROLE)")
+    typer.echo(str(found))

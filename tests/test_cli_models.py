@@ -1,0 +1,209 @@
+"""``clipinvert models list/download/verify/path`` through Typer's CliRunner, offline.
+
+The sub-app is mounted on a tiny app the way ``clipinvert.cli`` mounts it, and our errors are
+mapped to exit codes the way ``clipinvert.cli.main`` does.  Downloads come from ``file://`` URLs
+and a static HTTP server on 127.0.0.1; an autouse guard fails a test that reaches anything else.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from clipinvert.cli_models import models_app
+from clipinvert.errors import ClipInvertError
+
+PAYLOAD = b"PK\x03\x04" + bytes(range(256)) * 64
+PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
+
+app = typer.Typer()
+app.add_typer(models_app, name="models")
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLIPINVERT_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    for var in ("CLIPINVERT_OFFLINE", "HF_HUB_OFFLINE", "CLIPINVERT_MODELS"):
+        monkeypatch.delenv(var, raising=False)
+    import gdown
+    import huggingface_hub
+
+    real = gdown.download
+
+    def guarded(url=None, *args, **kwargs):
+        assert url and url.startswith("http://127.0.0.1:"), f"test tried to reach {url}"
+        return real(url, *args, **kwargs)
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("test tried to reach the Hugging Face Hub")
+
+    monkeypatch.setattr(gdown, "download", guarded)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_hub)
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    """Invoke like ``clipinvert.cli.main``: our errors become their exit codes."""
+    result = CliRunner().invoke(app, list(args))
+    exc = result.exception
+    if isinstance(exc, ClipInvertError):
+        return exc.exit_code, result.stdout, str(exc)
+    if exc is not None and not isinstance(exc, SystemExit):
+        raise exc
+    return result.exit_code, result.stdout, result.stderr
+
+
+@pytest.fixture
+def registry(tmp_path) -> Path:
+    """A --models file: a downloadable entry, a domain using it and a path with no download."""
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    (mirror / "tiny.pt").write_bytes(PAYLOAD)
+    (mirror / "page.pt").write_bytes(b"<!DOCTYPE html><html>quota</html>")
+    toml = tmp_path / "reg" / "models.toml"
+    toml.parent.mkdir()
+    toml.write_text(f"""
+[domains.tiny]
+resolution = 32
+align = "none"
+clip = "tiny-clip"
+e4e = "tiny-e4e"
+clipinverter = "trained/clipinverter.pt"
+note = "no released weights: train them"
+
+[weights.tiny-e4e]
+file = "tiny_e4e.pt"
+urls = ["{(mirror / 'page.pt').as_uri()}", "{(mirror / 'tiny.pt').as_uri()}"]
+size = {len(PAYLOAD)}
+license = "MIT"
+
+[weights.tiny-clip]
+file = "tiny_clip.pt"
+urls = ["{(mirror / 'tiny.pt').as_uri()}"]
+sha256 = "{PAYLOAD_SHA}"
+license = "MIT"
+
+[weights.bad-hash]
+file = "bad.pt"
+urls = ["{(mirror / 'tiny.pt').as_uri()}"]
+sha256 = "{'0' * 64}"
+""", encoding="utf-8")
+    return toml
+
+
+def _rows(stdout: str) -> dict[str, dict]:
+    data = json.loads(stdout)
+    return {f"{r['domain']}/{r['role']}/{r['weights']}": r for r in data["weights"]}
+
+
+def test_list_shows_domains_files_status_and_origin(registry, tmp_path):
+    user = tmp_path / "config" / "clipinvert" / "models.toml"
+    user.parent.mkdir(parents=True)
+    user.write_text('[weights.mine]\nfile = "mine.pt"\nlicense = "own"\n', encoding="utf-8")
+    code, out, _ = run("models", "list", "--json", "--models", str(registry))
+    assert code == 0
+    rows = _rows(out)
+    faces = rows["faces/e4e/e4e-ffhq-encode"]
+    assert faces["status"] == "missing" and faces["origin"] == "packaged"
+    assert faces["path"] == str(tmp_path / "home" / "e4e_ffhq_encode.pt")
+    assert faces["license"].startswith("MIT")
+    assert rows["tiny/e4e/tiny-e4e"]["origin"] == str(registry.resolve())
+    assert rows["None/None/mine"]["origin"] == "user"
+    plain = rows["tiny/clipinverter/None"]
+    assert plain["status"] == "missing" and plain["note"] == "no released weights: train them"
+    assert plain["path"] == str(registry.parent / "trained" / "clipinverter.pt")
+    # table form
+    code, out, _ = run("models", "list", "--models", str(registry))
+    assert code == 0 and "faces" in out and "tiny-e4e" in out and "missing" in out
+
+
+def test_download_verify_and_path(registry, tmp_path):
+    home = tmp_path / "home"
+    code, _, err = run("models", "download", "tiny-clip", "tiny-e4e", "-q",
+                       "--models", str(registry))
+    assert code == 0, err
+    assert (home / "tiny_e4e.pt").read_bytes() == PAYLOAD  # HTML mirror skipped, next URL used
+    assert (home / "tiny_clip.pt").read_bytes() == PAYLOAD
+    assert not (home / ".partial").exists()
+    code, out, _ = run("models", "list", "--json", "--models", str(registry))
+    row = _rows(out)["tiny/e4e/tiny-e4e"]
+    assert row["status"] == "present" and row["size"] == len(PAYLOAD)
+
+    code, out, _ = run("models", "verify", "--json", "--models", str(registry))
+    assert code == 0
+    checks = {c["name"]: c for c in json.loads(out)}
+    assert checks["tiny-clip"]["status"] == "ok"  # registry sha256
+    assert checks["tiny-e4e"]["status"] == "ok"  # recorded at first download
+    assert checks["e4e-ffhq-encode"]["status"] == "missing"
+
+    code, out, _ = run("models", "path", "tiny-e4e", "--models", str(registry))
+    assert code == 0 and out.strip() == str(home / "tiny_e4e.pt")
+    code, out, _ = run("models", "path", "tiny:clip", "--models", str(registry))
+    assert code == 0 and out.strip() == str(home / "tiny_clip.pt")
+
+    (home / "tiny_e4e.pt").write_bytes(PAYLOAD[::-1])  # same size, other bytes
+    code, _, err = run("models", "verify", "--models", str(registry))
+    assert code == 3 and "tiny-e4e" in err and "recorded at first download" in err
+
+
+def test_download_domain_reports_files_without_download(registry):
+    code, _, err = run("models", "download", "tiny", "-q", "--models", str(registry))
+    assert code == 3
+    assert "clipinverter" in err and "no released weights: train them" in err
+
+
+def test_download_failures_and_usage_errors(registry):
+    code, _, err = run("models", "download", "bad-hash", "-q", "--models", str(registry))
+    assert code == 3 and "sha256" in err
+    code, _, err = run("models", "download", "nope", "--models", str(registry))
+    assert code == 2 and "unknown domain or weights name 'nope'" in err
+    code, _, err = run("models", "path", "nope", "--models", str(registry))
+    assert code == 2
+
+
+def test_offline_download_and_missing_path_exit_3(registry, monkeypatch, tmp_path):
+    code, _, err = run("models", "download", "tiny-e4e", "--offline", "--models", str(registry))
+    assert code == 3 and "offline" in err and "page.pt" in err
+    assert "clipinvert models download tiny-e4e" in err
+    monkeypatch.setenv("CLIPINVERT_OFFLINE", "1")
+    code, _, err = run("models", "download", "tiny-e4e", "--models", str(registry))
+    assert code == 3 and "offline" in err
+    code, _, err = run("models", "path", "tiny-e4e", "--download", "--models", str(registry))
+    assert code == 3 and str(tmp_path / "home" / "tiny_e4e.pt") in err
+    monkeypatch.delenv("CLIPINVERT_OFFLINE")
+    code, _, err = run("models", "path", "faces:e4e")
+    assert code == 3 and "e4e_ffhq_encode.pt" in err and "drive.google.com" in err
+    code, _, err = run("models", "path", "tiny:clipinverter", "--models", str(registry))
+    assert code == 3 and "clipinverter.pt" in err
+
+
+def test_path_download_over_http(tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "w.pt").write_bytes(PAYLOAD)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(site))
+    handler.log_message = lambda *a: None  # type: ignore[attr-defined]
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        toml = tmp_path / "http.toml"
+        toml.write_text(f'[weights.web]\nfile = "web.pt"\nurls = '
+                        f'["http://127.0.0.1:{srv.server_address[1]}/w.pt"]\n', encoding="utf-8")
+        code, out, err = run("models", "path", "web", "--models", str(toml))
+        assert code == 3 and "--download" in err
+        code, out, err = run("models", "path", "web", "--download", "--models", str(toml))
+        assert code == 0, err
+        assert Path(out.strip()).read_bytes() == PAYLOAD
+        code, _, err = run("models", "download", "web", "--models", str(toml))
+        assert code == 0 and "present" in err
+    finally:
+        srv.shutdown()
+        srv.server_close()
