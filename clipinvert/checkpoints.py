@@ -17,15 +17,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
 
 from .errors import WeightsError
-from .nets import CLIPAdapter, Encoder4Editing, Generator, GeneratorConfig
+from .nets import CLIPAdapter, Encoder4Editing, Generator
 from .weights.cache import cached_state
 
 StateDict = dict[str, torch.Tensor]
+T = TypeVar("T", bound=nn.Module)
 
 
 def read_checkpoint(path: Path | str, what: str = "model", *, trust: bool = False) -> dict:
@@ -51,6 +53,27 @@ def _abbrev(keys: list[str], n: int = 3) -> str:
     return ", ".join(keys[:n]) + (", …" if len(keys) > n else "")
 
 
+def mismatch_summary(expected: Mapping[str, torch.Tensor],
+                     sd: Mapping[str, torch.Tensor]) -> str | None:
+    """What stops ``sd`` loading strictly where ``expected`` is wanted, as a short phrase.
+
+    ``load_state_dict`` dumps every key over many lines; users need counts and a few names.
+    ``None`` when the two fit.
+    """
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    wrong = [f"{k} {tuple(sd[k].shape)}≠{tuple(v.shape)}" for k, v in expected.items()
+             if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys ({_abbrev(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys ({_abbrev(unexpected)})")
+    if wrong:
+        parts.append(f"{len(wrong)} wrong shapes ({_abbrev(wrong, 2)})")
+    return "; ".join(parts) or None
+
+
 def load_strict(module: nn.Module, sd: Mapping[str, torch.Tensor], what: str, path: Path) -> None:
     """Strict load with a readable one-line diagnosis instead of PyTorch's multi-line dump.
 
@@ -62,31 +85,24 @@ def load_strict(module: nn.Module, sd: Mapping[str, torch.Tensor], what: str, pa
     for k, v in own.items():
         if k not in sd and k.endswith((".blur.kernel", ".upsample.kernel")):
             sd[k] = v
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    wrong = [f"{k} {tuple(sd[k].shape)}≠{tuple(v.shape)}" for k, v in own.items()
-             if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys ({_abbrev(missing)})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys ({_abbrev(unexpected)})")
-        if wrong:
-            parts.append(f"{len(wrong)} wrong shapes ({_abbrev(wrong, 2)})")
-        raise WeightsError(f"{what} weights {path} do not fit the released layout: "
-                           + "; ".join(parts))
+    problem = mismatch_summary(own, sd)
+    if problem:
+        raise WeightsError(f"{what} weights {path} do not fit the released layout: {problem}")
     module.load_state_dict(sd, strict=True)
 
 
-def build_generator(sd: Mapping[str, torch.Tensor], what: str, path: Path) -> Generator:
+def build_module(cls: type[T], sd: Mapping[str, torch.Tensor], what: str, path: Path) -> T:
+    """``cls.from_state_dict`` (sizes read off the keys), then a strict load; frozen, eval."""
     try:
-        cfg = GeneratorConfig.from_state_dict(sd)
+        module = cls.from_state_dict(sd)  # type: ignore[attr-defined]
     except (KeyError, ValueError) as exc:
-        raise WeightsError(f"{what} weights {path}: {exc}") from None
-    g = Generator(cfg)
-    load_strict(g, sd, what, path)
-    return g.eval().requires_grad_(False)
+        raise WeightsError(f"{what} weights {path}: {exc.args[0]}") from None
+    load_strict(module, sd, what, path)
+    return module.eval().requires_grad_(False)
+
+
+def build_generator(sd: Mapping[str, torch.Tensor], what: str, path: Path) -> Generator:
+    return build_module(Generator, sd, what, path)
 
 
 def _latent_avg(value: object, n_latent: int, style_dim: int, path: Path) -> torch.Tensor:
@@ -122,14 +138,10 @@ def load_e4e(path: Path | str, *, trust: bool = False) -> E4EWeights:
         raise WeightsError(
             f"e4e weights {path} hold no encoder.* keys (found {describe_layout(sd)})"
             " — is this a CLIPInverter or StyleGAN2 file?")
-    try:
-        encoder = Encoder4Editing.from_state_dict(enc_sd)
-    except KeyError as exc:
-        raise WeightsError(f"e4e weights {path}: {exc.args[0]}") from None
-    load_strict(encoder, enc_sd, "e4e", path)
+    encoder = build_module(Encoder4Editing, enc_sd, "e4e", path)
     opts = ckpt.get("opts") if isinstance(ckpt.get("opts"), dict) else {}
     latent_avg = _latent_avg(ckpt.get("latent_avg"), encoder.n_styles, encoder.style_dim, path)
-    return E4EWeights(encoder.eval().requires_grad_(False), latent_avg,
+    return E4EWeights(encoder, latent_avg,
                       sub_state_dict(sd, "decoder."), opts or {})
 
 
@@ -155,17 +167,13 @@ def load_clipinverter(path: Path | str, *, trust: bool = False) -> CLIPInverterW
         hint = " — this looks like an e4e file" if any(k.startswith("encoder.") for k in sd) else ""
         raise WeightsError(f"CLIPInverter weights {path} hold no adapter.* (or mapper.*) keys "
                            f"(found {describe_layout(sd)}){hint}")
-    try:
-        adapter = CLIPAdapter.from_state_dict(adapter_sd)
-    except KeyError as exc:
-        raise WeightsError(f"CLIPInverter weights {path}: {exc.args[0]}") from None
-    load_strict(adapter, adapter_sd, "CLIPInverter adapter", path)
+    adapter = build_module(CLIPAdapter, adapter_sd, "CLIPInverter adapter", path)
     dec_sd = sub_state_dict(sd, "decoder.")
     if not dec_sd:
         raise WeightsError(f"CLIPInverter weights {path} hold no decoder.* keys")
     decoder = build_generator(dec_sd, "CLIPInverter decoder", path)
     opts = ckpt.get("opts") if isinstance(ckpt.get("opts"), dict) else {}
-    return CLIPInverterWeights(adapter.eval().requires_grad_(False), decoder, opts or {})
+    return CLIPInverterWeights(adapter, decoder, opts or {})
 
 
 def load_stylegan2(path: Path | str, *, trust: bool = False) -> tuple[Generator, torch.Tensor]:

@@ -30,6 +30,7 @@ import open_clip
 import torch
 from PIL import Image
 
+from clipinvert.checkpoints import mismatch_summary
 from clipinvert.errors import InputError, WeightsError
 
 DEFAULT_ARCH = "ViT-B-32-quickgelu"
@@ -280,27 +281,14 @@ def check_state_dict_fits(
     ``load_state_dict`` reports mismatches as a multi-line dump of every key; users need the
     counts, a few names, and a hint when the file is not CLIP at all (e.g. an e4e checkpoint).
     """
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    wrong = [
-        f"{k}: file {tuple(v.shape)} vs model {expected[k]}"
-        for k, v in state_dict.items()
-        if k in expected and tuple(v.shape) != expected[k]
-    ]
-    if not (missing or unexpected or wrong):
+    expected = model.state_dict()
+    problem = mismatch_summary(expected, state_dict)
+    if problem is None:
         return
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} missing keys ({_few(missing)})")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected ({_few(unexpected)})")
-    if wrong:
-        parts.append(f"{len(wrong)} wrong shapes ({_few(wrong)})")
     hint = ""
-    if len(missing) == len(expected):
+    if not any(k in state_dict for k in expected):
         hint = " — this does not look like a CLIP checkpoint"
-    raise WeightsError(f"CLIP weights {path} do not fit {arch}: {', '.join(parts)}{hint}")
+    raise WeightsError(f"CLIP weights {path} do not fit {arch}: {problem}{hint}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -463,8 +451,3 @@ def _one_line(err: BaseException) -> str:
     """First line of an exception, trimmed: torch errors run to paragraphs of advice."""
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return text if len(text) <= 160 else text[:157] + "..."
-
-
-def _few(items: Sequence[str], n: int = 3) -> str:
-    shown = ", ".join(items[:n])
-    return shown + (", …" if len(items) > n else "")

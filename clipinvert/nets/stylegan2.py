@@ -259,6 +259,11 @@ class Generator(nn.Module):
             self.lambdas = nn.ParameterList(
                 [nn.Parameter(torch.tensor(0.05)) for _ in range(cfg.num_remap)])
 
+    @classmethod
+    def from_state_dict(cls, sd: Mapping[str, torch.Tensor]) -> Generator:
+        """A generator shaped like the one that saved ``sd`` (weights not loaded)."""
+        return cls(GeneratorConfig.from_state_dict(sd))
+
     @property
     def has_remapper(self) -> bool:
         return self.config.text_dim is not None
