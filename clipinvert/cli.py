@@ -63,9 +63,14 @@ def _default_workers() -> int:
 
 
 def _editor(domain: str, models: Path | None, device: str, dtype: str, download: bool,
-            offline: bool, trust: bool):
+            offline: bool, trust: bool, seed: int = 0):
+    import torch
+
     from .pipeline import Editor
 
+    # Inference itself draws no random numbers (stored noise buffers); seeding keeps anything
+    # a future option might sample reproducible and is recorded in the report.
+    torch.manual_seed(seed)
     return Editor(domain, models=models, device=device, dtype=dtype, download=download,
                   offline=offline or None, trust_checkpoint=trust)
 
@@ -98,7 +103,7 @@ def _run_options(output: Path, batch_size: int, overwrite: bool, quiet: bool, wo
     prep = _prepare(editor.registry, editor.domain, aligned=aligned, all_faces=all_faces,
                     size=editor.input_size, paste_back=paste_back)
     return RunOptions(output=output, batch_size=batch_size, overwrite=overwrite, quiet=quiet,
-                      workers=workers if prep.align else min(workers, 1), report=report,
+                      workers=workers, report=report,
                       prepare=prep)
 
 
@@ -164,7 +169,7 @@ def invert(
     """Reconstruct images with e4e: OUT/<stem>.png and the W+ latents OUT/<stem>.pt."""
     from .jobs import run_invert
 
-    ed = _editor(domain, models, device, dtype, download, offline, trust_checkpoint)
+    ed = _editor(domain, models, device, dtype, download, offline, trust_checkpoint, seed)
     opts = _run_options(output, batch_size, overwrite, quiet, workers, report, ed, aligned,
                         all_faces)
     params = {"input": str(input), "domain": domain, "batch_size": batch_size, "seed": seed}
@@ -212,7 +217,7 @@ def edit(
 
     texts = ([prompt] if prompt else []) + (read_prompts(prompts) if prompts else [])
     conds = conditions_from(texts, ref_image or [])
-    ed = _editor(domain, models, device, dtype, download, offline, trust_checkpoint)
+    ed = _editor(domain, models, device, dtype, download, offline, trust_checkpoint, seed)
     opts = _run_options(output, batch_size, overwrite, quiet, workers, report, ed, aligned,
                         all_faces, paste_back)
     params = {"input": str(input), "conditions": [c.label for c in conds], "domain": domain,
@@ -261,7 +266,7 @@ def interpolate(
     conds = conditions_from([prompt] if prompt else [], [ref_image] if ref_image else [])
     if len(conds) != 1:
         raise UsageError("interpolate takes one PROMPT or one --ref-image, not both")
-    ed = _editor(domain, models, device, dtype, download, offline, trust_checkpoint)
+    ed = _editor(domain, models, device, dtype, download, offline, trust_checkpoint, seed)
     opts = _run_options(output, batch_size, overwrite, quiet, workers, report, ed, aligned,
                         all_faces, paste_back)
     params = {"input": str(input), "condition": conds[0].label, "steps": steps,

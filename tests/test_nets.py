@@ -147,3 +147,14 @@ def test_equal_linear_and_mapping_scale() -> None:
     assert lin.scale == pytest.approx(0.01 / math.sqrt(64))
     z = torch.randn(4, 64)
     assert g.mapping(z).shape == (4, 64)
+
+
+def test_half_precision_modulated_conv_is_the_same_maths() -> None:
+    """The low-precision path pre-normalises styles and weights; demodulation must undo it."""
+    with seeded(0):
+        conv = ModulatedConv2d(8, 6, 3, 16, demodulate=True)
+        x, style = torch.randn(2, 8, 8, 8), torch.randn(2, 16) * 50
+    ref = conv(x, style)
+    out = conv.to(torch.bfloat16)(x.bfloat16(), style.bfloat16()).float()
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, atol=0.1, rtol=0.05)

@@ -146,6 +146,12 @@ class ModulatedConv2d(nn.Module):
         assert c == self.in_channel, f"expected {self.in_channel} channels, got {c}"
         s = self.modulation(style)  # (B, in)
         w = self.weight[0] * self.scale  # (out, in, k, k)
+        if self.demodulate and x.dtype in (torch.float16, torch.bfloat16):
+            # Demodulation makes the output invariant to the scale of s and w, so bring both
+            # to max-abs 1 first: x·s and the squared sums then cannot overflow in half
+            # precision.  (Exact maths; only done where rounding needs it.)
+            s = s / s.abs().amax(dim=1, keepdim=True).clamp_min(1e-8)
+            w = w / w.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-8)
         x = x * s.view(b, c, 1, 1)
         if self.upsample:
             out = F.conv_transpose2d(x, w.transpose(0, 1), stride=2)
