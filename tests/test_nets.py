@@ -120,25 +120,36 @@ def test_make_kernel_sums_to_one() -> None:
 
 @pytest.mark.parametrize("upsample", [False, True])
 @pytest.mark.parametrize("demodulate", [False, True])
-def test_modulated_conv_equals_per_sample_grouped_conv(upsample: bool, demodulate: bool) -> None:
-    """Activation modulation (ours) must equal the per-sample-weight formulation (released)."""
+def test_modulated_conv_equals_activation_modulation(upsample: bool, demodulate: bool) -> None:
+    """Per-sample weights + grouped conv (ours, as released) must equal the other formulation:
+    scale the input activations by the style, convolve once, scale the output by demod."""
     with seeded(0):
         conv = ModulatedConv2d(8, 6, 3, 16, demodulate=demodulate, upsample=upsample)
         x, style = torch.randn(3, 8, 8, 8), torch.randn(3, 16)
     out = conv(x, style)
-    b = x.shape[0]
-    s = conv.modulation(style)
-    w = conv.scale * conv.weight * s.view(b, 1, 8, 1, 1)  # (B,out,in,k,k)
-    if demodulate:
-        w = w * torch.rsqrt(w.pow(2).sum([2, 3, 4]) + 1e-8).view(b, 6, 1, 1, 1)
+    s = conv.modulation(style)  # (B, in)
+    w = conv.weight[0] * conv.scale  # (out, in, k, k)
+    xs = x * s[:, :, None, None]
     if upsample:
-        wt = w.transpose(1, 2).reshape(b * 8, 6, 3, 3)
-        ref = F.conv_transpose2d(x.reshape(1, b * 8, 8, 8), wt, stride=2, groups=b)
-        ref = conv.blur(ref.reshape(b, 6, *ref.shape[-2:]))
+        ref = conv.blur(F.conv_transpose2d(xs, w.transpose(0, 1), stride=2))
     else:
-        ref = F.conv2d(x.reshape(1, b * 8, 8, 8), w.reshape(b * 6, 8, 3, 3), padding=1, groups=b)
-        ref = ref.reshape(b, 6, 8, 8)
+        ref = F.conv2d(xs, w, padding=1)
+    if demodulate:
+        demod = torch.rsqrt((s[:, None, :, None, None] * w[None]).pow(2).sum([2, 3, 4]) + 1e-8)
+        ref = ref * demod[:, :, None, None]
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_styled_conv_is_conv_noise_bias_activation() -> None:
+    from clipinvert.nets.stylegan2 import StyledConv
+
+    with seeded(1):
+        layer = StyledConv(8, 6, 3, 16)
+        layer.noise.weight.data.fill_(0.3)
+        layer.activate.bias.data.normal_()
+        x, style, noise = torch.randn(2, 8, 8, 8), torch.randn(2, 16), torch.randn(1, 1, 8, 8)
+    ref = layer.activate(layer.noise(layer.conv(x, style), noise))
+    torch.testing.assert_close(layer(x, style, noise), ref)
 
 
 def test_equal_linear_and_mapping_scale() -> None:
