@@ -1,0 +1,491 @@
+"""Baseline throughput of a clipinvert edit, stage by stage, with random full-size weights.
+
+Why this exists: later work (a safetensors weight cache, batching, lower precision, compiled
+kernels) must be judged against a figure measured the same way on the same machine.  This script
+is that figure.  It writes random-weight checkpoints in the *released* layouts (so the real
+loaders and the real architectures run, at the real cost), builds an :class:`Editor` over them
+with :meth:`Editor.from_files`, and times every stage of an edit separately and end to end:
+
+=========  ================================================================================
+decode     ``load_image`` of B JPEG files + ``to_tensor`` at the encoder's 256 px
+encode     ``Editor.encode``: IR-SE50 body + e4e style heads (+ latent_avg)
+adapter    ``Editor.residual``: CLIPAdapter + the e4e FPN/style heads (Δ)
+generator  ``Editor.decode(ŵ, t)``: StyleGAN2 with the CLIPRemapper
+save       ``to_pil`` + ``save_image`` of B PNGs
+edit       all of the above end to end (text embedding cached, as in a batch run)
+=========  ================================================================================
+
+plus one-off costs: the first-use load of each weight file and one uncached text embedding.
+Random weights give the same cost as trained ones (same shapes, same kernels); the pictures
+are meaningless, which does not matter here.
+
+Examples::
+
+    python benchmarks/bench_edit.py                         # auto device, B=1,8, 1024 px
+    python benchmarks/bench_edit.py --device cpu --json cpu.json
+    python benchmarks/bench_edit.py --quick                 # 256 px, B=1,2: a CI smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+from PIL import Image
+
+from clipinvert import imaging
+from clipinvert.checkpoints import read_checkpoint
+from clipinvert.clip_encoder import load_clip_state_dict
+from clipinvert.errors import ClipInvertError
+from clipinvert.nets import GeneratorConfig
+from clipinvert.pipeline import DTYPES, RESIDUAL_SCALE, Editor, resolve_device, resolve_dtype
+from clipinvert.testing.clip import write_random_clip
+from clipinvert.testing.models import write_clipinverter, write_e4e
+
+T = TypeVar("T")
+
+# A built-in open_clip name, not OpenAI's "ViT-B/32": the released models need QuickGELU, and a
+# built-in name is what ClipEncoder resolves without a config file.
+CLIP_ARCH = "ViT-B-32-quickgelu"
+PROMPT = "a face with wavy blond hair"
+STAGES = ("decode", "encode", "adapter", "generator", "save")
+WHOLE = "edit"
+DEFAULT_WORKDIR = Path(tempfile.gettempdir()) / "clipinvert-bench"
+# Full-run and --quick defaults; an option given explicitly always wins over either.
+DEFAULTS = {"size": 1024, "batch_sizes": (1, 8), "repeats": 2}
+QUICK = {"size": 256, "batch_sizes": (1, 2), "repeats": 1}
+
+
+# --------------------------------------------------------------------------------------------
+# Measuring
+# --------------------------------------------------------------------------------------------
+
+
+class Clock:
+    """Wall-clock timing that waits for queued CUDA work, so a stage is charged its own kernels
+    rather than the next stage's (CUDA launches return before the work is done)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def time(self, fn: Callable[[], T]) -> tuple[float, T]:
+        self.sync()
+        start = time.perf_counter()
+        out = fn()
+        self.sync()
+        return time.perf_counter() - start, out
+
+
+class PeakMemory:
+    """Peak memory of one stage: CUDA bytes allocated, or the process's peak RSS on the CPU.
+
+    ``ru_maxrss`` alone is a lifetime high-water mark and would charge every stage with the
+    biggest earlier one, so on Linux the RSS peak (VmHWM) is reset per stage through
+    ``/proc/self/clear_refs``; where that is impossible the lifetime figure is reported and
+    :attr:`label` says so.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.resettable = self.cuda or self._clear_refs()
+        if self.cuda:
+            self.label = "peak CUDA MiB"
+        else:
+            self.label = "peak RSS MiB" if self.resettable else "max RSS MiB (lifetime)"
+
+    @staticmethod
+    def _clear_refs() -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+                fh.write("5")  # 5 = reset the peak RSS to the current RSS (Linux >= 4.0)
+            return Path("/proc/self/status").is_file()
+        except OSError:
+            return False
+
+    def reset(self) -> None:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.resettable:
+            self._clear_refs()
+
+    def read_mib(self) -> float:
+        if self.cuda:
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        if self.resettable:
+            for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes vs kB
+
+
+@dataclass
+class StageResult:
+    """Timings of one stage at one batch size; the median resists a stray slow repeat."""
+
+    batch: int
+    times_s: list[float]
+    peak_mib: float
+    median_s: float = field(init=False)
+    images_per_s: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.median_s = statistics.median(self.times_s)
+        self.images_per_s = self.batch / self.median_s if self.median_s > 0 else float("inf")
+
+
+def measure(clock: Clock, memory: PeakMemory, batch: int, warmup: int, repeats: int,
+            fn: Callable[[], T]) -> tuple[StageResult, T]:
+    """Run ``fn`` ``warmup`` times untimed (allocator, lazy init, cuDNN autotune), then
+    ``repeats`` times timed; returns the timings and the last output for the next stage."""
+    memory.reset()
+    out = None
+    for _ in range(warmup):
+        out = fn()
+    clock.sync()
+    times = []
+    for _ in range(repeats):
+        seconds, out = clock.time(fn)
+        times.append(seconds)
+    return StageResult(batch, times, memory.read_mib()), out  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------------
+# Fixtures: random checkpoints and input photos
+# --------------------------------------------------------------------------------------------
+
+
+def _write_once(path: Path, write: Callable[[Path], Path]) -> bool:
+    """Write ``path`` unless it exists; through a temporary name so an interrupted run never
+    leaves a truncated checkpoint that the next run would reuse.  True if it was written."""
+    if path.is_file():
+        return False
+    tmp = path.with_name(path.name + ".partial")
+    written = write(tmp)
+    os.replace(written, path)
+    return True
+
+
+def write_checkpoints(workdir: Path, size: int) -> tuple[dict[str, Path], bool]:
+    """Seeded random e4e, CLIPInverter and CLIP files in the released layouts (reused when
+    present: the writers are deterministic, so an existing file is the same file)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    cfg = GeneratorConfig(size=size)  # full width: the real channel counts and style_dim 512
+    paths = {"e4e": workdir / f"e4e-{size}.pt", "clipinverter": workdir / f"clipinverter-{size}.pt",
+             "clip": workdir / f"clip-{CLIP_ARCH}.pt"}
+    wrote = _write_once(paths["e4e"], lambda p: write_e4e(p, cfg))
+    wrote |= _write_once(paths["clipinverter"], lambda p: write_clipinverter(p, cfg, text_dim=512))
+
+    def clip(tmp: Path) -> Path:
+        staging = tmp.with_suffix(".dir")
+        out = write_random_clip(staging, arch=CLIP_ARCH)
+        os.replace(out, tmp)
+        staging.rmdir()
+        return tmp
+
+    wrote |= _write_once(paths["clip"], clip)
+    return paths, wrote
+
+
+def write_photos(directory: Path, count: int, size: int = 1024) -> list[Path]:
+    """``count`` distinct 1024² JPEGs of skimage's astronaut portrait: realistic decode cost
+    (a real photo, not flat noise that compresses oddly) without any download."""
+    from skimage import data  # test dependency; imported here so --help works without it
+
+    directory.mkdir(parents=True, exist_ok=True)
+    base = Image.fromarray(data.astronaut()).resize((size, size), Image.Resampling.LANCZOS)
+    arr = np.asarray(base)
+    paths = []
+    for i in range(count):
+        path = directory / f"face-{size}-{i}.jpg"
+        if not path.is_file():
+            shifted = np.roll(arr, shift=7 * i, axis=1)  # different bytes, same content class
+            imaging.save_image(Image.fromarray(shifted), path)
+        paths.append(path)
+    return paths
+
+
+# --------------------------------------------------------------------------------------------
+# The benchmark
+# --------------------------------------------------------------------------------------------
+
+
+def file_mib(path: Path) -> float:
+    return path.stat().st_size / 2**20
+
+
+def time_loads(editor: Editor, paths: dict[str, Path], clock: Clock) -> dict[str, dict[str, float]]:
+    """First-use load of each weight file (read + build + move to device) and, separately, a
+    bare re-read of the same file right after (warm page cache; ``torch.load`` only).
+
+    The gap between the two is module construction, random init included, and the copy into
+    it: a weight cache that only reads faster would not close it.
+    """
+    first_use: dict[str, Callable[[], Any]] = {
+        "e4e": lambda: editor.e4e,            # must come first: the inverter checks against it
+        "clipinverter": lambda: editor.inverter,
+        "clip": lambda: editor.clip,
+    }
+    read: dict[str, Callable[[], Any]] = {
+        "e4e": lambda: read_checkpoint(paths["e4e"], "e4e"),
+        "clipinverter": lambda: read_checkpoint(paths["clipinverter"], "CLIPInverter"),
+        "clip": lambda: load_clip_state_dict(paths["clip"]),
+    }
+    out = {}
+    for role, fn in first_use.items():
+        load_s, _ = clock.time(fn)
+        read_s, obj = clock.time(read[role])
+        del obj
+        out[role] = {"file_mib": file_mib(paths[role]), "load_s": load_s, "read_s": read_s}
+    return out
+
+
+def time_text(editor: Editor, clock: Clock, repeats: int) -> list[float]:
+    """One uncached prompt per call (fresh text each time, so the cache never answers)."""
+    editor.embed_text([f"{PROMPT} (warm-up)"])
+    times = []
+    for i in range(repeats):
+        seconds, _ = clock.time(lambda i=i: editor.embed_text([f"{PROMPT} ({i})"]))
+        times.append(seconds)
+    return times
+
+
+def run_batch(editor: Editor, photos: Sequence[Path], out_dir: Path, batch: int, clock: Clock,
+              memory: PeakMemory, warmup: int, repeats: int) -> dict[str, StageResult]:
+    """Every stage at one batch size, each fed the previous stage's real output."""
+    files = list(photos[:batch])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    outputs = [out_dir / f"b{batch}-{i}.png" for i in range(batch)]
+    editor.embed_text([PROMPT])  # cached from here on, as in a batch run over many photos
+    res: dict[str, StageResult] = {}
+
+    def decode() -> torch.Tensor:
+        return imaging.to_tensor([imaging.load_image(p) for p in files], editor.input_size)
+
+    def save(images: torch.Tensor) -> None:
+        for image, path in zip(imaging.to_pil(images), outputs, strict=True):
+            imaging.save_image(image, path)
+
+    def stage(fn: Callable[[], T]) -> tuple[StageResult, T]:
+        return measure(clock, memory, batch, warmup, repeats, fn)
+
+    # Inputs are bound as default arguments so that the ``del`` below really frees them.
+    res["decode"], x = stage(decode)
+    res["encode"], enc = stage(lambda x=x: editor.encode(x))
+    t = editor.embed_text([PROMPT] * batch)
+    res["adapter"], delta = stage(lambda enc=enc: editor.residual(enc, t))
+    w_hat = enc.w + RESIDUAL_SCALE * delta
+    res["generator"], images = stage(lambda w=w_hat: editor.decode(w, t))
+    res["save"], _ = stage(lambda im=images: save(im))
+    del x, enc, delta, w_hat, images  # keep them out of the whole edit's memory peak
+
+    def whole() -> None:
+        save(editor.edit(decode(), PROMPT).images)
+
+    res[WHOLE], _ = stage(whole)
+    return res
+
+
+# --------------------------------------------------------------------------------------------
+# Reporting
+# --------------------------------------------------------------------------------------------
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Plain aligned text (first column left, figures right): pastes cleanly into issues."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
+
+    return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)])
+
+
+def report(meta: dict[str, Any], loads: dict[str, dict[str, float]], text_s: list[float],
+           results: dict[int, dict[str, StageResult]], memory_label: str) -> str:
+    parts = [
+        f"clipinvert edit benchmark: device {meta['device']} ({meta['device_name']}), "
+        f"dtype {meta['dtype']}, torch {meta['torch']}, {meta['cpu_count']} CPUs "
+        f"({meta['threads']} torch threads), generator {meta['size']} px, "
+        f"{meta['warmup']} warm-up + {meta['repeats']} timed repeat(s), median; "
+        f"load average at start {meta['loadavg_1min']}",
+        "",
+        format_table(
+            ["weights (first use)", "file MiB", "load s", "re-read s (warm)"],
+            [[role, f"{d['file_mib']:.0f}", f"{d['load_s']:.2f}", f"{d['read_s']:.2f}"]
+             for role, d in loads.items()]),
+        "",
+        f"text embedding, 1 prompt uncached: {statistics.median(text_s):.3f} s",
+        "",
+    ]
+    header = ["stage"]
+    for b in results:
+        header += [f"B={b} s/batch", f"B={b} img/s", f"B={b} {memory_label}"]
+    rows = []
+    for stage in (*STAGES, "sum of stages", WHOLE):
+        row = [f"{stage} (whole)" if stage == WHOLE else stage]
+        for b, res in results.items():
+            if stage == "sum of stages":
+                s = sum(res[k].median_s for k in STAGES)
+                row += [f"{s:.3f}", f"{b / s:.3g}", ""]
+            else:
+                r = res[stage]
+                row += [f"{r.median_s:.3f}", f"{r.images_per_s:.3g}", f"{r.peak_mib:.0f}"]
+        rows.append(row)
+    parts.append(format_table(header, rows))
+    return "\n".join(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+
+def parse_batch_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        msg = f"not a comma-separated list of integers: {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be positive integers: {text!r}")
+    return sizes
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Time each stage of a clipinvert edit (random weights, released layouts) "
+                    "and print images/s per stage and batch size.",
+)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES),
+                   help="weights/activations dtype; float16 is CUDA only (default: float32)")
+    p.add_argument("--batch-sizes", type=parse_batch_sizes, default=None,
+                   help="comma-separated batch sizes (default: 1,8; 1,2 with --quick)")
+    p.add_argument("--size", type=int, choices=(256, 512, 1024), default=None,
+                   help="generator resolution (default: 1024; 256 with --quick)")
+    p.add_argument("--repeats", type=positive_int, default=None,
+                   help="timed repeats per stage after the warm-up (default: 2; 1 with --quick)")
+    p.add_argument("--warmup", type=count, default=1,
+                   help="untimed runs before each stage (default: 1)")
+    p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
+                   help="random checkpoints, photos and outputs; existing files are reused "
+                        f"(default: {DEFAULT_WORKDIR})")
+    p.add_argument("--json", type=Path, default=None,
+                   help="also write the figures as JSON to this file")
+    p.add_argument("--quick", action="store_true",
+                   help="size 256, batch sizes 1,2, 1 repeat: a smoke test for CI")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    preset = QUICK if args.quick else DEFAULTS
+    size = args.size or preset["size"]
+    batch_sizes = args.batch_sizes or preset["batch_sizes"]
+    repeats = args.repeats or preset["repeats"]
+    warmup: int = args.warmup
+    try:
+        device = resolve_device(args.device)
+        dtype = resolve_dtype(args.dtype, device)
+    except ClipInvertError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    # Another busy process skews every figure; recorded so a reader can discount a noisy run.
+    loadavg = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+    workdir: Path = args.workdir.expanduser().resolve()
+    t0 = time.perf_counter()
+    paths, wrote = write_checkpoints(workdir, size)
+    photos = write_photos(workdir / "photos", max(batch_sizes))
+    print(f"{'wrote' if wrote else 'reused'} random checkpoints in {workdir} "
+          f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+
+    clock = Clock(device)
+    memory = PeakMemory(device)
+    editor = Editor.from_files(e4e=paths["e4e"], clipinverter=paths["clipinverter"],
+                               clip=paths["clip"], clip_arch=CLIP_ARCH, device=device,
+                               dtype=dtype)
+    loads = time_loads(editor, paths, clock)
+    text_s = time_text(editor, clock, repeats)
+    results: dict[int, dict[str, StageResult]] = {}
+    for b in batch_sizes:
+        print(f"timing B={b} ...", file=sys.stderr)
+        results[b] = run_batch(editor, photos, workdir / "out", b, clock, memory, warmup,
+                               repeats)
+
+    meta = {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+        else cpu_name(),
+        "dtype": str(dtype).removeprefix("torch."),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "size": size,
+        "batch_sizes": list(batch_sizes),
+        "warmup": warmup,
+        "repeats": repeats,
+        "memory": memory.label,
+        "clip_arch": CLIP_ARCH,
+        "loadavg_1min": loadavg,
+    }
+    print(report(meta, loads, text_s, results, memory.label))
+    if args.json:
+        figures = {
+            "meta": meta,
+            "loads": loads,
+            "text_s": text_s,
+            "stages": {str(b): {k: vars(r) for k, r in res.items()} for b, res in results.items()},
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
