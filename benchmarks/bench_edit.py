@@ -47,8 +47,6 @@ import torch
 from PIL import Image
 
 from clipinvert import imaging
-from clipinvert.checkpoints import read_checkpoint
-from clipinvert.clip_encoder import load_clip_state_dict
 from clipinvert.errors import ClipInvertError
 from clipinvert.nets import GeneratorConfig
 from clipinvert.pipeline import DTYPES, RESIDUAL_SCALE, Editor, resolve_device, resolve_dtype
@@ -232,29 +230,46 @@ def file_mib(path: Path) -> float:
     return path.stat().st_size / 2**20
 
 
-def time_loads(editor: Editor, paths: dict[str, Path], clock: Clock) -> dict[str, dict[str, float]]:
-    """First-use load of each weight file (read + build + move to device) and, separately, a
-    bare re-read of the same file right after (warm page cache; ``torch.load`` only).
+LOAD_MODES = ("pickle", "convert", "cached")
 
-    The gap between the two is module construction, random init included, and the copy into
-    it: a weight cache that only reads faster would not close it.
+
+def time_loads(make_editor: Callable[[], Editor], paths: dict[str, Path],
+               clock: Clock) -> dict[str, dict[str, float]]:
+    """First-use load of each weight file (read + build + move to device), three ways, each
+    through a fresh :class:`Editor` and a fresh, private safetensors cache:
+
+    * ``pickle``: ``CLIPINVERT_NO_SAFETENSORS_CACHE=1`` — reading the released pickle every
+      time, what every load cost before the cache existed;
+    * ``convert``: the first load with the cache on (hash + read + write the safetensors copy);
+    * ``cached``: every later load (the memory-mapped copy, no pickle).
     """
-    first_use: dict[str, Callable[[], Any]] = {
-        "e4e": lambda: editor.e4e,            # must come first: the inverter checks against it
-        "clipinverter": lambda: editor.inverter,
-        "clip": lambda: editor.clip,
+    first_use: dict[str, Callable[[Editor], Any]] = {
+        "e4e": lambda ed: ed.e4e,            # must come first: the inverter checks against it
+        "clipinverter": lambda ed: ed.inverter,
+        "clip": lambda ed: ed.clip,
     }
-    read: dict[str, Callable[[], Any]] = {
-        "e4e": lambda: read_checkpoint(paths["e4e"], "e4e"),
-        "clipinverter": lambda: read_checkpoint(paths["clipinverter"], "CLIPInverter"),
-        "clip": lambda: load_clip_state_dict(paths["clip"]),
-    }
-    out = {}
-    for role, fn in first_use.items():
-        load_s, _ = clock.time(fn)
-        read_s, obj = clock.time(read[role])
-        del obj
-        out[role] = {"file_mib": file_mib(paths[role]), "load_s": load_s, "read_s": read_s}
+    out: dict[str, dict[str, float]] = {
+        role: {"file_mib": file_mib(paths[role])} for role in first_use}
+    saved = {k: os.environ.get(k) for k in ("CLIPINVERT_HOME", "CLIPINVERT_NO_SAFETENSORS_CACHE")}
+    with tempfile.TemporaryDirectory(prefix="clipinvert-bench-cache-") as cache:
+        os.environ["CLIPINVERT_HOME"] = cache
+        try:
+            for mode in LOAD_MODES:
+                if mode == "pickle":
+                    os.environ["CLIPINVERT_NO_SAFETENSORS_CACHE"] = "1"
+                else:
+                    os.environ.pop("CLIPINVERT_NO_SAFETENSORS_CACHE", None)
+                editor = make_editor()
+                for role, fn in first_use.items():
+                    out[role][f"{mode}_s"], _ = clock.time(
+                        lambda fn=fn, ed=editor: fn(ed))
+                del editor
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
     return out
 
 
@@ -340,8 +355,9 @@ def report(meta: dict[str, Any], loads: dict[str, dict[str, float]], text_s: lis
         f"load average at start {meta['loadavg_1min']}",
         "",
         format_table(
-            ["weights (first use)", "file MiB", "load s", "re-read s (warm)"],
-            [[role, f"{d['file_mib']:.0f}", f"{d['load_s']:.2f}", f"{d['read_s']:.2f}"]
+            ["weights (first use)", "file MiB", "pickle s", "first (convert) s",
+             "cached s"],
+            [[role, f"{d['file_mib']:.0f}", *(f"{d[m + '_s']:.2f}" for m in LOAD_MODES)]
              for role, d in loads.items()]),
         "",
         f"text embedding, 1 prompt uncached: {statistics.median(text_s):.3f} s",
@@ -446,10 +462,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     clock = Clock(device)
     memory = PeakMemory(device)
-    editor = Editor.from_files(e4e=paths["e4e"], clipinverter=paths["clipinverter"],
-                               clip=paths["clip"], clip_arch=CLIP_ARCH, device=device,
-                               dtype=dtype)
-    loads = time_loads(editor, paths, clock)
+    def make_editor() -> Editor:
+        return Editor.from_files(e4e=paths["e4e"], clipinverter=paths["clipinverter"],
+                                 clip=paths["clip"], clip_arch=CLIP_ARCH, device=device,
+                                 dtype=dtype)
+
+    loads = time_loads(make_editor, paths, clock)
+    editor = make_editor()
     text_s = time_text(editor, clock, repeats)
     results: dict[int, dict[str, StageResult]] = {}
     for b in batch_sizes:

@@ -24,6 +24,7 @@ from torch import nn
 
 from .errors import WeightsError
 from .nets import CLIPAdapter, Encoder4Editing, Generator
+from .nets.stylegan2 import fir_buffer
 from .weights.cache import cached_state
 
 StateDict = dict[str, torch.Tensor]
@@ -74,30 +75,39 @@ def mismatch_summary(expected: Mapping[str, torch.Tensor],
     return "; ".join(parts) or None
 
 
-def load_strict(module: nn.Module, sd: Mapping[str, torch.Tensor], what: str, path: Path) -> None:
+def load_strict(module: nn.Module, sd: Mapping[str, torch.Tensor], what: str, path: Path, *,
+                assign: bool = False) -> None:
     """Strict load with a readable one-line diagnosis instead of PyTorch's multi-line dump.
 
     Constant FIR-kernel buffers (``*.blur.kernel``, ``*.upsample.kernel``) that some circulating
-    copies lack are recomputed, i.e. taken from the freshly built module.
+    copies lack are filled in.  ``assign`` hands the checkpoint's tensors to the module as they
+    are (no copy), for modules built on the ``meta`` device.
     """
     own = module.state_dict()
     sd = dict(sd)
-    for k, v in own.items():
+    for k in own:
         if k not in sd and k.endswith((".blur.kernel", ".upsample.kernel")):
-            sd[k] = v
+            sd[k] = fir_buffer()
     problem = mismatch_summary(own, sd)
     if problem:
         raise WeightsError(f"{what} weights {path} do not fit the released layout: {problem}")
-    module.load_state_dict(sd, strict=True)
+    module.load_state_dict(sd, strict=True, assign=assign)
 
 
 def build_module(cls: type[T], sd: Mapping[str, torch.Tensor], what: str, path: Path) -> T:
-    """``cls.from_state_dict`` (sizes read off the keys), then a strict load; frozen, eval."""
+    """``cls.from_state_dict`` (sizes read off the keys), then a strict load; frozen, eval.
+
+    The module is built on the ``meta`` device and the checkpoint's tensors are assigned to
+    it: no random initialisation that the weights would overwrite anyway, and no copy out of
+    a memory-mapped safetensors cache.  (Our networks have no non-persistent buffers, so
+    nothing is left on ``meta``.)
+    """
     try:
-        module = cls.from_state_dict(sd)  # type: ignore[attr-defined]
+        with torch.device("meta"):
+            module = cls.from_state_dict(sd)  # type: ignore[attr-defined]
     except (KeyError, ValueError) as exc:
         raise WeightsError(f"{what} weights {path}: {exc.args[0]}") from None
-    load_strict(module, sd, what, path)
+    load_strict(module, sd, what, path, assign=True)
     return module.eval().requires_grad_(False)
 
 

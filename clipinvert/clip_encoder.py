@@ -159,6 +159,15 @@ def _check_native(name: str, cfg: dict) -> None:
 
 
 def load_clip_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """CLIP weights as ``{key: tensor}``, from the safetensors cache after the first load
+    (OpenAI's archive costs a TorchScript load each time otherwise); see :func:`read_clip_file`.
+    """
+    from clipinvert.weights.cache import cached_state
+
+    return cached_state(Path(path), what="CLIP", loader=read_clip_file)
+
+
+def read_clip_file(path: Path) -> dict[str, torch.Tensor]:
     """Read CLIP weights in open_clip or OpenAI TorchScript layout as a plain ``{key: tensor}``.
 
     Every way a user's file can be wrong becomes a one-line :class:`WeightsError` that says what

@@ -22,6 +22,13 @@ from .ops import SQRT2, EqualLinear, FusedLeakyReLU, PixelNorm, make_kernel, upf
 BLUR_KERNEL = (1, 3, 3, 1)
 
 
+def fir_buffer() -> torch.Tensor:
+    """The value of every FIR-kernel buffer of the generator (``*.blur.kernel`` of upsampling
+    convs and ``to_rgbs.*.upsample.kernel``): [1,3,3,1] ⊗ [1,3,3,1] normalised, ×4 (factor²).
+    Some circulating checkpoints lack these constants; loaders fill them in from here."""
+    return make_kernel(BLUR_KERNEL) * 4
+
+
 def default_channels(size: int, channel_multiplier: int = 2) -> dict[int, int]:
     """rosinality's channel table: 512 up to 32×32, then halving with the multiplier."""
     cm = channel_multiplier

@@ -34,6 +34,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -197,7 +198,8 @@ def cached_path(path: Path | str) -> Path | None:
 
 
 def cached_state(path: Path | str, *, trust: bool = False, what: str = "model",
-                 min_bytes: int = MIN_BYTES) -> dict:
+                 min_bytes: int = MIN_BYTES,
+                 loader: Callable[[Path], dict] | None = None) -> dict:
     """Load a checkpoint dict, from its safetensors copy when there is one.
 
     Miss: hash the source once; if a copy of that content exists, use it; otherwise load the
@@ -206,11 +208,15 @@ def cached_state(path: Path | str, *, trust: bool = False, what: str = "model",
     that needs ``--trust-checkpoint`` keeps needing it.  Files below ``min_bytes``, and every
     file when ``$CLIPINVERT_NO_SAFETENSORS_CACHE=1``, bypass the cache.  Any cache trouble
     (unwritable folder, a damaged copy) falls back to the source: the cache is never a reason
-    for a load to fail.
+    for a load to fail.  ``loader`` replaces the plain checkpoint reader for files in other
+    formats (e.g. CLIP's TorchScript archives): what it returns is what gets cached.
     """
     path = Path(path)
+    if loader is None:
+        def loader(p: Path) -> dict:
+            return load_checkpoint(p, trust=trust, what=what)
     if not path.is_file() or not _enabled(min_bytes, path.stat().st_size):
-        return load_checkpoint(path, trust=trust, what=what)
+        return loader(path)
     root = cache_root()
     copy = cached_path(path)
     if copy is not None:
@@ -221,7 +227,7 @@ def cached_state(path: Path | str, *, trust: bool = False, what: str = "model",
         key = fast_key(path)
         sha = sha256_file(path)
     except OSError:
-        return load_checkpoint(path, trust=trust, what=what)
+        return loader(path)
     copy = root / f"{sha}.safetensors"
     if copy.is_file():
         with contextlib.suppress(Exception):
@@ -230,7 +236,7 @@ def cached_state(path: Path | str, *, trust: bool = False, what: str = "model",
                 _write_text_atomic(root / "keys" / key, sha)
             return obj
         copy.unlink(missing_ok=True)
-    obj = load_checkpoint(path, trust=trust, what=what)
+    obj = loader(path)
     if trust:
         return obj
     with contextlib.suppress(_Unsupported, OSError, RuntimeError, ValueError, TypeError):
