@@ -40,7 +40,7 @@ from rich.progress import (
 from rich.text import Text
 
 from . import __version__, imaging
-from .errors import ClipInvertError
+from .errors import ClipInvertError, UsageError
 
 REPORT_NAME = "clipinvert-report.json"
 
@@ -123,8 +123,11 @@ def prepared_stream(sources: Sequence[tuple[Path, Path]], opts: PrepareOptions, 
             yield prepare(src, rel, opts)
         return
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method))
+    try:
         yield from _ordered(pool, sources, opts, max(window, workers))
+    finally:  # on Ctrl-C or an early stop, drop queued inputs instead of finishing them
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _ordered(pool: Executor, sources: Sequence[tuple[Path, Path]], opts: PrepareOptions,
@@ -250,12 +253,12 @@ def run_folder(command: str, inputs: Path, opts: RunOptions, params: dict,
     """Drive one command over a file or folder.
 
     ``outputs_for(crop)`` lists the files a crop will produce (used to skip finished work);
-    ``process(crops, owners)`` runs the model on a batch and writes those files, calling
-    :func:`write_outputs`.  Any exception in a batch fails that batch's inputs, not the run.
+    ``process(crops, owners)`` runs the model on a batch, writes those files and returns them.
+    A batch that raises is retried one image at a time (a CUDA out-of-memory at batch 16 then
+    still finishes, and one image that breaks the model does not fail its batch-mates); what
+    still fails is reported per input.  Only weights/usage errors end the run.
     """
     if opts.batch_size < 1:
-        from .errors import UsageError
-
         raise UsageError("--batch-size must be at least 1")
     console = console or Console(stderr=True)
     report = Report(command, params, console, opts.quiet)
@@ -293,30 +296,39 @@ def run_folder(command: str, inputs: Path, opts: RunOptions, params: dict,
                 report.failed(owner.src, reason)
                 progress.advance(task)
 
-        def flush() -> None:
-            if not pending:
-                return
+        def run_batch(crops: list[Crop], batch_owners: list[Prepared]) -> None:
             try:
-                written = process(list(pending), list(owners))
+                written = process(crops, batch_owners)
             except ClipInvertError as exc:
                 if exc.exit_code != 1:
                     raise  # weights/usage problems end the run
-                for owner in owners:
-                    fail(owner, str(exc))
+                error: Exception = exc
             except Exception as exc:
                 if os.environ.get("CLIPINVERT_DEBUG"):
                     traceback.print_exc()
-                reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                for owner in owners:
-                    fail(owner, f"processing failed ({reason})")
+                error = exc
             else:
-                report.images_done += len(pending)
-                for owner, paths in zip(owners, written, strict=True):
+                report.images_done += len(crops)
+                for owner, paths in zip(batch_owners, written, strict=True):
                     owner.outputs.extend(paths)
                     owner.remaining -= 1
                     if owner.remaining == 0 and not owner.failed:
                         report.done(owner.src, owner.outputs)
                         progress.advance(task)
+                return
+            if len(crops) > 1:
+                _free_accelerator_memory()
+                for crop, owner in zip(crops, batch_owners, strict=True):
+                    run_batch([crop], [owner])
+                return
+            text = str(error).splitlines()[0] if str(error) else ""
+            reason = str(error) if isinstance(error, ClipInvertError) else \
+                f"processing failed ({type(error).__name__}: {text})"
+            fail(batch_owners[0], reason)
+
+        def flush() -> None:
+            if pending:
+                run_batch(list(pending), list(owners))
             pending.clear()
             owners.clear()
 
@@ -360,6 +372,14 @@ def run_folder(command: str, inputs: Path, opts: RunOptions, params: dict,
 # ---------------------------------------------------------------------------------------------
 # Naming
 # ---------------------------------------------------------------------------------------------
+def _free_accelerator_memory() -> None:
+    """Give cached CUDA blocks back before retrying a batch one image at a time."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def slugify(text: str, max_len: int = 60) -> str:
     """Readable folder name for a prompt: 'She has wavy hair!' → 'she-has-wavy-hair'."""
     slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
