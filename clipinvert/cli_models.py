@@ -22,7 +22,14 @@ from rich.markup import escape
 from rich.table import Table
 
 from .errors import UsageError, WeightsError
-from .registry import PACKAGED_REGISTRY, Registry, WeightEntry, cache_dir, user_registry
+from .registry import (
+    EDIT_ROLES,
+    PACKAGED_REGISTRY,
+    Registry,
+    WeightEntry,
+    cache_dir,
+    user_registry,
+)
 from .weights.download import (
     fetch,
     find_file,
@@ -143,14 +150,20 @@ def list_(models: ModelsOpt = None, as_json: JsonOpt = False) -> None:
         console.print(escape(f"{domain}: {text}"), highlight=False)
 
 
-def _select(reg: Registry, targets: Iterable[str]) -> tuple[list[WeightEntry], list[str]]:
-    """Weight entries for DOMAIN or NAME targets, and why any requested file has no download."""
+def _select(reg: Registry, targets: Iterable[str],
+            roles: Iterable[str] | None = None) -> tuple[list[WeightEntry], list[str]]:
+    """Weight entries for DOMAIN or NAME targets, and why any requested file has no download.
+
+    For a domain only ``roles`` are taken (all when None); a NAME is always taken.
+    """
     entries: dict[str, WeightEntry] = {}
     unavailable: list[str] = []
     for target in targets:
         if target in reg.domains:
             domain = reg.domains[target]
             for role in domain.weights:
+                if roles is not None and role not in roles:
+                    continue
                 places, entry = reg.candidates(domain, role)
                 if entry is not None:
                     entries.setdefault(entry.name, entry)
@@ -177,10 +190,14 @@ def download(
     offline: OfflineOpt = False,
     force: Annotated[bool, typer.Option(help="Download again even if present.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    all_roles: Annotated[bool, typer.Option(
+        "--all", help="For a domain, also the files only training/eval need (StyleGAN2, "
+        "ArcFace, MoCo); by default only what editing needs.")] = False,
 ) -> None:
     """Download the weight files of domains or named entries into the cache (verified)."""
     reg = Registry.load(models)
-    entries, unavailable = _select(reg, targets or [DEFAULT_DOMAIN])
+    entries, unavailable = _select(reg, targets or [DEFAULT_DOMAIN],
+                                   None if all_roles else EDIT_ROLES)
     err = _err()
     off = is_offline(offline)
     problems: list[tuple[str, str]] = []  # (what, one-line reason)

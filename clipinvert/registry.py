@@ -27,6 +27,8 @@ else:  # pragma: no cover - Python 3.10
 
 PACKAGED_REGISTRY = Path(__file__).with_name("models.toml")
 WEIGHT_ROLES = ("clip", "e4e", "clipinverter", "stylegan2", "arcface", "moco", "landmarks")
+# What align/invert/edit/interpolate need; the others serve training and evaluation.
+EDIT_ROLES = ("clip", "e4e", "clipinverter", "landmarks")
 ALIGN_METHODS = ("ffhq", "none")
 
 

@@ -207,3 +207,17 @@ def test_path_download_over_http(tmp_path):
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_domain_download_takes_only_what_editing_needs_unless_all(registry):
+    from clipinvert.cli_models import _select
+    from clipinvert.registry import EDIT_ROLES, Registry
+
+    reg = Registry.load(registry)
+    entries, _ = _select(reg, ["faces"], EDIT_ROLES)
+    assert {e.name for e in entries} == {"clip-vit-b-32-openai", "e4e-ffhq-encode",
+                                         "clipinverter-faces"}
+    entries, _ = _select(reg, ["faces"], None)
+    assert {"arcface-ir-se50", "stylegan2-ffhq-config-f"} <= {e.name for e in entries}
+    entries, _ = _select(reg, ["arcface-ir-se50"], EDIT_ROLES)  # a name is always taken
+    assert [e.name for e in entries] == ["arcface-ir-se50"]
