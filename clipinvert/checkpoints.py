@@ -136,23 +136,31 @@ class E4EWeights:
     opts: dict = field(default_factory=dict, repr=False)
 
 
-def load_e4e(path: Path | str, *, trust: bool = False) -> E4EWeights:
-    path = Path(path)
-    ckpt = read_checkpoint(path, "e4e", trust=trust)
+def _read_training_checkpoint(path: Path, what: str, trust: bool) -> tuple[dict, dict, dict]:
+    """The pSp/e4e-style layout both released files share: ``{'state_dict', 'opts', …}``.
+
+    Returns (checkpoint, state_dict, opts).
+    """
+    ckpt = read_checkpoint(path, what, trust=trust)
     sd = ckpt.get("state_dict")
     if not isinstance(sd, dict):
         raise WeightsError(
-            f"e4e weights {path} have no 'state_dict' (found {describe_layout(ckpt)})")
+            f"{what} weights {path} have no 'state_dict' (found {describe_layout(ckpt)})")
+    opts = ckpt.get("opts")
+    return ckpt, sd, opts if isinstance(opts, dict) else {}
+
+
+def load_e4e(path: Path | str, *, trust: bool = False) -> E4EWeights:
+    path = Path(path)
+    ckpt, sd, opts = _read_training_checkpoint(path, "e4e", trust)
     enc_sd = sub_state_dict(sd, "encoder.")
     if not enc_sd:
         raise WeightsError(
             f"e4e weights {path} hold no encoder.* keys (found {describe_layout(sd)})"
             " — is this a CLIPInverter or StyleGAN2 file?")
     encoder = build_module(Encoder4Editing, enc_sd, "e4e", path)
-    opts = ckpt.get("opts") if isinstance(ckpt.get("opts"), dict) else {}
     latent_avg = _latent_avg(ckpt.get("latent_avg"), encoder.n_styles, encoder.style_dim, path)
-    return E4EWeights(encoder, latent_avg,
-                      sub_state_dict(sd, "decoder."), opts or {})
+    return E4EWeights(encoder, latent_avg, sub_state_dict(sd, "decoder."), opts)
 
 
 @dataclass
@@ -167,11 +175,7 @@ ADAPTER_PREFIXES = ("adapter.", "mapper.")  # the older release called the adapt
 
 def load_clipinverter(path: Path | str, *, trust: bool = False) -> CLIPInverterWeights:
     path = Path(path)
-    ckpt = read_checkpoint(path, "CLIPInverter", trust=trust)
-    sd = ckpt.get("state_dict")
-    if not isinstance(sd, dict):
-        raise WeightsError(
-            f"CLIPInverter weights {path} have no 'state_dict' (found {describe_layout(ckpt)})")
+    _, sd, opts = _read_training_checkpoint(path, "CLIPInverter", trust)
     adapter_sd = next((s for p in ADAPTER_PREFIXES if (s := sub_state_dict(sd, p))), None)
     if not adapter_sd:
         hint = " — this looks like an e4e file" if any(k.startswith("encoder.") for k in sd) else ""
@@ -182,8 +186,7 @@ def load_clipinverter(path: Path | str, *, trust: bool = False) -> CLIPInverterW
     if not dec_sd:
         raise WeightsError(f"CLIPInverter weights {path} hold no decoder.* keys")
     decoder = build_generator(dec_sd, "CLIPInverter decoder", path)
-    opts = ckpt.get("opts") if isinstance(ckpt.get("opts"), dict) else {}
-    return CLIPInverterWeights(adapter, decoder, opts or {})
+    return CLIPInverterWeights(adapter, decoder, opts)
 
 
 def load_stylegan2(path: Path | str, *, trust: bool = False) -> tuple[Generator, torch.Tensor]:
