@@ -32,6 +32,7 @@ from PIL import Image
 
 from clipinvert.checkpoints import mismatch_summary
 from clipinvert.errors import InputError, WeightsError
+from clipinvert.weights.safety import looks_like_html
 
 DEFAULT_ARCH = "ViT-B-32-quickgelu"
 
@@ -187,7 +188,7 @@ def read_clip_file(path: Path) -> dict[str, torch.Tensor]:
         raise WeightsError(f"CLIP weights {path} cannot be read: {_one_line(err)}") from err
     if size == 0:
         raise WeightsError(f"CLIP weights {path} is empty (0 bytes); download it again")
-    if head.lstrip().startswith(b"<"):
+    if looks_like_html(head):
         raise WeightsError(
             f"CLIP weights {path} looks like an HTML page — the download hit a quota/permission "
             "page; download the file again"

@@ -288,11 +288,9 @@ class Editor:
         if alpha == 0:
             return Result(self.decode(enc.w), enc.w, embedding=t)
         w_hat = enc.w + (RESIDUAL_SCALE * alpha) * delta
-        remapped = None
         dec = self.inverter.decoder
-        if dec.has_remapper:
-            remapped = dec.remap(w_hat, t, mix=alpha)
-        return Result(self.decode(w_hat, t, mix=alpha), w_hat, remapped, t)
+        remapped = dec.remap(w_hat, t, mix=alpha) if dec.has_remapper else None
+        return Result(dec.synthesis(w_hat, remapped), w_hat, remapped, t)
 
     @torch.no_grad()
     def interpolate(self, images: ImagesIn | Encoded, condition: Condition, steps: int,

@@ -76,6 +76,14 @@ def test_two_faces_default_and_all_faces(two_faces: Path, tmp_path: Path) -> Non
     assert s0 >= s1
 
 
+def _alone(photo: Path, tmp_path: Path) -> Path:
+    """A folder holding just ``photo``, as an INPUT."""
+    folder = tmp_path / photo.stem
+    folder.mkdir()
+    shutil.copy(photo, folder)
+    return folder
+
+
 def _edit(args: list[str], models: Path) -> int:
     return main([*args, "--models", str(models), "--domain", "tinyfaces", "--device", "cpu",
                  "--workers", "0", "-q"])
@@ -83,9 +91,7 @@ def _edit(args: list[str], models: Path) -> int:
 
 def test_edit_aligns_automatically_and_pastes_back(photos: Path, faces_models: Path,
                                                    tmp_path: Path) -> None:
-    src = tmp_path / "in"
-    src.mkdir()
-    shutil.copy(photos / "astronaut.png", src)
+    src = _alone(photos / "astronaut.png", tmp_path)
     out = tmp_path / "pasted"
     assert _edit(["edit", str(src), "she has blond hair", "-o", str(out), "--paste-back"],
                  faces_models) == 0
@@ -113,9 +119,7 @@ def test_edit_aligns_automatically_and_pastes_back(photos: Path, faces_models: P
 
 def test_aligned_flag_skips_detection(photos: Path, faces_models: Path, tmp_path: Path) -> None:
     # the cat would fail detection; --aligned treats it as a ready crop
-    src = tmp_path / "cat"
-    src.mkdir()
-    shutil.copy(photos / "chelsea.jpg", src)
+    src = _alone(photos / "chelsea.jpg", tmp_path)
     assert _edit(["invert", str(src), "-o", str(tmp_path / "o"), "--aligned"], faces_models) == 0
     assert _edit(["invert", str(src), "-o", str(tmp_path / "o2")], faces_models) == 1
     assert _edit(["edit", str(src), "x", "-o", str(tmp_path / "o3"), "--aligned",
@@ -124,9 +128,7 @@ def test_aligned_flag_skips_detection(photos: Path, faces_models: Path, tmp_path
 
 def test_interpolate_paste_back_frames_are_full_photos(photos: Path, faces_models: Path,
                                                        tmp_path: Path) -> None:
-    src = tmp_path / "in"
-    src.mkdir()
-    shutil.copy(photos / "astronaut.png", src)
+    src = _alone(photos / "astronaut.png", tmp_path)
     out = tmp_path / "interp"
     assert _edit(["interpolate", str(src), "a beard", "--steps", "3", "-o", str(out),
                   "--paste-back"], faces_models) == 0

@@ -315,11 +315,20 @@ class Generator(nn.Module):
         """Decode W+ ``(B, n_latent, style_dim)`` or W ``(B, style_dim)`` to RGB ``(B,3,S,S)``."""
         if w.ndim == 2:
             w = w[:, None].expand(-1, self.n_latent, -1)
+        remapped = None
+        if text is not None and self.has_remapper:
+            remapped = self.remap(w, text, mix)
+        return self.synthesis(w, remapped)
+
+    def synthesis(self, w: torch.Tensor, remapped: torch.Tensor | None = None) -> torch.Tensor:
+        """Decode W+ with, optionally, already-remapped conv latents (``remap``'s output).
+
+        Split from :meth:`forward` so a caller that keeps the remapped latents computes them
+        once.
+        """
         assert w.shape[1:] == (self.n_latent, self.style_dim), (
             f"expected latents (B, {self.n_latent}, {self.style_dim}), got {tuple(w.shape)}")
-        conv_w = w[:, 1 : 1 + len(self.convs)]
-        if text is not None and self.has_remapper:
-            conv_w = self.remap(w, text, mix)
+        conv_w = w[:, 1 : 1 + len(self.convs)] if remapped is None else remapped
         noise = self.noise_buffers()
 
         out = self.conv1(self.input(w.shape[0]), w[:, 0], noise[0])
