@@ -19,11 +19,20 @@ plus one-off costs: the first-use load of each weight file and one uncached text
 Random weights give the same cost as trained ones (same shapes, same kernels); the pictures
 are meaningless, which does not matter here.
 
+Disk: everything the run writes (checkpoints, photos, outputs, and the safetensors copies the
+loaders make) stays in one work folder, a fresh temporary one unless ``--workdir`` names one,
+and ``CLIPINVERT_HOME`` points inside it before anything is loaded, so the user's weight cache
+(``~/.cache/clipinvert``) is never touched.  At the end the folder is deleted (of a
+``--workdir`` that already existed, only the entries this run added) unless ``--keep`` is given;
+keep a folder and pass it again as ``--workdir`` to reuse its checkpoints and cached copies
+(3.3 GB in all at 256 px, more at 1024 px).
+
 Examples::
 
     python benchmarks/bench_edit.py                         # auto device, B=1,8, 1024 px
     python benchmarks/bench_edit.py --device cpu --json cpu.json
     python benchmarks/bench_edit.py --quick                 # 256 px, B=1,2: a CI smoke test
+    python benchmarks/bench_edit.py --workdir ~/bench --keep   # reuse the files next time
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -61,7 +71,6 @@ CLIP_ARCH = "ViT-B-32-quickgelu"
 PROMPT = "a face with wavy blond hair"
 STAGES = ("decode", "encode", "adapter", "generator", "save")
 WHOLE = "edit"
-DEFAULT_WORKDIR = Path(tempfile.gettempdir()) / "clipinvert-bench"
 # Full-run and --quick defaults; an option given explicitly always wins over either.
 DEFAULTS = {"size": 1024, "batch_sizes": (1, 8), "repeats": 2}
 QUICK = {"size": 256, "batch_sizes": (1, 2), "repeats": 1}
@@ -234,9 +243,10 @@ LOAD_MODES = ("pickle", "convert", "cached")
 
 
 def time_loads(make_editor: Callable[[], Editor], paths: dict[str, Path],
-               clock: Clock) -> dict[str, dict[str, float]]:
+               clock: Clock, workdir: Path) -> dict[str, dict[str, float]]:
     """First-use load of each weight file (read + build + move to device), three ways, each
-    through a fresh :class:`Editor` and a fresh, private safetensors cache:
+    through a fresh :class:`Editor` and a fresh, private safetensors cache (a temporary folder
+    in ``workdir``, deleted afterwards):
 
     * ``pickle``: ``CLIPINVERT_NO_SAFETENSORS_CACHE=1`` — reading the released pickle every
       time, what every load cost before the cache existed;
@@ -251,7 +261,7 @@ def time_loads(make_editor: Callable[[], Editor], paths: dict[str, Path],
     out: dict[str, dict[str, float]] = {
         role: {"file_mib": file_mib(paths[role])} for role in first_use}
     saved = {k: os.environ.get(k) for k in ("CLIPINVERT_HOME", "CLIPINVERT_NO_SAFETENSORS_CACHE")}
-    with tempfile.TemporaryDirectory(prefix="clipinvert-bench-cache-") as cache:
+    with tempfile.TemporaryDirectory(prefix="load-cache-", dir=workdir) as cache:
         os.environ["CLIPINVERT_HOME"] = cache
         try:
             for mode in LOAD_MODES:
@@ -427,9 +437,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timed repeats per stage after the warm-up (default: 2; 1 with --quick)")
     p.add_argument("--warmup", type=count, default=1,
                    help="untimed runs before each stage (default: 1)")
-    p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
-                   help="random checkpoints, photos and outputs; existing files are reused "
-                        f"(default: {DEFAULT_WORKDIR})")
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="folder for everything the run writes: random checkpoints, photos, "
+                        "outputs and the safetensors cache ($CLIPINVERT_HOME is set inside it, "
+                        "so ~/.cache/clipinvert is never touched); existing checkpoints are "
+                        "reused (default: a fresh temporary folder)")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the work folder at the end; without it the folder is deleted, "
+                        "or, if --workdir already existed, everything this run added to it")
     p.add_argument("--json", type=Path, default=None,
                    help="also write the figures as JSON to this file")
     p.add_argument("--quick", action="store_true",
@@ -437,23 +452,73 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def open_workdir(given: Path | None) -> tuple[Path, set[str] | None]:
+    """The run's work folder, and the names already in it (None when this run made the folder,
+    so that all of it goes at the end)."""
+    if given is None:
+        return Path(tempfile.mkdtemp(prefix="clipinvert-bench-")), None
+    workdir = given.expanduser().resolve()
+    if not workdir.exists():
+        workdir.mkdir(parents=True)
+        return workdir, None
+    if not workdir.is_dir():
+        raise NotADirectoryError(f"--workdir is not a folder: {workdir}")
+    return workdir, {entry.name for entry in workdir.iterdir()}
+
+
+def clean_workdir(workdir: Path, before: set[str] | None) -> None:
+    """Delete what the run wrote: the whole folder if the run made it, else the new entries."""
+    if before is None:
+        shutil.rmtree(workdir, ignore_errors=True)
+        return
+    for entry in workdir.iterdir():
+        if entry.name in before:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        device = resolve_device(args.device)
+        dtype = resolve_dtype(args.dtype, device)
+        workdir, before = open_workdir(args.workdir)
+    except (ClipInvertError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    # Set before anything is loaded: the loaders' safetensors copies land in the work folder,
+    # never in the user's own cache.
+    saved_home = os.environ.get("CLIPINVERT_HOME")
+    os.environ["CLIPINVERT_HOME"] = str(workdir / "cache")
+    try:
+        benchmark(args, device, dtype, workdir)
+    finally:
+        if saved_home is None:
+            os.environ.pop("CLIPINVERT_HOME", None)
+        else:
+            os.environ["CLIPINVERT_HOME"] = saved_home
+        if args.keep:
+            print(f"kept the work folder {workdir}", file=sys.stderr)
+        else:
+            clean_workdir(workdir, before)
+    return 0
+
+
+def benchmark(args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
+              workdir: Path) -> None:
+    """The measured run; every file it writes goes under ``workdir``."""
     preset = QUICK if args.quick else DEFAULTS
     size = args.size or preset["size"]
     batch_sizes = args.batch_sizes or preset["batch_sizes"]
     repeats = args.repeats or preset["repeats"]
     warmup: int = args.warmup
-    try:
-        device = resolve_device(args.device)
-        dtype = resolve_dtype(args.dtype, device)
-    except ClipInvertError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
 
     # Another busy process skews every figure; recorded so a reader can discount a noisy run.
     loadavg = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
-    workdir: Path = args.workdir.expanduser().resolve()
     t0 = time.perf_counter()
     paths, wrote = write_checkpoints(workdir, size)
     photos = write_photos(workdir / "photos", max(batch_sizes))
@@ -467,7 +532,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  clip=paths["clip"], clip_arch=CLIP_ARCH, device=device,
                                  dtype=dtype)
 
-    loads = time_loads(make_editor, paths, clock)
+    loads = time_loads(make_editor, paths, clock, workdir)
     editor = make_editor()
     text_s = time_text(editor, clock, repeats)
     results: dict[int, dict[str, StageResult]] = {}
@@ -503,7 +568,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
-    return 0
 
 
 if __name__ == "__main__":

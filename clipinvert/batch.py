@@ -11,10 +11,10 @@ model, so a GPU is not left waiting for them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
-import re
 import sys
 import time
 import traceback
@@ -41,6 +41,12 @@ from rich.text import Text
 
 from . import __version__, imaging
 from .errors import ClipInvertError, UsageError
+from .manifest import Manifest, describe_difference, fingerprint, json_safe
+from .naming import Claims, check_output_folder, output_stems, slugify, unique_slugs
+from .workers import worker_init
+
+__all__ = ["Crop", "Prepared", "PrepareOptions", "Report", "RunOptions", "run_folder",
+           "slugify", "unique_slugs"]
 
 REPORT_NAME = "clipinvert-report.json"
 
@@ -123,7 +129,8 @@ def prepared_stream(sources: Sequence[tuple[Path, Path]], opts: PrepareOptions, 
             yield prepare(src, rel, opts)
         return
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method))
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
+                               initializer=worker_init)
     try:
         yield from _ordered(pool, sources, opts, max(window, workers))
     finally:  # on Ctrl-C or an early stop, drop queued inputs instead of finishing them
@@ -160,6 +167,14 @@ class Report:
         self.quiet = quiet
         self.images_done = 0
         self.meta: dict = {}
+        self.warnings: list[str] = []
+
+    def warn(self, line: str) -> None:
+        """A warning line on stderr (even with --quiet: it changes what the run does) that
+        the report keeps too."""
+        self.warnings.append(line)
+        self.console.print(f"[yellow]warning[/yellow] {line}", markup=True, highlight=False,
+                           soft_wrap=True)
 
     def _add(self, status: str, src: Path, **extra: object) -> None:
         self.records.append({"input": str(src), "status": status, **extra})
@@ -167,12 +182,13 @@ class Report:
     def done(self, src: Path, outputs: Iterable[Path], **extra: object) -> None:
         self._add("done", src, outputs=[str(p) for p in outputs], **extra)
 
-    def skipped(self, src: Path, outputs: Iterable[Path]) -> None:
+    def skipped(self, src: Path, outputs: Iterable[Path], **extra: object) -> None:
         self._add("skipped", src, outputs=[str(p) for p in outputs],
-                  reason="outputs exist (use --overwrite to redo)")
+                  reason="outputs exist, made with the same settings (--overwrite redoes them)",
+                  **extra)
 
-    def failed(self, src: Path, reason: str) -> None:
-        self._add("failed", src, reason=reason)
+    def failed(self, src: Path, reason: str, **extra: object) -> None:
+        self._add("failed", src, reason=reason, **extra)
         # One actionable line per bad input, even in quiet mode: scripts log stderr.
         self.console.print(f"[red]failed[/red] {src}: {reason}", markup=True, highlight=False,
                            soft_wrap=True)
@@ -193,11 +209,14 @@ class Report:
             "elapsed_s": round(elapsed, 3),
             "counts": {s: self.count(s) for s in ("done", "skipped", "failed")},
             "images_per_s": round(self.images_done / elapsed, 4) if elapsed > 0 else None,
+            "warnings": self.warnings,
             "inputs": self.records,
         }
 
     def write(self, path: Path) -> None:
-        text = json.dumps(self.to_dict(), indent=2, default=str)
+        # Strict JSON (no NaN/Infinity, which many parsers reject): non-finite numbers become
+        # their names.
+        text = json.dumps(json_safe(self.to_dict()), indent=2, default=str, allow_nan=False)
         imaging.atomic_write(path, lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))
 
     def summary(self) -> str:
@@ -249,11 +268,17 @@ ProcessBatch = Callable[[list[Crop], list[Prepared]], list[list[Path]]]
 
 def run_folder(command: str, inputs: Path, opts: RunOptions, params: dict,
                outputs_for: OutputsFor, process: ProcessBatch,
-               console: Console | None = None, meta: Callable[[], dict] | None = None) -> Report:
+               console: Console | None = None, meta: Callable[[], dict] | None = None,
+               settings: dict | None = None,
+               setup: Callable[[Report], None] | None = None) -> Report:
     """Drive one command over a file or folder.
 
     ``outputs_for(crop)`` lists the files a crop will produce (used to skip finished work);
     ``process(crops, owners)`` runs the model on a batch, writes those files and returns them.
+    ``settings`` is everything that decides the outputs' content (see :mod:`.manifest`): an
+    output is skipped only when it was made with the same settings, and a folder holding
+    outputs of other settings is refused (exit 2) unless ``overwrite``.  ``setup()`` (loading
+    the models) runs after every check that can refuse the run, so a refusal costs nothing.
     A batch that raises is retried one image at a time (a CUDA out-of-memory at batch 16 then
     still finishes, and one image that breaks the model does not fail its batch-mates); what
     still fails is reported per input.  Only weights/usage errors end the run.
@@ -262,22 +287,66 @@ def run_folder(command: str, inputs: Path, opts: RunOptions, params: dict,
         raise UsageError("--batch-size must be at least 1")
     console = console or Console(stderr=True)
     report = Report(command, params, console, opts.quiet)
-    sources = imaging.list_inputs(inputs)
+    out = opts.output
+    check_output_folder(out, inputs)
+    notes: list[str] = []
+    sources = imaging.list_inputs(inputs, exclude=[out], notes=notes)
+    for line in notes:
+        report.warn(line)
     if not sources:
         report.console.print(f"no image files found in {inputs}", highlight=False)
-    opts.output.mkdir(parents=True, exist_ok=True)
 
-    # Inputs whose every output exists need no decoding at all when not aligning (names are
-    # known up front); with alignment the face count is only known after detection.
+    prep = opts.prepare
+    settings = {"command": command, **(settings or {}),
+                "prepare": {"align": prep.align, "size": prep.size, "all_faces": prep.all_faces,
+                            "paste_back": prep.keep_original}}
+    fp = fingerprint(settings)
+    manifest = Manifest.load(out)
+    if not opts.overwrite and (conflicts := manifest.conflicts(fp)):
+        rel, other = conflicts[0]
+        diff = describe_difference(manifest.settings.get(other, {}), settings)
+        raise UsageError(f"{out} already holds {len(conflicts)} output(s) made with other "
+                         f"settings ({diff or 'other settings'}; e.g. {rel}): choose another -o "
+                         "or pass --overwrite to replace them")
+
+    def outs_of(stem: Path) -> list[Path]:
+        return outputs_for(Crop(stem, _PLACEHOLDER))
+
+    def foreign(paths: Iterable[Path]) -> list[Path]:
+        """Existing files this run would replace that were not made with these settings."""
+        return [p for p in paths if p.exists() and manifest.made_with(p) != fp]
+
+    # Names first, for every input (so renames do not depend on what is skipped), then what
+    # is already done.  Inputs whose every output exists need no decoding at all when not
+    # aligning (names are known up front); with alignment the face count is only known after
+    # detection, so those are checked as crops arrive.
+    stems, clash_lines = output_stems([rel for _, rel in sources])
+    for line in clash_lines:
+        report.warn(line)
+    claims = Claims(src for src, _ in sources)
+    renamed: dict[Path, str] = {}
     todo: list[tuple[Path, Path]] = []
-    for src, rel in sources:
-        stem = rel.with_suffix("")
-        if not opts.overwrite and not opts.prepare.align:
-            outs = outputs_for(Crop(stem, Image.new("RGB", (1, 1))))
-            if outs and all(p.exists() for p in outs):
-                report.skipped(src, outs)
+    blocking: list[Path] = []
+    for (src, rel), stem in zip(sources, stems, strict=True):
+        name, why = claims.claim(stem, str(src), outs_of)
+        if why is not None:
+            report.warn(f"{src}: output renamed to {name.as_posix()} ({why})")
+        if name != rel.with_suffix(""):
+            renamed[src] = name.as_posix()
+        if not opts.overwrite and not prep.align:
+            outs = outs_of(name)
+            if outs and all(p.exists() and manifest.made_with(p) == fp for p in outs):
+                report.skipped(src, outs, **_named(renamed, src))
                 continue
-        todo.append((src, stem))
+        if not opts.overwrite:
+            blocking += foreign(outs_of(name))
+        todo.append((src, name))
+    if blocking:
+        raise UsageError(f"{len(blocking)} output file(s) already exist that this command did "
+                         f"not make with these settings (e.g. {blocking[0]}): choose another -o "
+                         "or pass --overwrite to replace them")
+    if setup is not None and todo:
+        setup(report)
 
     pending: list[Crop] = []
     owners: list[Prepared] = []
@@ -293,10 +362,14 @@ def run_folder(command: str, inputs: Path, opts: RunOptions, params: dict,
         def fail(owner: Prepared, reason: str) -> None:
             if not owner.failed:
                 owner.failed = True
-                report.failed(owner.src, reason)
+                report.failed(owner.src, reason, **_named(renamed, owner.src))
                 progress.advance(task)
 
         def run_batch(crops: list[Crop], batch_owners: list[Prepared]) -> None:
+            # Recorded before writing: outputs appear whole or not at all, so an output that
+            # exists and is recorded was finished with these settings, whatever happens next.
+            manifest.begin(settings)
+            manifest.record([p for c in crops for p in outputs_for(c)], fp)
             try:
                 written = process(crops, batch_owners)
             except ClipInvertError as exc:
@@ -313,7 +386,7 @@ def run_folder(command: str, inputs: Path, opts: RunOptions, params: dict,
                     owner.outputs.extend(paths)
                     owner.remaining -= 1
                     if owner.remaining == 0 and not owner.failed:
-                        report.done(owner.src, owner.outputs)
+                        report.done(owner.src, owner.outputs, **_named(renamed, owner.src))
                         progress.advance(task)
                 return
             if len(crops) > 1:
@@ -337,15 +410,26 @@ def run_folder(command: str, inputs: Path, opts: RunOptions, params: dict,
                                         window=opts.batch_size * 2):
                 progress.advance(prep_task)
                 if item.error:
-                    report.failed(item.src, item.error)
+                    report.failed(item.src, item.error, **_named(renamed, item.src))
                     progress.advance(task)
                     continue
                 crops = item.crops
+                for crop in crops:  # face-suffixed names are only known now
+                    if crop.rel != item.rel:
+                        name, why = claims.claim(crop.rel, str(item.src), outs_of)
+                        if why is not None:
+                            report.warn(f"{item.src}: output renamed to {name.as_posix()} "
+                                        f"({why})")
+                        crop.rel = name
+                outs = [p for c in crops for p in outputs_for(c)]
                 if not opts.overwrite:
-                    outs = [p for c in crops for p in outputs_for(c)]
-                    if outs and all(p.exists() for p in outs):
-                        report.skipped(item.src, outs)
+                    if outs and all(p.exists() and manifest.made_with(p) == fp for p in outs):
+                        report.skipped(item.src, outs, **_named(renamed, item.src))
                         progress.advance(task)
+                        continue
+                    if taken := foreign(outs):
+                        fail(item, f"{taken[0]} exists and was not made with these settings "
+                                   "(choose another -o or pass --overwrite)")
                         continue
                 item.remaining = len(crops)
                 for crop in crops:
@@ -356,6 +440,9 @@ def run_folder(command: str, inputs: Path, opts: RunOptions, params: dict,
             flush()
         except KeyboardInterrupt:
             interrupted = True
+        finally:
+            with contextlib.suppress(OSError):
+                manifest.compact()
     if meta:
         report.meta.update(meta())
     if interrupted:
@@ -369,31 +456,20 @@ def run_folder(command: str, inputs: Path, opts: RunOptions, params: dict,
     return report
 
 
-# ---------------------------------------------------------------------------------------------
-# Naming
-# ---------------------------------------------------------------------------------------------
+_PLACEHOLDER = Image.new("RGB", (1, 1))  # stands for a crop when only its name matters
+
+
+def _named(renamed: dict[Path, str], src: Path) -> dict[str, str]:
+    """The ``output_name`` field of a record whose outputs do not use the input's own name."""
+    return {"output_name": renamed[src]} if src in renamed else {}
+
+
 def _free_accelerator_memory() -> None:
     """Give cached CUDA blocks back before retrying a batch one image at a time."""
     import torch
 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def slugify(text: str, max_len: int = 60) -> str:
-    """Readable folder name for a prompt: 'She has wavy hair!' → 'she-has-wavy-hair'."""
-    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-    return slug[:max_len].rstrip("-") or "prompt"
-
-
-def unique_slugs(texts: Sequence[str]) -> list[str]:
-    out: list[str] = []
-    for i, t in enumerate(texts):
-        s = slugify(t)
-        if s in out:
-            s = f"{s}-{i + 1}"
-        out.append(s)
-    return out
 
 
 def stderr_console() -> Console:

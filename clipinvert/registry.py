@@ -174,6 +174,34 @@ class Registry:
             return [(domain.base_dir / Path(ref).expanduser())], None
         return entry.places(), entry
 
+    def missing_message(self, domain: Domain, roles: list[str]) -> str:
+        """One line naming every missing file of ``roles`` and the one command that gets them."""
+        from .weights.download import is_offline
+
+        named, fixable, fetchable = [], [], False
+        for role in roles:
+            places, entry = self.candidates(domain, role)
+            if role not in domain.weights:
+                named.append(f"{role} (not named by the domain)")
+            elif entry is None:
+                named.append(f"{role} ({places[0]})")
+                fixable.append(role)
+            else:
+                named.append(f"{role} ({entry.file})")
+                fetchable = fetchable or bool(entry.urls)
+        msg = (f"{len(roles)} weight files of domain {domain.name!r} not found: "
+               f"{', '.join(named)}; looked in {cache_dir()}")
+        if fetchable:
+            cmd = f"`clipinvert models download {domain.name}`"
+            msg += (f"; offline mode is on: with network access run {cmd}"
+                    if is_offline(self.offline)
+                    else f"; get them all with {cmd} (or pass --download)")
+        if fixable:
+            msg += f"; fix the paths of {', '.join(fixable)} in {domain.source}"
+        if domain.note:
+            msg += f" ({domain.note})"
+        return msg
+
     def locate(self, domain: Domain, role: str) -> Path:
         """The file for ``role`` of ``domain``: explicit path → cache → (with consent) its URLs.
 

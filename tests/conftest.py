@@ -2,11 +2,16 @@
 
 Tests never download: open_clip is kept offline and the user's own config/cache folders are
 replaced by temporary ones so a developer's ~/.config/clipinvert cannot leak into results.
+That temporary folder (it also holds the loaders' safetensors copies, hundreds of MB) is
+removed when the test process exits; pytest's own tmp_path folders are kept only for failed
+tests (``tmp_path_retention_policy`` in pyproject.toml).
 """
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -17,6 +22,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 _ISOLATED = Path(tempfile.mkdtemp(prefix="clipinvert-tests-"))
 os.environ["XDG_CONFIG_HOME"] = str(_ISOLATED / "config")
 os.environ["CLIPINVERT_HOME"] = str(_ISOLATED / "cache")
+# open_clip's import makes torch create $TMPDIR/torchinductor_$USER; keep it in here too.
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(_ISOLATED / "torchinductor")
+# Registered before anything imports clipinvert, so it runs last at exit (atexit is LIFO), and
+# it also runs after a failed or interrupted session.
+atexit.register(shutil.rmtree, _ISOLATED, ignore_errors=True)
 os.environ.pop("CLIPINVERT_MODELS", None)
 
 

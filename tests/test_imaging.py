@@ -17,6 +17,7 @@ from clipinvert import imaging
 from clipinvert.errors import InputError, UsageError
 from clipinvert.imaging import (
     IMAGE_EXTENSIONS,
+    UNREADABLE_IMAGE_EXTENSIONS,
     atomic_write,
     list_inputs,
     load_image,
@@ -96,6 +97,174 @@ def test_list_inputs_missing_root_is_usage_error(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="nope") as info:
         list_inputs(missing)
     assert "\n" not in str(info.value)
+
+
+def _tree(root: Path, *rels: str) -> Path:
+    for rel in rels:
+        _write(root / rel, Image.new("RGB", (2, 2)), format="PNG")
+    return root
+
+
+def _rels(pairs: list[tuple[Path, Path]]) -> list[str]:
+    return [rel.as_posix() for _, rel in pairs]
+
+
+@pytest.mark.parametrize("how", ["absolute", "relative", "dot-relative", "symlink"])
+def test_list_inputs_excludes_output_folder_inside_input(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    photos = _tree(tmp_path / "photos", "a.png", "sub/b.png", "out/a.png", "out/sub/b.png")
+    monkeypatch.chdir(photos)
+    if how == "symlink":
+        (tmp_path / "out-link").symlink_to(photos / "out", target_is_directory=True)
+    given = {
+        "absolute": photos / "out",
+        "relative": Path("out"),
+        "dot-relative": Path("./sub/../out"),
+        "symlink": tmp_path / "out-link",
+    }[how]
+    notes: list[str] = []
+    got = list_inputs(Path("."), exclude=[given], notes=notes)
+    assert _rels(got) == ["a.png", "sub/b.png"]
+    assert notes == ["skipped out: excluded folder"]
+    for full, rel in got:
+        assert full.is_absolute() and full == photos / rel
+
+
+def test_list_inputs_exclude_reached_through_symlink_and_missing(tmp_path: Path) -> None:
+    photos = _tree(tmp_path / "photos", "a.png", "out/x.png")
+    (photos / "results").symlink_to(photos / "out", target_is_directory=True)
+    notes: list[str] = []
+    got = list_inputs(photos, exclude=[photos / "out", tmp_path / "does-not-exist"], notes=notes)
+    assert _rels(got) == ["a.png"]
+    assert notes == [f"skipped {photos / 'out'}: excluded folder",
+                     f"skipped {photos / 'results'}: excluded folder"]
+    # the root itself is never excluded: the caller decides what input == output means
+    assert _rels(list_inputs(photos / "out", exclude=[photos / "out"])) == ["x.png"]
+
+
+def test_list_inputs_symlink_loop_terminates_with_note(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _tree(tmp_path / "photos", "a.png", "trip/b.png")
+    (tmp_path / "photos" / "trip" / "loop").symlink_to("..", target_is_directory=True)
+    (tmp_path / "photos" / "self").symlink_to(".", target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    notes: list[str] = []
+    got = list_inputs(Path("photos"), notes=notes)
+    assert _rels(got) == ["a.png", "trip/b.png"]
+    assert notes == [
+        "skipped photos/self: symlink to a folder already walked (photos)",
+        "skipped photos/trip/loop: symlink to a folder already walked (photos)",
+    ]
+    assert list_inputs(Path("photos")) == got  # notes are optional
+
+
+def test_list_inputs_follows_symlinked_folder_elsewhere(tmp_path: Path) -> None:
+    elsewhere = _tree(tmp_path / "elsewhere", "x.png", "deep/y.jpg", ".hidden/z.png")
+    photos = _tree(tmp_path / "photos", "a.png")
+    (photos / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (photos / "zz-second-link").symlink_to(elsewhere, target_is_directory=True)
+    (photos / "x-deep").symlink_to(elsewhere / "deep", target_is_directory=True)
+    (photos / "face.png").symlink_to(elsewhere / "x.png")  # a linked file is an input too
+    notes: list[str] = []
+    got = list_inputs(photos, notes=notes)
+    assert _rels(got) == ["a.png", "face.png", "linked/deep/y.jpg", "linked/x.png"]
+    for full, rel in got:
+        assert full == photos / rel  # through the link name, not resolved
+        assert full.is_file()
+    # links are claimed in order of their path: "linked" walks elsewhere/ and its deep/
+    assert notes == [
+        f"skipped {photos / 'x-deep'}: symlink to a folder already walked "
+        f"({photos / 'linked' / 'deep'})",
+        f"skipped {photos / 'zz-second-link'}: symlink to a folder already walked "
+        f"({photos / 'linked'})",
+    ]
+
+
+def test_list_inputs_real_folder_wins_over_link_to_it(tmp_path: Path) -> None:
+    photos = _tree(tmp_path / "photos", "z/real/b.png")
+    (photos / "a-link").symlink_to(photos / "z" / "real", target_is_directory=True)
+    notes: list[str] = []
+    assert _rels(list_inputs(photos, notes=notes)) == ["z/real/b.png"]
+    assert notes == [f"skipped {photos / 'a-link'}: symlink to a folder already walked "
+                     f"({photos / 'z' / 'real'})"]
+
+
+def test_list_inputs_broken_symlinks_noted(tmp_path: Path) -> None:
+    photos = _tree(tmp_path / "photos", "a.png")
+    (photos / "gone.png").symlink_to(tmp_path / "missing.png")
+    (photos / "gone-dir").symlink_to(tmp_path / "missing", target_is_directory=True)
+    (photos / "ping").symlink_to(photos / "pong")
+    (photos / "pong").symlink_to(photos / "ping")
+    (photos / ".hidden-gone.png").symlink_to(tmp_path / "missing.png")
+    notes: list[str] = []
+    assert _rels(list_inputs(photos, notes=notes)) == ["a.png"]
+    assert notes[:2] == [f"skipped {photos / 'gone-dir'}: broken symlink (target missing)",
+                         f"skipped {photos / 'gone.png'}: broken symlink (target missing)"]
+    assert [n.split(":")[0] for n in notes[2:]] == [f"skipped {photos / 'ping'}",
+                                                    f"skipped {photos / 'pong'}"]
+    assert all("broken symlink (" in n and "\n" not in n for n in notes)
+
+
+def test_list_inputs_sorting_is_deterministic(tmp_path: Path) -> None:
+    elsewhere = _tree(tmp_path / "elsewhere", "m.png")
+    photos = _tree(tmp_path / "photos", "b.png", "a-b/c.png", "a/z.png", "a.b.png", "B.png")
+    (photos / "a" / "link").symlink_to(elsewhere, target_is_directory=True)
+    (photos / "raw.heic").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    expected = ["B.png", "a-b/c.png", "a.b.png", "a/link/m.png", "a/z.png", "b.png", "raw.heic"]
+    assert _rels(list_inputs(photos)) == expected  # plain code-point order of POSIX paths
+    assert _rels(list_inputs(photos)) == expected
+
+
+def test_unreadable_extensions() -> None:
+    for ext in (".heic", ".heif", ".jxl", ".jp2", ".psd", ".svg", ".raw", ".cr2", ".cr3",
+                ".nef", ".arw", ".dng", ".orf", ".rw2"):
+        assert ext in UNREADABLE_IMAGE_EXTENSIONS
+    assert not IMAGE_EXTENSIONS & UNREADABLE_IMAGE_EXTENSIONS
+    assert all(e.startswith(".") and e == e.lower() for e in UNREADABLE_IMAGE_EXTENSIONS)
+    Image.init()
+    avif = Image.EXTENSION.get(".avif") == "AVIF"  # registered only with libavif present
+    assert (".avif" in IMAGE_EXTENSIONS) is avif
+    assert (".avif" in UNREADABLE_IMAGE_EXTENSIONS) is not avif
+
+
+def test_unreadable_formats_listed_and_refused_clearly(tmp_path: Path) -> None:
+    photos = _tree(tmp_path / "photos", "a.png")
+    heic = photos / "IMG_0001.HEIC"
+    # An ISO-BMFF header as written by iPhones: PIL has no decoder for it.
+    heic.write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64))
+    (photos / "logo.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg"/>')
+    (photos / "DSC_1.NEF").write_bytes(b"II*\x00" + bytes(64))
+    (photos / "notes.txt").write_text("still not an input")
+    rels = _rels(list_inputs(photos))
+    assert rels == ["DSC_1.NEF", "IMG_0001.HEIC", "a.png", "logo.svg"]
+    assert _reason(heic) == "HEIC images cannot be read here — convert to PNG or JPEG"
+    assert _reason(photos / "logo.svg") == "SVG images cannot be read here — convert to PNG or JPEG"
+    assert _reason(photos / "DSC_1.NEF") == (
+        "NEF camera raw files cannot be read here — convert to PNG or JPEG")
+
+
+def test_raw_refused_even_when_pil_could_open_its_preview(tmp_path: Path) -> None:
+    dng = _write(tmp_path / "shot.dng", Image.new("RGB", (16, 12)), format="TIFF")
+    assert "DNG camera raw files cannot be read here" in _reason(dng)
+
+
+def test_mislabelled_heic_that_is_a_jpeg_still_loads(tmp_path: Path) -> None:
+    f = _write(tmp_path / "really-a.heic", Image.new("RGB", (6, 4), (0, 200, 0)), format="JPEG")
+    assert load_image(f).size == (6, 4)
+
+
+def test_avif_loads_when_supported(tmp_path: Path) -> None:
+    if ".avif" not in IMAGE_EXTENSIONS:
+        f = tmp_path / "a.avif"
+        f.write_bytes(b"\x00\x00\x00\x1cftypavif\x00\x00\x00\x00avifmif1miaf" + bytes(64))
+        assert _reason(f) == "AVIF images cannot be read here — convert to PNG or JPEG"
+        return
+    f = _write(tmp_path / "a.avif", Image.new("RGB", (8, 8), (0, 0, 255)), format="AVIF")
+    assert list_inputs(tmp_path) == [(f, Path("a.avif"))]
+    r, g, b = load_image(f).getpixel((4, 4))
+    assert b > 200 and r < 40 and g < 40
 
 
 # --------------------------------------------------------------------------------------------

@@ -197,6 +197,27 @@ def cached_path(path: Path | str) -> Path | None:
     return None
 
 
+def file_identity(path: Path | str) -> dict[str, object]:
+    """``{path, size, mtime_ns, sha256}`` of a weight file, hashing it at most once.
+
+    Run manifests record which model files made their outputs.  Hashing a 1 GB file on every
+    run would cost seconds, so the sha256 is remembered under the file's fast key (the same
+    ``keys/`` record the safetensors conversion writes) and recomputed only when the file's
+    path, size or mtime changes.
+    """
+    path = Path(path).resolve()
+    st = path.stat()
+    key_file = cache_root() / "keys" / fast_key(path)
+    sha = None
+    with contextlib.suppress(OSError, ValueError):
+        sha = key_file.read_text(encoding="ascii").strip() or None
+    if sha is None:
+        sha = sha256_file(path)
+        with contextlib.suppress(OSError):
+            _write_text_atomic(key_file, sha)
+    return {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha}
+
+
 def cached_state(path: Path | str, *, trust: bool = False, what: str = "model",
                  min_bytes: int = MIN_BYTES,
                  loader: Callable[[Path], dict] | None = None) -> dict:

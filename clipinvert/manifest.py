@@ -1,0 +1,164 @@
+"""What produced the files in an output folder, so that a rerun resumes only the same work.
+
+Resuming by file names alone is wrong as soon as a user reruns into the same ``-o`` with another
+prompt, strength or model: every output "exists", everything is skipped, the old images stay and
+the report names the new settings.  So every run records, inside OUT, the *settings* that
+produce its outputs (command, domain, the model files' identity, conditions, strength, sizes —
+never batch size or worker count, which do not change a pixel) and which outputs were made with
+them.  A rerun skips an output only when it was made with the same settings; a rerun with other
+settings into a folder that holds outputs of different ones is refused before any work.
+
+The manifest is ``OUT/.clipinvert-manifest.jsonl`` (hidden, so a folder of outputs can be used as
+the next command's input without it being read as an image):
+
+* ``{"settings": {...}, "fingerprint": "…"}`` once per distinct settings;
+* ``{"fingerprint": "…", "outputs": ["rel/path.png", …]}`` written *before* those files are
+  written.  Outputs are written atomically (whole or not at all), so a file that exists and is
+  recorded is a finished output of those settings, even after a SIGKILL between the two steps.
+
+It is an append-only JSON-lines file: appending one line per batch costs nothing even for runs of
+100,000 images, and a line torn by a crash is ignored when reading.  At the end of a run it is
+rewritten compactly (atomically), keeping only outputs that still exist.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from . import imaging
+from .errors import UsageError
+
+MANIFEST_NAME = ".clipinvert-manifest.jsonl"
+
+
+def json_safe(value: object) -> object:
+    """``value`` with every non-finite float replaced by its name, so JSON stays standard."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def fingerprint(settings: Mapping[str, object]) -> str:
+    """A short, stable hash of the settings (key order does not matter)."""
+    text = json.dumps(json_safe(settings), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def describe_difference(old: Mapping[str, object], new: Mapping[str, object],
+                        limit: int = 3) -> str:
+    """``strength 1.0 → 0.5; conditions […] → […]``: what changed, for the refusal line."""
+    parts = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a != b:
+            parts.append(f"{key} {_short(a)} → {_short(b)}")
+    more = f" (+{len(parts) - limit} more)" if len(parts) > limit else ""
+    return "; ".join(parts[:limit]) + more
+
+
+def _short(value: object, width: int = 60) -> str:
+    text = json.dumps(json_safe(value), sort_keys=True, default=str)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+class Manifest:
+    """The settings/outputs record of one output folder."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / MANIFEST_NAME
+        self.settings: dict[str, dict] = {}  # fingerprint -> settings
+        self.outputs: dict[str, str] = {}  # posix path relative to folder -> fingerprint
+
+    @classmethod
+    def load(cls, folder: Path) -> Manifest:
+        man = cls(folder)
+        try:
+            lines = man.path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            return man
+        except OSError as exc:
+            raise UsageError(f"cannot read {man.path}: {exc.strerror or exc}") from None
+        for line in lines:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # a line torn by a crash: its outputs were never written
+            if not isinstance(rec, dict) or not isinstance(rec.get("fingerprint"), str):
+                continue
+            fp = rec["fingerprint"]
+            if isinstance(rec.get("settings"), dict):
+                man.settings[fp] = rec["settings"]
+            for rel in rec.get("outputs", ()):
+                if isinstance(rel, str):
+                    man.outputs[rel] = fp
+        return man
+
+    def key(self, path: Path) -> str:
+        """The manifest's name for an output path (relative to the folder when inside it)."""
+        path = Path(path)
+        try:
+            return path.relative_to(self.folder).as_posix()
+        except ValueError:
+            return path.as_posix()
+
+    def made_with(self, path: Path) -> str | None:
+        """Fingerprint of the settings that made ``path``, if it is recorded."""
+        return self.outputs.get(self.key(path))
+
+    def conflicts(self, fp: str) -> list[tuple[str, str]]:
+        """Existing outputs recorded with settings other than ``fp``: ``[(rel, their fp)]``."""
+        return [(rel, other) for rel, other in self.outputs.items()
+                if other != fp and (self.folder / rel).exists()]
+
+    def _append(self, record: dict) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        line = json.dumps(json_safe(record), sort_keys=True, default=str, allow_nan=False)
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+
+    def begin(self, settings: Mapping[str, object]) -> str:
+        """Record ``settings`` (once) and return their fingerprint."""
+        fp = fingerprint(settings)
+        if fp not in self.settings:
+            self.settings[fp] = json_safe(dict(settings))  # type: ignore[assignment]
+            self._append({"fingerprint": fp, "settings": self.settings[fp]})
+        return fp
+
+    def record(self, paths: Iterable[Path], fp: str) -> None:
+        """Note that ``paths`` are about to be written with settings ``fp``."""
+        keys = [self.key(p) for p in paths]
+        keys = [k for k in keys if self.outputs.get(k) != fp]
+        if not keys:
+            return
+        for k in keys:
+            self.outputs[k] = fp
+        self._append({"fingerprint": fp, "outputs": keys})
+
+    def compact(self) -> None:
+        """Rewrite the file with only the outputs that exist (atomic)."""
+        alive: dict[str, list[str]] = {}
+        for rel, fp in self.outputs.items():
+            if (self.folder / rel).exists():
+                alive.setdefault(fp, []).append(rel)
+        self.outputs = {rel: fp for fp, rels in alive.items() for rel in rels}
+        lines = []
+        for fp, settings in self.settings.items():
+            if fp in alive:
+                lines.append({"fingerprint": fp, "settings": settings})
+                lines.append({"fingerprint": fp, "outputs": sorted(alive[fp])})
+        self.settings = {fp: s for fp, s in self.settings.items() if fp in alive}
+        text = "".join(json.dumps(rec, sort_keys=True, allow_nan=False) + "\n" for rec in lines)
+        if not text and not self.path.exists():
+            return
+        imaging.atomic_write(self.path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
