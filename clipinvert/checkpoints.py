@@ -1,6 +1,6 @@
 """Reading the released checkpoint files into the networks of :mod:`clipinvert.nets`.
 
-Layouts accepted unchanged (formats.md §1–3):
+Layouts accepted unchanged (docs/checkpoints.md: #stylegan2, #e4e, #clipinverter):
 
 * e4e ``{'state_dict': {'encoder.*', 'decoder.*'}, 'opts', 'latent_avg': (n,512) | (512)}``
 * CLIPInverter ``{'state_dict': {'adapter.*' | 'mapper.*', 'decoder.*' [+ remapper]}, 'opts'}``
@@ -23,20 +23,18 @@ import torch
 from torch import nn
 
 from .errors import WeightsError
-from .nets import CLIPAdapter, Encoder4Editing, Generator
+from .nets import CLIPAdapter, Encoder4Editing, Generator, IRSEBackbone
 from .nets.stylegan2 import fir_buffer
-from .weights.cache import cached_state
+from .weights.reader import read_weights
 
 StateDict = dict[str, torch.Tensor]
 T = TypeVar("T", bound=nn.Module)
 
 
 def read_checkpoint(path: Path | str, what: str = "model", *, trust: bool = False) -> dict:
-    """Load a checkpoint dict safely (``weights_only``, allow-list; ``trust`` lifts it) and fast
-    (a memory-mapped safetensors copy in the cache after the first load).  Every failure —
-    missing, empty, HTML page, truncated, a pickle that wants to run code — is one
-    :class:`WeightsError` line naming the file."""
-    return cached_state(Path(path), trust=trust, what=what)
+    """A ``torch.save`` checkpoint dict, through :func:`~clipinvert.weights.reader.read_weights`
+    (safe, cached; every failure one :class:`WeightsError` line naming the file)."""
+    return read_weights(path, what=what, trust=trust)
 
 
 def sub_state_dict(sd: Mapping[str, torch.Tensor], prefix: str) -> StateDict:
@@ -202,3 +200,26 @@ def load_stylegan2(path: Path | str, *, trust: bool = False) -> tuple[Generator,
     if isinstance(avg, torch.Tensor) and avg.numel() == g.style_dim:
         return g, avg.reshape(g.style_dim).float()
     return g, g.mean_latent()
+
+
+def load_arcface(path: Path | str, *, trust: bool = False) -> IRSEBackbone:
+    """ArcFace IR-SE (``model_ir_se50.pth``: a plain state dict, optionally ``module.``-prefixed
+    as DataParallel saves it) → :class:`~clipinvert.nets.IRSEBackbone`, frozen, in eval mode.
+
+    Widths, unit counts and the embedding size are read off the keys.  ``num_batches_tracked``
+    counters that pre-0.4.1 PyTorch files lack are filled in (PyTorch does the same).
+    """
+    path = Path(path)
+    sd = read_checkpoint(path, "ArcFace", trust=trust)
+    if sd and all(isinstance(k, str) and k.startswith("module.") for k in sd):
+        sd = sub_state_dict(sd, "module.")
+    if "input_layer.0.weight" not in sd or "output_layer.3.weight" not in sd:
+        raise WeightsError(f"ArcFace weights {path} hold no input_layer.*/output_layer.* keys "
+                           f"(found {describe_layout(sd)}) — expected model_ir_se50.pth")
+    bad = next((k for k, v in sd.items() if not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise WeightsError(f"ArcFace weights {path}: {bad} is not a tensor")
+    sd = dict(sd)
+    for k in [k for k in sd if k.endswith(".running_mean")]:
+        sd.setdefault(k[:-len("running_mean")] + "num_batches_tracked", torch.tensor(0))
+    return build_module(IRSEBackbone, sd, "ArcFace", path)

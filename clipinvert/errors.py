@@ -35,3 +35,14 @@ class InputError(ClipInvertError):
     """One input (image, reference) cannot be used; the batch goes on without it."""
 
     exit_code = EXIT_FAILED
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first non-blank line of an exception's message, at most ``limit`` characters.
+
+    For the ``(…)`` detail of a one-line error: torch, zipfile and HTTP libraries raise
+    messages that run to paragraphs of advice.  An exception without a message gives its type
+    name.
+    """
+    text = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -20,11 +20,10 @@ import contextlib
 import heapq
 import os
 import re
-import secrets
 import stat
 import struct
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +31,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
 from clipinvert.errors import InputError, UsageError
+from clipinvert.fileio import atomic_write
 
 # Formats PIL may try when opening an input.  Restricting the list keeps PIL from handing
 # arbitrary files to risky or exotic decoders (EPS would call Ghostscript, for example) while
@@ -516,44 +516,9 @@ def to_pil(batch: torch.Tensor) -> list[Image.Image]:
 # --------------------------------------------------------------------------------------------
 
 
-def _temp_sibling(path: Path) -> Path:
-    """Create (exclusively) and return an empty temporary file next to ``path``.
-
-    Same directory so ``os.replace`` is an atomic rename; hidden so folder listings (ours
-    included) ignore it; ``.partial`` plus the real suffix so writers that pick the format from
-    the name (PIL, ffmpeg) still do the right thing.  Created with ``O_EXCL`` and mode 0o666 so
-    it is unique and the final file gets the user's normal umask permissions (``mkstemp`` would
-    leave outputs readable by the owner only).
-    """
-    stem = path.name[:120]  # keep the temporary name within NAME_MAX for long output names
-    for _ in range(100):
-        tmp = path.parent / f".{stem}.{secrets.token_hex(4)}.partial{path.suffix}"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileExistsError:
-            continue
-        os.close(fd)
-        return tmp
-    raise FileExistsError(f"cannot create a temporary file next to {path}")
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Run ``write(tmp)`` and move the result onto ``path``: the output appears whole or not at all.
-
-    Any exception, including ``KeyboardInterrupt``, removes the temporary file and is re-raised,
-    leaving an existing ``path`` untouched.  This protects against crashes and interrupts of
-    this process; it does not fsync, so it is not a guarantee against power loss.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_sibling(path)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+# ``atomic_write`` lives in :mod:`clipinvert.fileio` (one helper for every file clipinvert
+# writes); it is re-exported here because image, tensor and manifest writers call it as
+# ``imaging.atomic_write``.
 
 
 def _format_for(path: Path) -> str:

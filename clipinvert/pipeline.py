@@ -5,12 +5,10 @@
     >>> out = ed.edit([Image.open("face.png")], "she has wavy blond hair")
     >>> out.pil()[0].save("edited.png")
 
-CLIPInverter (formats.md §3): the e4e IR-SE50 body runs once per image giving (c1, c2, c3);
-``w = styles(c) + latent_avg`` is the inversion; CLIPAdapter modulates (c1, c2, c3) with the raw
-CLIP embedding ``t`` and the same FPN + styles give the residual Δ; ``ŵ = w + 0.1·s·Δ`` (s the
-strength) is decoded by the generator whose CLIPRemapper blends ``t`` into the conv latents.
-Weights load lazily, the first time a method needs them.  Decoding uses the generator's stored
-noise buffers: the same input always gives the same output.
+The method itself is :class:`~clipinvert.model.CLIPInverter` (docs/forward-pass.md#overview);
+an :class:`Editor` loads its parts from the registry, puts them on a device and runs it under
+``no_grad`` on PIL images or tensors.  Weights load lazily, the first time a method needs them.
+Decoding uses the generator's stored noise buffers: the same input always gives the same output.
 """
 
 from __future__ import annotations
@@ -33,10 +31,12 @@ from .checkpoints import (
     load_stylegan2,
 )
 from .errors import UsageError, WeightsError
+from .model import RESIDUAL_SCALE, CLIPInverter, EditOutput, Encoded
 from .nets import Encoder4Editing, Generator
 from .registry import Domain, Registry
 
-RESIDUAL_SCALE = 0.1  # the released edit code: w_hat = w + 0.1·Δ
+__all__ = ["RESIDUAL_SCALE", "DTYPES", "Editor", "Encoded", "Result", "resolve_device",
+           "resolve_dtype"]
 
 Condition = str | Image.Image | torch.Tensor  # prompt, reference image, or a raw CLIP embedding
 ImagesIn = Sequence[Image.Image] | torch.Tensor
@@ -77,17 +77,6 @@ def resolve_dtype(spec: str | torch.dtype, device: torch.device) -> torch.dtype:
     if dtype == torch.float16 and device.type == "cpu":
         raise UsageError("float16 is not supported on the CPU; use float32 or bfloat16")
     return dtype
-
-
-@dataclass
-class Encoded:
-    """An encoded batch: inversion latents and the IR-SE50 feature maps an edit needs."""
-
-    w: torch.Tensor  # (B, n_latent, style_dim), latent_avg included
-    features: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # c1, c2, c3
-
-    def __len__(self) -> int:
-        return self.w.shape[0]
 
 
 @dataclass
@@ -163,6 +152,12 @@ class Editor:
         self._to(weights.adapter)
         self._to(weights.decoder)
         self._check_generator(weights.decoder, "CLIPInverter decoder")
+        taps = self.e4e.encoder.tap_widths
+        if weights.adapter.widths != taps:
+            raise WeightsError(
+                f"CLIPInverter adapter ({self.loaded['clipinverter']}) modulates features of "
+                f"widths {weights.adapter.widths}, but the e4e encoder of domain "
+                f"{self.domain.name!r} gives {taps}: the files belong to different models")
         return weights
 
     @cached_property
@@ -180,11 +175,20 @@ class Editor:
         return g
 
     @cached_property
+    def model(self) -> CLIPInverter:
+        """The method as one module (:class:`~clipinvert.model.CLIPInverter`) over the loaded
+        parts: the CLIPInverter decoder and adapter when the domain has them, else an
+        inversion-only model on e4e's own decoder."""
+        adapter = self.inverter.adapter if "clipinverter" in self.domain.weights else None
+        return CLIPInverter(self.e4e.encoder, self.generator, self.e4e.latent_avg,
+                            adapter).eval()
+
+    @cached_property
     def clip(self):  # -> ClipEncoder (imported lazily: open_clip is slow to import)
         from .clip_encoder import ClipEncoder
 
         return ClipEncoder(self.domain.clip_arch, self._locate("clip"), device=self.device,
-                           base_dir=self.domain.base_dir)
+                           base_dir=self.domain.base_dir, trust=self.trust)
 
     def _check_generator(self, g: Generator, what: str) -> None:
         enc = self.e4e.encoder
@@ -218,9 +222,7 @@ class Editor:
     @torch.no_grad()
     def encode(self, images: ImagesIn) -> Encoded:
         """Run the IR-SE50 body once; returns the inversion and the features edits reuse."""
-        enc = self.e4e.encoder
-        feats = enc.forward_features(self.preprocess(images))
-        return Encoded(enc.forward_styles(*feats) + self.e4e.latent_avg, feats)
+        return self.model.encode(self.preprocess(images))
 
     @torch.no_grad()
     def embed_text(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -256,8 +258,7 @@ class Editor:
     @torch.no_grad()
     def residual(self, encoded: Encoded, embedding: torch.Tensor) -> torch.Tensor:
         """Δ: the text-modulated features through e4e's frozen FPN + style heads (no latent_avg)."""
-        adapted = self.inverter.adapter(*encoded.features, embedding)
-        return self.e4e.encoder.forward_styles(*adapted)
+        return self.model.residual(encoded.features, embedding)
 
     @torch.no_grad()
     def decode(self, w: torch.Tensor, embedding: torch.Tensor | None = None,
@@ -285,12 +286,8 @@ class Editor:
 
     def _edit_at(self, enc: Encoded, t: torch.Tensor, delta: torch.Tensor,
                  alpha: float) -> Result:
-        if alpha == 0:
-            return Result(self.decode(enc.w), enc.w, embedding=t)
-        w_hat = enc.w + (RESIDUAL_SCALE * alpha) * delta
-        dec = self.inverter.decoder
-        remapped = dec.remap(w_hat, t, mix=alpha) if dec.has_remapper else None
-        return Result(dec.synthesis(w_hat, remapped), w_hat, remapped, t)
+        out: EditOutput = self.model.edit_encoded(enc, t, delta, alpha)
+        return Result(out.images, out.w_hat, out.remapped, t)
 
     @torch.no_grad()
     def interpolate(self, images: ImagesIn | Encoded, condition: Condition, steps: int,

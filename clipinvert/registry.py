@@ -19,6 +19,8 @@ from pathlib import Path
 import platformdirs
 
 from .errors import UsageError, WeightsError
+from .locations import cache_dir, is_offline
+from .weights.download import find_or_fetch
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -30,14 +32,6 @@ WEIGHT_ROLES = ("clip", "e4e", "clipinverter", "stylegan2", "arcface", "moco", "
 # What align/invert/edit/interpolate need; the others serve training and evaluation.
 EDIT_ROLES = ("clip", "e4e", "clipinverter", "landmarks")
 ALIGN_METHODS = ("ffhq", "none")
-
-
-def cache_dir() -> Path:
-    """Where downloaded weights live: ``$CLIPINVERT_HOME``, else the XDG cache folder."""
-    home = os.environ.get("CLIPINVERT_HOME")
-    if home:
-        return Path(home).expanduser()
-    return Path(platformdirs.user_cache_dir("clipinvert", appauthor=False))
 
 
 def user_registry() -> Path:
@@ -176,8 +170,6 @@ class Registry:
 
     def missing_message(self, domain: Domain, roles: list[str]) -> str:
         """One line naming every missing file of ``roles`` and the one command that gets them."""
-        from .weights.download import is_offline
-
         named, fixable, fetchable = [], [], False
         for role in roles:
             places, entry = self.candidates(domain, role)
@@ -214,8 +206,6 @@ class Registry:
                                f"weights{note}")
         places, entry = self.candidates(domain, role)
         if entry is not None:
-            from .weights.download import find_or_fetch
-
             try:
                 return find_or_fetch(entry, download=self.download, offline=self.offline)
             except WeightsError as exc:

@@ -32,17 +32,46 @@ os.environ.pop("CLIPINVERT_MODELS", None)
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """models.toml of a complete tiny domain named "tiny" (32px generator, 8 W+ styles)."""
+    """models.toml of a complete tiny domain named "tiny" (32px generator, 8 W+ styles, a narrow
+    IR-SE encoder with one unit per stage: milliseconds per image).
+
+    The same folder also holds that domain with the *released* IR-SE50 encoder widths (seconds
+    per image), as ``released.toml`` naming the plain ``e4e.pt`` / ``clipinverter.pt``: the
+    ``editor`` fixture uses it, because tests/golden/tiny_edit.pt was recorded with those
+    tensors and test_reference_edit checks ``editor`` against ``e4e.pt`` / ``clipinverter.pt``
+    in this folder.  The tiny domain's files are ``tiny-e4e.pt`` / ``tiny-clipinverter.pt``.
+    """
     from clipinvert.testing.models import write_domain
 
-    return write_domain(tmp_path_factory.mktemp("tiny-domain"))
+    directory = tmp_path_factory.mktemp("tiny-domain")
+    write_domain(directory, encoder="released", toml_name="released.toml")
+    return write_domain(directory, encoder="tiny", file_prefix="tiny-")
+
+
+@pytest.fixture(scope="session")
+def tiny_files(tiny_models: Path) -> dict[str, Path | str]:
+    """The fast tiny domain's files by role, for ``Editor.from_files(**tiny_files)`` and the
+    loaders (the plain ``e4e.pt`` / ``clipinverter.pt`` beside them are the released-width twin).
+    """
+    root = tiny_models.parent
+    return {"e4e": root / "tiny-e4e.pt", "clipinverter": root / "tiny-clipinverter.pt",
+            "clip": root / "clip-tiny-open_clip.pt", "clip_arch": str(root / "clip-tiny.json")}
+
+
+@pytest.fixture(scope="session")
+def tiny_editor(tiny_models: Path):
+    """An Editor on the fast tiny domain (narrow encoder): for behaviour, not golden values."""
+    from clipinvert import Editor
+
+    return Editor("tiny", models=tiny_models, device="cpu")
 
 
 @pytest.fixture(scope="session")
 def editor(tiny_models: Path):
+    """An Editor on the released-width twin of ``tiny_models`` (see there)."""
     from clipinvert import Editor
 
-    return Editor("tiny", models=tiny_models, device="cpu")
+    return Editor("tiny", models=tiny_models.with_name("released.toml"), device="cpu")
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
 """Face alignment: predictor lookup, face choice, FFHQ crop fidelity, transform, paste-back.
 
 The crop must equal the released FFHQ alignment's crop, so the reference below re-does the
-released procedure (formats.md §4) literally, one step after another, and align_ffhq is compared
+released procedure (docs/alignment.md) literally, one step after another, and align_ffhq is compared
 with it pixel for pixel on real photos: a plain case, one that needs the shrink, and ones that
 need reflection padding.
 """
@@ -59,7 +59,7 @@ def astro_face(detector, astronaut):
 
 def reference_align(img: PIL.Image.Image, lm: np.ndarray, output_size: int = 256,
                     transform_size: int = 256) -> PIL.Image.Image:
-    """formats.md §4 done literally, step by step, as the released alignment does it."""
+    """docs/alignment.md done literally, step by step, as the released alignment does it."""
     lm = np.asarray(lm, dtype=np.float64)
     eye_left = lm[36:42].mean(axis=0)
     eye_right = lm[42:48].mean(axis=0)

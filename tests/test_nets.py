@@ -8,10 +8,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipinvert.nets import CLIPAdapter, Encoder4Editing, Generator, GeneratorConfig
+from clipinvert.checkpoints import build_module, load_arcface
+from clipinvert.errors import WeightsError
+from clipinvert.nets import CLIPAdapter, Encoder4Editing, Generator, GeneratorConfig, IRSEBackbone
+from clipinvert.nets.irse import IR_SE50_STAGES
 from clipinvert.nets.ops import make_kernel, upfirdn2d
 from clipinvert.nets.stylegan2 import ModulatedConv2d
-from clipinvert.testing.models import make_encoder, seeded, tiny_config
+from clipinvert.testing.models import (
+    TINY_ENCODER,
+    make_adapter,
+    make_arcface,
+    make_encoder,
+    seeded,
+    tiny_config,
+    write_arcface,
+)
 
 
 @pytest.mark.parametrize(("size", "count", "n_latent", "noises"),
@@ -58,7 +69,8 @@ def test_config_is_read_back_from_state_dict() -> None:
 
 
 def test_e4e_621_tensors_and_feature_taps() -> None:
-    enc = Encoder4Editing(18)
+    with torch.device("meta"):  # shapes only: no 31 M-parameter initialisation or convolutions
+        enc = Encoder4Editing(18)
     sd = enc.state_dict()
     assert len(sd) == 621
     assert "body.3.shortcut_layer.0.weight" in sd and "body.4.shortcut_layer.0.weight" not in sd
@@ -66,8 +78,8 @@ def test_e4e_621_tensors_and_feature_taps() -> None:
     assert sd["styles.17.convs.10.weight"].shape == (512, 512, 3, 3)  # fine: 6 convs (64→1)
     assert "styles.0.convs.8.weight" not in sd and "styles.0.convs.6.weight" in sd  # coarse: 4
     assert sd["latlayer1.weight"].shape == (512, 256, 1, 1)
-    enc = make_encoder(8, 64)
-    with torch.no_grad():
+    with torch.device("meta"), torch.no_grad():
+        enc = Encoder4Editing(8, 64).eval()
         c1, c2, c3 = enc.forward_features(torch.randn(1, 3, 256, 256))
         w = enc.forward_styles(c1, c2, c3)
     assert c1.shape == (1, 128, 64, 64) and c2.shape == (1, 256, 32, 32)
@@ -83,6 +95,112 @@ def test_adapter_45_tensors_and_shapes() -> None:
     c = [torch.randn(2, ch, s, s) for ch, s in ((128, 64), (256, 32), (512, 16))]
     out = a(*c, torch.randn(2, 512))
     assert [tuple(o.shape) for o in out] == [tuple(x.shape) for x in c]
+
+
+def test_released_sizes_are_read_back_from_keys() -> None:
+    with torch.device("meta"):  # shapes only: no 31 M-parameter initialisation
+        enc = Encoder4Editing.from_state_dict(Encoder4Editing(18).state_dict())
+        adapter = CLIPAdapter.from_state_dict(CLIPAdapter().state_dict())
+    assert enc.stages == IR_SE50_STAGES and enc.fpn_width == 512
+    assert enc.taps == (6, 20, 23) and enc.tap_widths == (128, 256, 512)
+    assert enc.n_styles == 18 and enc.style_dim == 512
+    assert adapter.widths == (128, 256, 512) and adapter.text_dim == 512
+
+
+def test_arcface_has_the_published_ir_se50_layout() -> None:
+    with torch.device("meta"):
+        net = IRSEBackbone()
+    sd = net.state_dict()
+    # 7 input-layer + 24 units × 15 + 3 projection shortcuts × 6 + 12 output-layer tensors
+    assert len(sd) == 397
+    assert sum(1 for k in sd if k.endswith("res_layer.1.weight")) == 24
+    assert "body.23.res_layer.5.fc2.weight" in sd and not any(k.startswith("body.24.") for k in sd)
+    assert sd["input_layer.0.weight"].shape == (64, 3, 3, 3)
+    assert sd["input_layer.2.weight"].shape == (64,)  # PReLU
+    assert "body.0.shortcut_layer.0.weight" not in sd  # 64 → 64: a strided identity
+    assert sd["body.3.shortcut_layer.0.weight"].shape == (128, 64, 1, 1)
+    assert sd["body.21.shortcut_layer.1.running_var"].shape == (512,)
+    assert sd["body.23.res_layer.5.fc1.weight"].shape == (32, 512, 1, 1)
+    assert sd["output_layer.0.weight"].shape == (512,)  # BatchNorm2d
+    assert sd["output_layer.3.weight"].shape == (512, 512 * 7 * 7)  # Linear
+    assert sd["output_layer.4.running_mean"].shape == (512,)  # BatchNorm1d (affine)
+    assert sd["output_layer.4.weight"].shape == (512,)
+    assert not any(k.startswith(("output_layer.1.", "output_layer.2.")) for k in sd)
+    # The body is e4e's, unit for unit.
+    with torch.device("meta"):
+        e4e = Encoder4Editing(18).state_dict()
+    ours = {k: tuple(v.shape) for k, v in sd.items() if k.startswith(("input_layer.", "body."))}
+    assert ours == {k: tuple(v.shape) for k, v in e4e.items()
+                    if k.startswith(("input_layer.", "body."))}
+    with torch.device("meta"):
+        back = IRSEBackbone.from_state_dict(sd)
+    assert back.stages == IR_SE50_STAGES and back.input_size == 112
+    assert back.embedding_size == 512
+
+
+@pytest.mark.parametrize("prefix", ["", "module."])
+def test_arcface_round_trips_through_its_file(tmp_path, prefix: str) -> None:
+    path = write_arcface(tmp_path / "model_ir_se50.pth", prefix=prefix)
+    net = load_arcface(path)
+    ref = make_arcface()
+    assert not net.training and not any(p.requires_grad for p in net.parameters())
+    assert net.stages == TINY_ENCODER.stages and net.embedding_size == 128
+    for (k, a), b in zip(net.state_dict().items(), ref.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    x = torch.rand(2, 3, 112, 112) * 2 - 1
+    with torch.no_grad():
+        emb = net(x)
+        torch.testing.assert_close(emb, ref(x))
+    assert emb.shape == (2, 128)
+    torch.testing.assert_close(emb.norm(dim=1), torch.ones(2))
+
+
+def test_arcface_files_without_counters_and_bad_files(tmp_path) -> None:
+    sd = {k: v for k, v in make_arcface().state_dict().items()
+          if not k.endswith("num_batches_tracked")}  # as pre-0.4.1 PyTorch saved them
+    torch.save(sd, tmp_path / "old.pth")
+    assert load_arcface(tmp_path / "old.pth").embedding_size == 128
+    torch.save({"foo": torch.zeros(1)}, tmp_path / "foo.pth")
+    with pytest.raises(WeightsError, match="no input_layer") as err:
+        load_arcface(tmp_path / "foo.pth")
+    assert "\n" not in str(err.value) and "foo.pth" in str(err.value)
+    sd["output_layer.3.weight"] = torch.zeros(128, 1000)
+    torch.save(sd, tmp_path / "bad.pth")
+    with pytest.raises(WeightsError, match="output_layer.3 takes 1000 features"):
+        load_arcface(tmp_path / "bad.pth")
+
+
+def test_tiny_encoder_and_adapter_are_built_from_keys() -> None:
+    enc = Encoder4Editing.from_state_dict(make_encoder(8, 64, encoder="tiny").state_dict())
+    assert enc.stages == TINY_ENCODER.stages and enc.fpn_width == 128
+    assert enc.taps == (1, 2, 3) and enc.tap_widths == (32, 64, 128)
+    adapter = CLIPAdapter.from_state_dict(make_adapter(widths=enc.tap_widths).state_dict())
+    assert adapter.widths == (32, 64, 128)
+    with torch.no_grad():
+        c1, c2, c3 = enc.forward_features(torch.randn(2, 3, 256, 256))
+        assert (c1.shape, c2.shape, c3.shape) == ((2, 32, 64, 64), (2, 64, 32, 32),
+                                                  (2, 128, 16, 16))
+        mod = adapter(c1, c2, c3, torch.randn(2, 512))
+        assert [m.shape for m in mod] == [c1.shape, c2.shape, c3.shape]
+        assert enc.forward_styles(*mod).shape == (2, 8, 64)
+
+
+def test_bad_widths_are_clear_errors(tmp_path) -> None:
+    with pytest.raises(ValueError, match="fine width 48 is not a multiple of 32"):
+        CLIPAdapter(widths=(48, 64, 128))
+    sd = make_adapter(widths=(32, 64, 128)).state_dict()
+    sd["fine_mapping.modulation_module_list.0.gamma_function.3.weight"] = torch.zeros(48, 512)
+    with pytest.raises(WeightsError, match="GroupNorm keeps 32 groups") as err:
+        build_module(CLIPAdapter, sd, "CLIPInverter adapter", tmp_path / "ci.pt")
+    assert "\n" not in str(err.value) and "ci.pt" in str(err.value)
+    with pytest.raises(ValueError, match="both 32 wide"):
+        Encoder4Editing(8, 64, stages=((16, 16, 1), (16, 32, 1), (32, 32, 1), (32, 64, 1)))
+    with pytest.raises(ValueError, match="FPN width 64 must equal the last stage's width 128"):
+        Encoder4Editing(8, 64, stages=TINY_ENCODER.stages, fpn_width=64)
+    with pytest.raises(ValueError, match="stage 2 takes 16 channels but stage 1 gives 32"):
+        Encoder4Editing(8, 64, stages=((16, 16, 1), (16, 32, 1), (16, 64, 1), (64, 128, 1)))
+    with pytest.raises(ValueError, match="4 IR-SE stages"):
+        Encoder4Editing(8, 64, stages=IR_SE50_STAGES[:3])
 
 
 def _naive_upfirdn(x: torch.Tensor, k: torch.Tensor, up: int, down: int,

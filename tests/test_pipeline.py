@@ -15,9 +15,9 @@ from clipinvert.pipeline import resolve_device, resolve_dtype
 from clipinvert.testing.models import tiny_config, write_clipinverter
 
 
-def test_remapper_without_text_is_the_plain_generator(editor: Editor, face_crop) -> None:
-    enc = editor.encode([face_crop])
-    dec = editor.inverter.decoder
+def test_remapper_without_text_is_the_plain_generator(tiny_editor: Editor, face_crop) -> None:
+    enc = tiny_editor.encode([face_crop])
+    dec = tiny_editor.inverter.decoder
     plain_sd = {k: v for k, v in dec.state_dict().items()
                 if not k.startswith(("affine_mlps", "lambdas"))}
     from clipinvert.nets import Generator, GeneratorConfig
@@ -28,89 +28,86 @@ def test_remapper_without_text_is_the_plain_generator(editor: Editor, face_crop)
     with torch.no_grad():
         torch.testing.assert_close(dec(enc.w), plain(enc.w), atol=0, rtol=0)
         # and λ·mix = 0 is exactly the plain generator as well
-        t = editor.embed_text(["a man"])
+        t = tiny_editor.embed_text(["a man"])
         torch.testing.assert_close(dec(enc.w, t, mix=0.0), plain(enc.w), atol=0, rtol=0)
 
 
-def test_deterministic_and_batch_independent(editor: Editor, face_crop, cat_photo) -> None:
-    a = editor.edit([face_crop, cat_photo], "a smiling person").images
-    b = editor.edit([face_crop, cat_photo], "a smiling person").images
+def test_deterministic_and_batch_independent(tiny_editor: Editor, face_crop, cat_photo) -> None:
+    a = tiny_editor.edit([face_crop, cat_photo], "a smiling person").images
+    b = tiny_editor.edit([face_crop, cat_photo], "a smiling person").images
     assert torch.equal(a, b)
-    alone = editor.edit([cat_photo], "a smiling person").images
+    alone = tiny_editor.edit([cat_photo], "a smiling person").images
     torch.testing.assert_close(alone[0], a[1], atol=1e-4, rtol=1e-4)
 
 
-def test_strength_zero_is_inversion_and_strength_scales(editor: Editor, face_crop) -> None:
-    inv = editor.invert([face_crop])
-    zero = editor.edit([face_crop], "blond hair", strength=0.0)
+def test_strength_zero_is_inversion_and_strength_scales(tiny_editor: Editor, face_crop) -> None:
+    inv = tiny_editor.invert([face_crop])
+    zero = tiny_editor.edit([face_crop], "blond hair", strength=0.0)
     assert torch.equal(zero.images, inv.images)
-    half = editor.edit([face_crop], "blond hair", strength=0.5)
-    full = editor.edit([face_crop], "blond hair", strength=1.0)
+    half = tiny_editor.edit([face_crop], "blond hair", strength=0.5)
+    full = tiny_editor.edit([face_crop], "blond hair", strength=1.0)
     torch.testing.assert_close(half.latents - inv.latents, 0.5 * (full.latents - inv.latents),
                                atol=1e-5, rtol=1e-4)
     assert full.remapped is not None and full.remapped.shape == (1, 6, 64)
 
 
-def test_interpolation_endpoints_are_invert_and_edit_pixel_for_pixel(editor: Editor,
+def test_interpolation_endpoints_are_invert_and_edit_pixel_for_pixel(tiny_editor: Editor,
                                                                      face_crop) -> None:
-    frames = editor.interpolate([face_crop], "he has a beard", steps=5, strength=0.7)
+    frames = tiny_editor.interpolate([face_crop], "he has a beard", steps=5, strength=0.7)
     assert len(frames) == 5
     first = to_pil(frames[0].images)[0]
     last = to_pil(frames[-1].images)[0]
-    assert first.tobytes() == editor.invert([face_crop]).pil()[0].tobytes()
-    assert last.tobytes() == editor.edit([face_crop], "he has a beard", 0.7).pil()[0].tobytes()
+    assert first.tobytes() == tiny_editor.invert([face_crop]).pil()[0].tobytes()
+    assert last.tobytes() == tiny_editor.edit([face_crop], "he has a beard", 0.7).pil()[0].tobytes()
     # monotone walk: the distance to the inversion grows frame by frame
     d = [float((f.latents - frames[0].latents).norm()) for f in frames]
     assert d == sorted(d) and d[0] == 0
     with pytest.raises(UsageError):
-        editor.interpolate([face_crop], "x", steps=1)
+        tiny_editor.interpolate([face_crop], "x", steps=1)
 
 
-def test_text_embeddings_are_cached_once_per_prompt(editor: Editor, monkeypatch) -> None:
+def test_text_embeddings_are_cached_once_per_prompt(tiny_editor: Editor, monkeypatch) -> None:
     calls: list[list[str]] = []
-    real = editor.clip.encode_text
-    monkeypatch.setattr(editor.clip, "encode_text", lambda p: calls.append(list(p)) or real(p))
-    editor._text_cache.clear()
-    e1 = editor.embed_text(["p1", "p2", "p1"])
-    e2 = editor.embed_text(["p2"])
+    real = tiny_editor.clip.encode_text
+    monkeypatch.setattr(tiny_editor.clip, "encode_text", lambda p: calls.append(list(p)) or real(p))
+    tiny_editor._text_cache.clear()
+    e1 = tiny_editor.embed_text(["p1", "p2", "p1"])
+    e2 = tiny_editor.embed_text(["p2"])
     assert calls == [["p1", "p2"]]
     assert e1.shape == (3, 512) and torch.equal(e1[1], e2[0])
     assert float(e1[0].norm()) != pytest.approx(1.0, abs=1e-3)  # raw, not L2-normalised
 
 
-def test_reference_image_and_raw_embedding_conditions(editor: Editor, face_crop,
+def test_reference_image_and_raw_embedding_conditions(tiny_editor: Editor, face_crop,
                                                       cat_photo) -> None:
-    by_image = editor.edit([face_crop], cat_photo)
-    emb = editor.embed_images([cat_photo])[0]
-    by_vector = editor.edit([face_crop], emb)
+    by_image = tiny_editor.edit([face_crop], cat_photo)
+    emb = tiny_editor.embed_images([cat_photo])[0]
+    by_vector = tiny_editor.edit([face_crop], emb)
     assert torch.equal(by_image.images, by_vector.images)
-    by_text = editor.edit([face_crop], "a cat")
+    by_text = tiny_editor.edit([face_crop], "a cat")
     assert not torch.equal(by_text.images, by_image.images)
     with pytest.raises(UsageError):
-        editor.edit([face_crop], 42)  # type: ignore[arg-type]
+        tiny_editor.edit([face_crop], 42)  # type: ignore[arg-type]
 
 
-def test_tensor_input_matches_pil_input(editor: Editor, face_crop) -> None:
+def test_tensor_input_matches_pil_input(tiny_editor: Editor, face_crop) -> None:
     from clipinvert.imaging import to_tensor
 
     x = to_tensor([face_crop], 256)
-    torch.testing.assert_close(editor.encode(x).w, editor.encode([face_crop]).w)
+    torch.testing.assert_close(tiny_editor.encode(x).w, tiny_editor.encode([face_crop]).w)
     with pytest.raises(UsageError):
-        editor.preprocess(torch.zeros(3, 256, 256))
+        tiny_editor.preprocess(torch.zeros(3, 256, 256))
 
 
-def test_encoded_features_are_reused_for_many_prompts(editor: Editor, face_crop) -> None:
-    enc = editor.encode([face_crop])
-    a = editor.edit(enc, "blond hair")
-    b = editor.edit([face_crop], "blond hair")
+def test_encoded_features_are_reused_for_many_prompts(tiny_editor: Editor, face_crop) -> None:
+    enc = tiny_editor.encode([face_crop])
+    a = tiny_editor.edit(enc, "blond hair")
+    b = tiny_editor.edit([face_crop], "blond hair")
     assert torch.equal(a.images, b.images)
 
 
-def test_from_files_and_lazy_loading(tiny_models: Path, face_crop) -> None:
-    root = tiny_models.parent
-    ed = Editor.from_files(e4e=root / "e4e.pt", clipinverter=root / "clipinverter.pt",
-                           clip=root / "clip-tiny-open_clip.pt",
-                           clip_arch=str(root / "clip-tiny.json"), device="cpu")
+def test_from_files_and_lazy_loading(tiny_files: dict, face_crop) -> None:
+    ed = Editor.from_files(**tiny_files, device="cpu")
     assert ed.loaded == {}
     ed.invert([face_crop])
     assert set(ed.loaded) == {"e4e", "clipinverter"}  # no CLIP needed for an inversion
@@ -180,3 +177,11 @@ def test_golden_tensors(editor: Editor, face_crop) -> None:
     assert golden.keys() == now.keys()
     for k in golden:
         torch.testing.assert_close(now[k], golden[k], atol=1e-4, rtol=1e-4, msg=k)
+
+
+def test_adapter_of_another_encoder_is_a_weights_error(tiny_models: Path, face_crop) -> None:
+    root = tiny_models.parent  # a tiny e4e with the released-width adapter beside it
+    ed = Editor.from_files(e4e=root / "tiny-e4e.pt", clipinverter=root / "clipinverter.pt",
+                           device="cpu")
+    with pytest.raises(WeightsError, match="belong to different models"):
+        ed.invert([face_crop])

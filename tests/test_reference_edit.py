@@ -1,4 +1,4 @@
-"""The edit equals formats.md §3, checked against an independent computation.
+"""The edit equals docs/forward-pass.md, checked against an independent computation.
 
 The reference below works straight from the checkpoint files' state dicts with plain tensor
 maths — per-sample modulated weights with grouped convolutions (the released formulation),

@@ -1,4 +1,4 @@
-"""Clean stops with real processes: Ctrl-C, SIGTERM and SIGKILL of a running ``edit`` with workers.
+"""Clean stops with real processes: Ctrl-C, SIGTERM and SIGKILL of a running command with workers.
 
 Signals are the point, so these run the CLI as a subprocess in its own session (like a terminal
 job) and look at its worker processes through /proc.
@@ -79,44 +79,63 @@ def inputs(tmp_path_factory: pytest.TempPathFactory, face_crop: Image.Image) -> 
     return folder
 
 
-@pytest.fixture
-def running(inputs: Path, tiny_models: Path, tmp_path: Path) -> Iterator[tuple]:
-    """Start ``edit`` with two workers; wait for its first output and for both workers."""
-    out = tmp_path / "out"
-    log = (tmp_path / "stderr.txt").open("w+")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    env.pop("CLIPINVERT_DEBUG", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "clipinvert.cli", "edit", str(inputs), "a prompt", "-o", str(out),
-         "--models", str(tiny_models), "--domain", "tiny", "--device", "cpu", "--workers", "2",
-         "-b", "1"],
-        env=env, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
-    workers: list[int] = []
-    try:
-        deadline = time.monotonic() + FIRST_OUTPUT_TIMEOUT
-        while not (out.is_dir() and any(out.glob("*.png"))) or len(workers) < 2:
-            if proc.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"edit ended early with {proc.returncode}:\n{log.read()}")
-            if time.monotonic() > deadline:
-                pytest.fail("no output and two workers within "
-                            f"{FIRST_OUTPUT_TIMEOUT:.0f}s")
-            workers = _children(proc.pid)
-            time.sleep(0.1)
-        yield proc, out, workers, log
-    finally:
-        if proc.poll() is None:
+class Run:
+    """One ``invert`` subprocess with two decode workers, in its own session (a terminal job)."""
+
+    def __init__(self, inputs: Path, tiny_models: Path, folder: Path) -> None:
+        folder.mkdir()
+        self.out = folder / "out"
+        self.log = (folder / "stderr.txt").open("w+")
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        env.pop("CLIPINVERT_DEBUG", None)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "clipinvert.cli", "invert", str(inputs), "-o", str(self.out),
+             "--models", str(tiny_models), "--domain", "tiny", "--device", "cpu",
+             "--workers", "2", "-b", "1"],
+            env=env, stdout=subprocess.DEVNULL, stderr=self.log, start_new_session=True)
+        self.workers: list[int] = []
+
+    def ready(self) -> bool:
+        """True once it wrote its first output and both workers exist."""
+        if self.proc.poll() is not None:
+            self.log.seek(0)
+            pytest.fail(f"invert ended early with {self.proc.returncode}:\n{self.log.read()}")
+        self.workers = _children(self.proc.pid)
+        return self.out.is_dir() and any(self.out.glob("*.png")) and len(self.workers) >= 2
+
+    def cleanup(self) -> None:
+        if self.proc.poll() is None:
             try:
-                os.killpg(proc.pid, signal.SIGKILL)
+                os.killpg(self.proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            proc.wait()
-        for pid in workers:  # never leave a worker behind, whatever went wrong
+            self.proc.wait()
+        for pid in self.workers:  # never leave a worker behind, whatever went wrong
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        log.close()
+        self.log.close()
+
+
+@pytest.fixture
+def runs(inputs: Path, tiny_models: Path, tmp_path: Path) -> Iterator[dict[str, Run]]:
+    """Three runs started together (their start-up overlaps), each waited for until it is busy."""
+    started = {name: Run(inputs, tiny_models, tmp_path / name)
+               for name in ("ctrl-c", "sigterm", "sigkill")}
+    try:
+        deadline = time.monotonic() + FIRST_OUTPUT_TIMEOUT
+        waiting = set(started)
+        while waiting:
+            waiting = {n for n in waiting if not started[n].ready()}
+            if waiting and time.monotonic() > deadline:
+                pytest.fail(f"no output and two workers within {FIRST_OUTPUT_TIMEOUT:.0f}s: "
+                            f"{sorted(waiting)}")
+            time.sleep(0.1)
+        yield started
+    finally:
+        for run in started.values():
+            run.cleanup()
 
 
 def _finish(proc: subprocess.Popen, log) -> str:
@@ -144,25 +163,21 @@ def _assert_clean_stop(out: Path, err: str, line: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # The tests
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("signum, to_group, code, line", [
-    (signal.SIGINT, True, 130, INTERRUPTED),  # what a terminal does on Ctrl-C: the whole group
-    (signal.SIGTERM, False, 143, TERMINATED),  # a service manager stopping the main process
-], ids=["ctrl-c", "sigterm"])
-def test_stop_signal_is_clean_with_one_line(running: tuple, signum: int, to_group: bool,
-                                            code: int, line: str) -> None:
-    proc, out, workers, log = running
-    (os.killpg if to_group else os.kill)(proc.pid, signum)
-    err = _finish(proc, log)
-    assert proc.returncode == code, err
-    _assert_clean_stop(out, err, line)
-    assert not _wait_gone(workers)
-
-
-def test_sigkill_of_the_main_process_leaves_no_worker(running: tuple) -> None:
-    proc, _, workers, _ = running
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=STOP_TIMEOUT)
-    assert not _wait_gone(workers), "workers outlived their killed parent"
+def test_stop_signals_are_clean_and_leave_no_worker(runs: dict[str, Run]) -> None:
+    # Ctrl-C in a terminal goes to the whole process group; a service manager sends SIGTERM to
+    # the main process; SIGKILL (the OOM killer) gives it no chance to clean up at all.
+    os.killpg(runs["ctrl-c"].proc.pid, signal.SIGINT)
+    os.kill(runs["sigterm"].proc.pid, signal.SIGTERM)
+    os.kill(runs["sigkill"].proc.pid, signal.SIGKILL)
+    for name, code, line in (("ctrl-c", 130, INTERRUPTED), ("sigterm", 143, TERMINATED)):
+        run = runs[name]
+        err = _finish(run.proc, run.log)
+        assert run.proc.returncode == code, (name, err)
+        _assert_clean_stop(run.out, err, line)
+        assert not _wait_gone(run.workers), name
+    killed = runs["sigkill"]
+    killed.proc.wait(timeout=STOP_TIMEOUT)
+    assert not _wait_gone(killed.workers), "workers outlived their killed parent"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Issue 4 wired into the editing commands: consent to download, offline, trust, fast reload."""
+"""Weights in the editing commands: consent to download, offline, trust, fast reload."""
 
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ def _registry_with_urls(tiny_models: Path, tmp_path: Path) -> Path:
     lines = ["[domains.dl]", "resolution = 32", 'align = "none"',
              f'clip_arch = "{root / "clip-tiny.json"}"',
              'clip = "tiny-clip"', 'e4e = "tiny-e4e"', 'clipinverter = "tiny-ci"', ""]
-    for name, file in (("tiny-clip", "clip-tiny-open_clip.pt"), ("tiny-e4e", "e4e.pt"),
-                       ("tiny-ci", "clipinverter.pt")):
+    for name, file in (("tiny-clip", "clip-tiny-open_clip.pt"), ("tiny-e4e", "tiny-e4e.pt"),
+                       ("tiny-ci", "tiny-clipinverter.pt")):
         lines += [f"[weights.{name}]", f'file = "{name}.pt"',
                   f'urls = ["{(root / file).as_uri()}"]', ""]
     p = tmp_path / "dl.toml"
@@ -55,13 +55,13 @@ def test_missing_weights_download_only_with_consent(tiny_models: Path, tmp_path:
 
 def test_trust_checkpoint_is_explicit(tiny_models: Path, tmp_path: Path,
                                       face_crop: Image.Image) -> None:
-    ckpt = read_checkpoint(tiny_models.parent / "e4e.pt")
+    ckpt = read_checkpoint(tiny_models.parent / "tiny-e4e.pt")
     ckpt["opts"] = {"exp_dir": pathlib.PurePosixPath("/runs/e4e")}  # a non-allow-listed object
     odd = tmp_path / "odd_e4e.pt"
     torch.save(ckpt, odd)
     with pytest.raises(WeightsError, match="--trust-checkpoint"):
         load_e4e(odd)
-    ed = Editor.from_files(e4e=odd, clipinverter=tiny_models.parent / "clipinverter.pt",
+    ed = Editor.from_files(e4e=odd, clipinverter=tiny_models.parent / "tiny-clipinverter.pt",
                            device="cpu", trust_checkpoint=True)
     assert ed.invert([face_crop]).images.shape == (1, 3, 32, 32)
 
@@ -70,7 +70,7 @@ def test_second_load_comes_from_safetensors_cache(tiny_models: Path, tmp_path: P
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CLIPINVERT_HOME", str(tmp_path / "cache"))
     src = tmp_path / "e4e.pt"
-    shutil.copy(tiny_models.parent / "e4e.pt", src)
+    shutil.copy(tiny_models.parent / "tiny-e4e.pt", src)  # 8.8 MB: above the 8 MiB threshold
     first = load_e4e(src)
     converted = list(cache_root().glob("*.safetensors"))
     assert len(converted) == 1

@@ -1,4 +1,4 @@
-"""FFHQ face alignment (formats.md §4), reproducing the released crops step by step.
+"""FFHQ face alignment (docs/alignment.md), reproducing the released crops step by step.
 
 The released e4e / CLIPInverter models were trained and evaluated on crops made by the FFHQ
 alignment procedure, so a different crop (even a "similar" one) shifts the inputs away from what

@@ -2,6 +2,7 @@
 
 from .adapter import CLIPAdapter
 from .e4e import Encoder4Editing
+from .irse import IRSEBackbone
 from .stylegan2 import Generator, GeneratorConfig
 
-__all__ = ["CLIPAdapter", "Encoder4Editing", "Generator", "GeneratorConfig"]
+__all__ = ["CLIPAdapter", "Encoder4Editing", "Generator", "GeneratorConfig", "IRSEBackbone"]

@@ -1,5 +1,9 @@
 """encoder4editing (e4e) with its IR-SE50 body, in the released state-dict layout.
 
+The body's widths and unit counts, the FPN width and the style count/width are constructor
+arguments (defaults: the released sizes) and :meth:`Encoder4Editing.from_state_dict` reads them
+all off the keys, so narrow test encoders load through the same code as the released file.
+
 The body and the heads are separate calls on purpose: CLIPInverter runs the expensive IR-SE50
 body once per image (:meth:`Encoder4Editing.forward_features`) and the cheap FPN + style heads
 twice (:meth:`Encoder4Editing.forward_styles`): on the plain features for the inversion and on the
@@ -9,67 +13,23 @@ text-modulated features for the residual.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .irse import (
+    IR_SE50_STAGES,
+    check_stages,
+    input_layer,
+    irse_body,
+    stage_ends,
+    stages_from_state_dict,
+)
 from .ops import EqualLinear
 
-# IR-SE50: (in, depth, units) per stage; the first unit of each stage has stride 2.
-IR_SE50_STAGES = ((64, 64, 3), (64, 128, 4), (128, 256, 14), (256, 512, 3))
-TAP_C1, TAP_C2, TAP_C3 = 6, 20, 23  # body indices whose outputs feed the FPN
 COARSE_END, MEDIUM_END = 3, 7  # styles [0,3) read c3, [3,7) read p2, the rest p1
-FPN_WIDTH = 512
-
-
-class SEModule(nn.Module):
-    """Squeeze-and-excitation: channel gates from globally pooled features."""
-
-    def __init__(self, channels: int, reduction: int = 16) -> None:
-        super().__init__()
-        self.avg_pool = nn.AdaptiveAvgPool2d(1)
-        self.fc1 = nn.Conv2d(channels, channels // reduction, 1, bias=False)
-        self.relu = nn.ReLU(inplace=True)
-        self.fc2 = nn.Conv2d(channels // reduction, channels, 1, bias=False)
-        self.sigmoid = nn.Sigmoid()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.sigmoid(self.fc2(self.relu(self.fc1(self.avg_pool(x)))))
-
-
-class BottleneckIRSE(nn.Module):
-    def __init__(self, in_ch: int, depth: int, stride: int) -> None:
-        super().__init__()
-        if in_ch == depth:
-            self.shortcut_layer: nn.Module = nn.MaxPool2d(1, stride)
-        else:
-            self.shortcut_layer = nn.Sequential(
-                nn.Conv2d(in_ch, depth, 1, stride, bias=False), nn.BatchNorm2d(depth))
-        self.res_layer = nn.Sequential(
-            nn.BatchNorm2d(in_ch),
-            nn.Conv2d(in_ch, depth, 3, 1, 1, bias=False),
-            nn.PReLU(depth),
-            nn.Conv2d(depth, depth, 3, stride, 1, bias=False),
-            nn.BatchNorm2d(depth),
-            SEModule(depth, 16),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.res_layer(x) + self.shortcut_layer(x)
-
-
-def ir_se50_body() -> nn.Sequential:
-    units = []
-    for in_ch, depth, n in IR_SE50_STAGES:
-        units.append(BottleneckIRSE(in_ch, depth, 2))
-        units.extend(BottleneckIRSE(depth, depth, 1) for _ in range(n - 1))
-    return nn.Sequential(*units)
-
-
-def ir_input_layer() -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.PReLU(64))
 
 
 class GradualStyleBlock(nn.Module):
@@ -99,47 +59,76 @@ class Encoder4Editing(nn.Module):
     ``latent_avg`` is *not* added here; the pipeline adds it (the released
     ``start_from_latent_avg``) because CLIPInverter's residual Δ goes through the same heads
     without it.
+
+    ``stages`` is the IR-SE body (four stages; see :mod:`.irse`); its taps c1, c2, c3 are the
+    ends of stages 2, 3 and 4 (body indices 6, 20, 23 in the released net).  The FPN adds
+    upsampled c3 to its lateral layers, so ``fpn_width`` must be the last stage's width.
     """
 
     input_size = 256
 
-    def __init__(self, n_styles: int = 18, style_dim: int = 512) -> None:
+    def __init__(self, n_styles: int = 18, style_dim: int = 512,
+                 stages: Sequence[Sequence[int]] = IR_SE50_STAGES,
+                 fpn_width: int | None = None) -> None:
         super().__init__()
+        spec = check_stages(stages)
+        if len(spec) != 4:
+            raise ValueError(f"the e4e body has 4 IR-SE stages (taps c1, c2, c3 end stages 2-4), "
+                             f"got {len(spec)}")
+        c1_ch, c2_ch, c3_ch = (depth for _, depth, _ in spec[1:])
+        fpn_width = c3_ch if fpn_width is None else int(fpn_width)
+        if fpn_width != c3_ch:
+            raise ValueError(f"e4e FPN width {fpn_width} must equal the last stage's width "
+                             f"{c3_ch} (the FPN adds c3 to its lateral layers)")
         self.n_styles, self.style_dim = n_styles, style_dim
-        self.input_layer = ir_input_layer()
-        self.body = ir_se50_body()
+        self.stages, self.fpn_width = spec, fpn_width
+        self.tap_widths = (c1_ch, c2_ch, c3_ch)
+        self.taps = stage_ends(spec)[1:]
+        self.input_layer = input_layer(spec[0][0])
+        self.body = irse_body(spec)
         self.styles = nn.ModuleList()
-        # The FPN is 512 wide (c3's width); only the style heads' width follows style_dim.
+        # The FPN is c3's width; only the style heads' output width follows style_dim.
         for i in range(n_styles):
             spatial = 16 if i < COARSE_END else 32 if i < MEDIUM_END else 64
-            self.styles.append(GradualStyleBlock(FPN_WIDTH, style_dim, spatial))
-        self.latlayer1 = nn.Conv2d(256, FPN_WIDTH, 1, 1, 0)
-        self.latlayer2 = nn.Conv2d(128, FPN_WIDTH, 1, 1, 0)
+            self.styles.append(GradualStyleBlock(fpn_width, style_dim, spatial))
+        self.latlayer1 = nn.Conv2d(c2_ch, fpn_width, 1, 1, 0)
+        self.latlayer2 = nn.Conv2d(c1_ch, fpn_width, 1, 1, 0)
 
     @classmethod
     def from_state_dict(cls, sd: Mapping[str, torch.Tensor]) -> Encoder4Editing:
-        """Build with the style count and width the checkpoint holds (e.g. 18×512 at 1024)."""
+        """Build with the sizes the checkpoint holds: style count and width (e.g. 18×512 at
+        1024), body stage widths and unit counts, FPN width."""
         n = sum(1 for k in sd if k.startswith("styles.") and k.endswith(".linear.weight"))
         if n == 0 or "styles.0.linear.weight" not in sd:
             raise KeyError("not an e4e encoder state dict (no styles.*.linear keys)")
-        return cls(n_styles=n, style_dim=int(sd["styles.0.linear.weight"].shape[0]))
+        if "latlayer1.weight" not in sd:
+            raise KeyError("not an e4e encoder state dict (no latlayer1.weight)")
+        stages = stages_from_state_dict(sd, "e4e encoder")
+        return cls(n_styles=n, style_dim=int(sd["styles.0.linear.weight"].shape[0]),
+                   stages=stages, fpn_width=int(sd["latlayer1.weight"].shape[0]))
 
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The IR-SE50 body: returns the taps c1 (128,64,64), c2 (256,32,32), c3 (512,16,16)."""
+        """The IR-SE body: returns the taps c1, c2, c3 — (128,64,64), (256,32,32), (512,16,16)
+        for the released widths."""
         assert x.ndim == 4 and x.shape[1] == 3, f"expected (B,3,H,W) images, got {tuple(x.shape)}"
         x = self.input_layer(x)
+        tap1, tap2, _ = self.taps
         c1 = c2 = None
         for i, unit in enumerate(self.body):
             x = unit(x)
-            if i == TAP_C1:
+            if i == tap1:
                 c1 = x
-            elif i == TAP_C2:
+            elif i == tap2:
                 c2 = x
         assert c1 is not None and c2 is not None
+        assert (c1.shape[1], c2.shape[1], x.shape[1]) == self.tap_widths
         return c1, c2, x
 
     def forward_styles(self, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor) -> torch.Tensor:
         """FPN + style heads: ``w[:,0]`` broadcast to all, plus per-index deltas."""
+        assert (c1.shape[1], c2.shape[1], c3.shape[1]) == self.tap_widths, (
+            f"features of widths {(c1.shape[1], c2.shape[1], c3.shape[1])}, "
+            f"expected {self.tap_widths}")
         w0 = self.styles[0](c3)
         w = [w0]
         features = c3

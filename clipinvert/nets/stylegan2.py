@@ -190,10 +190,15 @@ class StyledConv(nn.Module):
         self.activate = FusedLeakyReLU(out_ch)
 
     def forward(self, x: torch.Tensor, style: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        # = activate(noise(conv(x))), with the noise, bias, leaky ReLU and √2 applied in place
-        # on the conv output: the fewest passes over the full-resolution tensor.
+        # = activate(noise(conv(x))).  Without autograd the noise, bias, leaky ReLU and √2 are
+        # applied in place on the conv output: the fewest passes over the full-resolution
+        # tensor.  When a graph is being recorded (training back-propagates through the frozen
+        # generator) the same maths runs out of place, since autograd needs the intermediates.
         out = self.conv(x, style)
-        out = out.add_(self.noise.weight * noise + self.activate.bias.view(1, -1, 1, 1))
+        shift = self.noise.weight * noise + self.activate.bias.view(1, -1, 1, 1)
+        if out.requires_grad or shift.requires_grad:
+            return F.leaky_relu(out + shift, 0.2) * SQRT2
+        out = out.add_(shift)
         return F.leaky_relu_(out, 0.2).mul_(SQRT2)
 
 
@@ -235,8 +240,9 @@ class Generator(nn.Module):
     ``forward(w, text)`` decodes W+ latents ``(B, n_latent, style_dim)``; noise comes from the
     stored ``noises.*`` buffers so decoding is deterministic.  With ``text`` (a raw CLIP
     embedding, ``(B, text_dim)``) and a remapper, the latents of ``convs[j-1]`` are blended
-    ``(1−λ)·w + λ·mlp_j(text)`` with ``λ = 0.9·lambdas[j-1]·mix`` (formats.md §3; the released
-    weights use this convex blend).  ``mix`` scales the blend so interpolation can walk it from 0.
+    ``(1−λ)·w + λ·mlp_j(text)`` with ``λ = 0.9·lambdas[j-1]·mix``
+    (docs/forward-pass.md#remapper; the released weights use this convex blend).  ``mix`` scales
+    the blend so interpolation can walk it from 0.
     """
 
     def __init__(self, config: GeneratorConfig | None = None, **kwargs: object) -> None:

@@ -11,12 +11,54 @@ from __future__ import annotations
 import argparse
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..nets import CLIPAdapter, Encoder4Editing, Generator, GeneratorConfig
+from ..nets import CLIPAdapter, Encoder4Editing, Generator, GeneratorConfig, IRSEBackbone
+from ..nets.irse import IR_SE50_STAGES, Stage, check_stages
 from ..nets.stylegan2 import default_channels
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """The widths of an e4e encoder: its IR-SE body ``((in, depth, units), ...)`` and FPN.
+
+    The CLIPAdapter that goes with it modulates the taps, so its widths (fine, medium, coarse)
+    are the depths of stages 2, 3 and 4 (:attr:`adapter_widths`).
+    """
+
+    stages: tuple[Stage, ...] = IR_SE50_STAGES
+    fpn_width: int = 512
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stages", check_stages(self.stages))
+
+    @property
+    def adapter_widths(self) -> tuple[int, int, int]:
+        fine, medium, coarse = (depth for _, depth, _ in self.stages[1:])
+        return fine, medium, coarse
+
+
+# The released IR-SE50 (31 M parameters in the body; seconds per image on a CPU), and a quarter
+# of its widths with one unit per stage (milliseconds): same keys per unit, same feature-map
+# sizes (c1 64×64, c2 32×32, c3 16×16), so every code path runs.  Adapter widths 32/64/128:
+# multiples of 32, as the adapter's GroupNorm needs.
+RELEASED_ENCODER = EncoderSpec()
+TINY_ENCODER = EncoderSpec(((16, 16, 1), (16, 32, 1), (32, 64, 1), (64, 128, 1)), 128)
+ENCODERS = {"released": RELEASED_ENCODER, "tiny": TINY_ENCODER}
+
+
+def encoder_spec(encoder: str | EncoderSpec) -> EncoderSpec:
+    """``"released"``, ``"tiny"`` or an :class:`EncoderSpec` → the spec."""
+    if isinstance(encoder, EncoderSpec):
+        return encoder
+    try:
+        return ENCODERS[encoder]
+    except KeyError:
+        raise ValueError(f"unknown encoder {encoder!r}: use one of {sorted(ENCODERS)} or an "
+                         "EncoderSpec") from None
 
 
 @contextmanager
@@ -48,21 +90,39 @@ def make_generator(config: GeneratorConfig, seed: int = 0) -> Generator:
     return g.eval()
 
 
-def make_encoder(n_styles: int, style_dim: int, seed: int = 1) -> Encoder4Editing:
+def _random_batchnorm_stats(module: torch.nn.Module) -> None:
+    """Non-trivial BatchNorm statistics so eval-mode normalisation is exercised."""
+    for m in module.modules():
+        if isinstance(m, torch.nn.BatchNorm2d | torch.nn.BatchNorm1d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+            m.num_batches_tracked.fill_(1000)
+
+
+def make_encoder(n_styles: int, style_dim: int, seed: int = 1,
+                 encoder: str | EncoderSpec = "released") -> Encoder4Editing:
+    spec = encoder_spec(encoder)
     with seeded(seed):
-        enc = Encoder4Editing(n_styles=n_styles, style_dim=style_dim)
-        # Non-trivial BatchNorm statistics so eval-mode normalisation is exercised.
-        for m in enc.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-                m.num_batches_tracked.fill_(1000)
+        enc = Encoder4Editing(n_styles=n_styles, style_dim=style_dim, stages=spec.stages,
+                              fpn_width=spec.fpn_width)
+        _random_batchnorm_stats(enc)
     return enc.eval()
 
 
-def make_adapter(text_dim: int = 512, seed: int = 2) -> CLIPAdapter:
+def make_adapter(text_dim: int = 512, seed: int = 2,
+                 widths: tuple[int, int, int] = RELEASED_ENCODER.adapter_widths) -> CLIPAdapter:
     with seeded(seed):
-        return CLIPAdapter(text_dim=text_dim).eval()
+        return CLIPAdapter(text_dim=text_dim, widths=widths).eval()
+
+
+def make_arcface(tiny: bool = True, seed: int = 4) -> IRSEBackbone:
+    """ArcFace IR-SE50 (``model_ir_se50.pth``'s sizes), or ``tiny``: the tiny encoder's stages
+    and a 128-d embedding, still on 112×112 crops."""
+    with seeded(seed):
+        net = (IRSEBackbone(TINY_ENCODER.stages, 112, 128) if tiny
+               else IRSEBackbone(IR_SE50_STAGES, 112, 512))
+        _random_batchnorm_stats(net)
+    return net.eval()
 
 
 def _prefixed(prefix: str, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -70,15 +130,17 @@ def _prefixed(prefix: str, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 
 def write_e4e(path: Path, config: GeneratorConfig, *, seed: int = 1,
-              latent_avg: str = "full", drop_kernels: bool = False) -> Path:
+              latent_avg: str = "full", drop_kernels: bool = False,
+              encoder: str | EncoderSpec = "released") -> Path:
     """``{'state_dict': {encoder.*, decoder.*}, 'opts', 'latent_avg'}`` like e4e_ffhq_encode.pt.
 
     ``latent_avg`` "full" stores (n_latent, style_dim), "single" the (style_dim) variant.
+    ``encoder``: the released IR-SE50 widths, ``"tiny"`` or an :class:`EncoderSpec`.
     """
     plain = GeneratorConfig(size=config.size, style_dim=config.style_dim, n_mlp=config.n_mlp,
                             channels=config.channels)
     g = make_generator(plain, seed=seed + 100)
-    enc = make_encoder(plain.n_latent, plain.style_dim, seed=seed)
+    enc = make_encoder(plain.n_latent, plain.style_dim, seed=seed, encoder=encoder)
     with seeded(seed + 200):
         avg = g.mean_latent(1000)
     dec_sd = g.state_dict()
@@ -96,10 +158,12 @@ def write_e4e(path: Path, config: GeneratorConfig, *, seed: int = 1,
 
 
 def write_clipinverter(path: Path, config: GeneratorConfig, *, text_dim: int = 512,
-                       seed: int = 3, remapper: bool = True, prefix: str = "adapter.") -> Path:
+                       seed: int = 3, remapper: bool = True, prefix: str = "adapter.",
+                       encoder: str | EncoderSpec = "released") -> Path:
     """``{'state_dict': {adapter.*|mapper.*, decoder.*}, 'opts'}`` like pretrained_faces.pt.
 
-    The decoder shares the e4e file's generator weights (same seed), as the released files do.
+    The decoder shares the e4e file's generator weights (same seed), as the released files do;
+    the adapter's widths are those of the ``encoder`` it goes with (see :func:`write_e4e`).
     """
     cfg = GeneratorConfig(size=config.size, style_dim=config.style_dim, n_mlp=config.n_mlp,
                           channels=config.channels, text_dim=text_dim if remapper else None)
@@ -110,7 +174,7 @@ def write_clipinverter(path: Path, config: GeneratorConfig, *, text_dim: int = 5
                 for layer in mlp:
                     if isinstance(layer, torch.nn.Linear):
                         layer.reset_parameters()
-    adapter = make_adapter(text_dim, seed=seed)
+    adapter = make_adapter(text_dim, seed=seed, widths=encoder_spec(encoder).adapter_widths)
     ckpt = {
         "state_dict": {**_prefixed(prefix, adapter.state_dict()),
                        **_prefixed("decoder.", g.state_dict())},
@@ -139,25 +203,43 @@ def write_stylegan2(path: Path, config: GeneratorConfig, *, seed: int = 1,
     return path
 
 
+def write_arcface(path: Path, tiny: bool = True, *, seed: int = 4,
+                  prefix: str = "") -> Path:
+    """A random-weight ArcFace backbone as a plain state dict in ``model_ir_se50.pth``'s layout
+    (``prefix="module."`` for a DataParallel-saved copy).  See :func:`make_arcface`."""
+    sd = _prefixed(prefix, make_arcface(tiny, seed=seed).state_dict())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(sd, path)
+    return path
+
+
 def write_domain(directory: Path, *, size: int = 32, style_dim: int = 64,
                  max_channels: int = 32, clip_format: str = "open_clip",
-                 name: str = "tiny", align: str = "none") -> Path:
+                 name: str = "tiny", align: str = "none",
+                 encoder: str | EncoderSpec = "tiny", file_prefix: str = "",
+                 toml_name: str = "models.toml") -> Path:
     """A complete tiny domain — CLIP, e4e, CLIPInverter files and a models.toml naming them by
-    relative paths — ready for ``Editor(name, models=<returned path>)`` or ``--models``."""
+    relative paths — ready for ``Editor(name, models=<returned path>)`` or ``--models``.
+
+    ``encoder`` "tiny" (default) is a narrow IR-SE body (milliseconds per image); "released"
+    has IR-SE50's widths (seconds per image) and the same tensors as before encoders were
+    configurable.  ``file_prefix`` and ``toml_name`` let two domains share one folder (and its
+    CLIP files): ``{file_prefix}e4e.pt``, ``{file_prefix}clipinverter.pt``, ``toml_name``.
+    """
     from .clip import write_tiny_clip
 
     directory.mkdir(parents=True, exist_ok=True)
     cfg = tiny_config(size, style_dim, max_channels)
     clip_cfg, clip_weights = write_tiny_clip(directory, fmt=clip_format)
-    write_e4e(directory / "e4e.pt", cfg)
-    write_clipinverter(directory / "clipinverter.pt", cfg)
-    toml = directory / "models.toml"
+    e4e = write_e4e(directory / f"{file_prefix}e4e.pt", cfg, encoder=encoder)
+    ci = write_clipinverter(directory / f"{file_prefix}clipinverter.pt", cfg, encoder=encoder)
+    toml = directory / toml_name
     toml.write_text(
         f"[domains.{name}]\n"
         f"resolution = {size}\n"
         f'align = "{align}"\n'
         f'clip_arch = "{clip_cfg.name}"\n'
         f'clip = "{clip_weights.name}"\n'
-        'e4e = "e4e.pt"\n'
-        'clipinverter = "clipinverter.pt"\n', encoding="utf-8")
+        f'e4e = "{e4e.name}"\n'
+        f'clipinverter = "{ci.name}"\n', encoding="utf-8")
     return toml

@@ -39,7 +39,8 @@ from pathlib import Path
 
 import torch
 
-from ..registry import cache_dir
+from ..fileio import atomic_write, atomic_write_text
+from ..locations import cache_dir
 from .download import sha256_file
 from .safety import load_checkpoint
 
@@ -151,13 +152,7 @@ def save_tree(obj: dict, target: Path, metadata: dict[str, str] | None = None) -
     tree = enc.encode(obj, [])
     meta = {"format": FORMAT, "tree": json.dumps(tree, separators=(",", ":")),
             **(metadata or {})}
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        save_file(enc.storable(), str(tmp), metadata=meta)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(target, lambda tmp: save_file(enc.storable(), str(tmp), metadata=meta))
 
 
 def load_tree(path: Path) -> dict:
@@ -178,13 +173,6 @@ def load_tree(path: Path) -> dict:
 def _enabled(min_bytes: int, size: int) -> bool:
     off = os.environ.get(_DISABLE_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
     return not off and size >= min_bytes
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="ascii")
-    os.replace(tmp, path)
 
 
 def cached_path(path: Path | str) -> Path | None:
@@ -214,7 +202,7 @@ def file_identity(path: Path | str) -> dict[str, object]:
     if sha is None:
         sha = sha256_file(path)
         with contextlib.suppress(OSError):
-            _write_text_atomic(key_file, sha)
+            atomic_write_text(key_file, sha, encoding="ascii")
     return {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha}
 
 
@@ -229,8 +217,9 @@ def cached_state(path: Path | str, *, trust: bool = False, what: str = "model",
     that needs ``--trust-checkpoint`` keeps needing it.  Files below ``min_bytes``, and every
     file when ``$CLIPINVERT_NO_SAFETENSORS_CACHE=1``, bypass the cache.  Any cache trouble
     (unwritable folder, a damaged copy) falls back to the source: the cache is never a reason
-    for a load to fail.  ``loader`` replaces the plain checkpoint reader for files in other
-    formats (e.g. CLIP's TorchScript archives): what it returns is what gets cached.
+    for a load to fail.  ``loader`` replaces the plain checkpoint reader:
+    :func:`~clipinvert.weights.reader.read_weights` passes one with the caller's ``formats``
+    (e.g. CLIP's TorchScript archives); what it returns is what gets cached.
     """
     path = Path(path)
     if loader is None:
@@ -254,7 +243,7 @@ def cached_state(path: Path | str, *, trust: bool = False, what: str = "model",
         with contextlib.suppress(Exception):
             obj = load_tree(copy)
             with contextlib.suppress(OSError):
-                _write_text_atomic(root / "keys" / key, sha)
+                atomic_write_text(root / "keys" / key, sha, encoding="ascii")
             return obj
         copy.unlink(missing_ok=True)
     obj = loader(path)
@@ -263,7 +252,7 @@ def cached_state(path: Path | str, *, trust: bool = False, what: str = "model",
     with contextlib.suppress(_Unsupported, OSError, RuntimeError, ValueError, TypeError):
         save_tree(obj, copy, {"source": str(path.resolve()), "source_sha256": sha,
                               "source_size": str(path.stat().st_size)})
-        _write_text_atomic(root / "keys" / key, sha)
+        atomic_write_text(root / "keys" / key, sha, encoding="ascii")
     return obj
 
 

@@ -24,9 +24,9 @@ Why the download path looks the way it does:
   ``.partial/`` (a clearly temporary folder, never searched for weights) so that running the same
   command again resumes; the folder is per URL, so bytes from one mirror are never spliced onto
   another's.
-* **Trust on first use.**  The published files have no known checksums (formats.md §6), so the
-  sha256 of the first verified download is recorded in ``<dest>/checksums.json``; later downloads
-  and ``clipinvert models verify`` compare against it.
+* **Trust on first use.**  The published files have no known checksums
+  (docs/checkpoints.md#sources), so the sha256 of the first verified download is recorded in
+  ``<dest>/checksums.json``; later downloads and ``clipinvert models verify`` compare against it.
 * **Offline mode** (``--offline``, ``CLIPINVERT_OFFLINE=1`` or ``HF_HUB_OFFLINE=1``) never touches
   the network: a missing file is one exit-3 line naming where we looked and what gets the file.
 """
@@ -43,29 +43,24 @@ import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from ..errors import WeightsError
-from ..registry import WeightEntry, cache_dir
-from .safety import file_looks_like_html
+from ..errors import WeightsError, first_line
+from ..fileio import atomic_write, atomic_write_json
+from ..locations import cache_dir, is_offline
+from .sniff import file_looks_like_html
+
+if TYPE_CHECKING:  # the registry imports this module; entries are only passed in
+    from ..registry import WeightEntry
 
 Backend = Literal["gdrive", "http", "hf", "file"]
 PARTIAL_DIR = ".partial"
 CHECKSUMS_FILE = "checksums.json"
 DEFAULT_RETRIES = 3
 DEFAULT_TIMEOUT = (15.0, 60.0)  # seconds: connect, and between bytes
-_TRUE = {"1", "true", "yes", "on"}
 
 
 # ---- where to look ----------------------------------------------------------------------------
-
-def is_offline(flag: bool | None = None) -> bool:
-    """``--offline``, else ``CLIPINVERT_OFFLINE`` or ``HF_HUB_OFFLINE`` set to a true value."""
-    if flag:
-        return True
-    return any(os.environ.get(v, "").strip().lower() in _TRUE
-               for v in ("CLIPINVERT_OFFLINE", "HF_HUB_OFFLINE"))
-
 
 def places_for(entry: WeightEntry) -> list[Path]:
     """Where an entry's file may be, in search order."""
@@ -131,12 +126,6 @@ def _read_json(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def recorded_checksums(dest_dir: Path | None = None) -> dict[str, dict]:
     """``{file: {"sha256", "size", "url", "name", "recorded"}}`` from ``<dest>/checksums.json``."""
     data = _read_json((dest_dir or cache_dir()) / CHECKSUMS_FILE)
@@ -153,8 +142,7 @@ def record_checksum(dest_dir: Path, file: str, *, sha256: str, size: int, url: s
     files[file] = {"sha256": sha256, "size": size, "url": url, "name": name,
                    "recorded": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     data["version"] = 1
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(path, data)
+    atomic_write_json(path, data)
 
 
 def expected_sha256(entry: WeightEntry, dest_dir: Path | None = None
@@ -245,11 +233,6 @@ class _Failed(Exception):
     """The URL did not give the file (HTTP error, refused connection, Drive page)."""
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
-    return lines[0][:200] if lines else type(exc).__name__
-
-
 @contextlib.contextmanager
 def _progress(enabled: bool, label: str) -> Iterator[Callable[[int, int | None], None] | None]:
     """A rich download bar on stderr, fed by ``callback(bytes_so_far, total)``."""
@@ -295,17 +278,17 @@ def _gdown(url: str, out: Path, *, backend: Backend, progress: bool, label: str,
         if "did not honor the requested byte range" in text:
             raise _Failed("RANGE") from exc
         if "incomplete" in text.lower() or "retries" in text:
-            raise _Interrupted(f"connection dropped ({_first_line(exc)})") from exc
-        raise _Failed(_first_line(exc)) from exc
+            raise _Interrupted(f"connection dropped ({first_line(exc)})") from exc
+        raise _Failed(first_line(exc)) from exc
     except requests.HTTPError as exc:
         resp = exc.response
         status = f"HTTP {resp.status_code} {resp.reason}" if resp is not None else str(exc)
         raise _Failed(status) from exc
     except (requests.ConnectionError, requests.Timeout) as exc:
         kind = "timed out" if isinstance(exc, requests.Timeout) else "connection failed"
-        raise _Interrupted(f"{kind} ({_first_line(exc)})") from exc
+        raise _Interrupted(f"{kind} ({first_line(exc)})") from exc
     except requests.RequestException as exc:
-        raise _Failed(_first_line(exc)) from exc
+        raise _Failed(first_line(exc)) from exc
     return out
 
 
@@ -322,7 +305,7 @@ def _hf(url: str, work: Path) -> Path:
         got = hf_hub_download(f"{parts[0]}/{repo}", "/".join(parts[2:]),
                               revision=revision or None, local_dir=work)
     except Exception as exc:  # hub errors are many types; the first line says which
-        raise _Failed(_first_line(exc)) from exc
+        raise _Failed(first_line(exc)) from exc
     return Path(str(got))
 
 
@@ -330,9 +313,7 @@ def _copy(url: str, out: Path) -> Path:
     src = Path(urllib.parse.unquote(urllib.parse.urlparse(url).path))
     if not src.is_file():
         raise _Failed(f"no such file: {src}")
-    tmp = out.with_name(out.name + ".part")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, out)
+    atomic_write(out, lambda tmp: shutil.copyfile(src, tmp))
     return out
 
 
