@@ -29,11 +29,14 @@ CFG = tiny_config(32, 64, 32)
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("ckpt")
     return {
-        "e4e": write_e4e(d / "e4e.pt", CFG),
-        "e4e_single": write_e4e(d / "e4e1.pt", CFG, latent_avg="single", drop_kernels=True),
-        "ci": write_clipinverter(d / "ci.pt", CFG),
-        "ci_mapper": write_clipinverter(d / "ci_old.pt", CFG, prefix="mapper."),
-        "stage1": write_clipinverter(d / "stage1.pt", CFG, remapper=False),
+        # Narrow encoders: the layouts are the released ones, the widths are read from the keys
+        # (the released widths are checked on meta tensors in test_nets.py).
+        "e4e": write_e4e(d / "e4e.pt", CFG, encoder="tiny"),
+        "e4e_single": write_e4e(d / "e4e1.pt", CFG, latent_avg="single", drop_kernels=True,
+                                encoder="tiny"),
+        "ci": write_clipinverter(d / "ci.pt", CFG, encoder="tiny"),
+        "ci_mapper": write_clipinverter(d / "ci_old.pt", CFG, prefix="mapper.", encoder="tiny"),
+        "stage1": write_clipinverter(d / "stage1.pt", CFG, remapper=False, encoder="tiny"),
         "sg": write_stylegan2(d / "sg.pt", CFG),
         "sg_train": write_stylegan2(d / "sg_train.pt", CFG, training=True),
     }

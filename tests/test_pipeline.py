@@ -117,9 +117,9 @@ def test_from_files_and_lazy_loading(tiny_files: dict, face_crop) -> None:
 
 def test_mismatched_decoder_is_a_weights_error(tiny_models: Path, tmp_path: Path,
                                                face_crop) -> None:
-    other = write_clipinverter(tmp_path / "ci64.pt", tiny_config(64, 64, 32))
+    other = write_clipinverter(tmp_path / "ci64.pt", tiny_config(64, 64, 32), encoder="tiny")
     root = tiny_models.parent
-    ed = Editor.from_files(e4e=root / "e4e.pt", clipinverter=other, device="cpu")
+    ed = Editor.from_files(e4e=root / "tiny-e4e.pt", clipinverter=other, device="cpu")
     with pytest.raises(WeightsError, match="does not match the e4e"):
         ed.invert([face_crop])
 
