@@ -223,3 +223,112 @@ def load_arcface(path: Path | str, *, trust: bool = False) -> IRSEBackbone:
     for k in [k for k in sd if k.endswith(".running_mean")]:
         sd.setdefault(k[:-len("running_mean")] + "num_batches_tracked", torch.tensor(0))
     return build_module(IRSEBackbone, sd, "ArcFace", path)
+
+
+# The convolutions of torchvision's AlexNet ``features`` (indices 1, 2, 4, 5, 7, 9, 11 are
+# ReLUs and max-pools): what LPIPS's trunk holds.  (out, in, k) each.
+ALEXNET_CONVS = {0: (64, 3, 11), 3: (192, 64, 5), 6: (384, 192, 3), 8: (256, 384, 3),
+                 10: (256, 256, 3)}
+
+
+def alexnet_trunk_shapes() -> dict[str, tuple[int, ...]]:
+    """``features.N.weight`` / ``.bias`` → shape, as in torchvision's AlexNet file."""
+    out: dict[str, tuple[int, ...]] = {}
+    for i, (cout, cin, k) in ALEXNET_CONVS.items():
+        out[f"features.{i}.weight"] = (cout, cin, k, k)
+        out[f"features.{i}.bias"] = (cout,)
+    return out
+
+
+def load_alexnet_trunk(path: Path | str, *, trust: bool = False) -> StateDict:
+    """The AlexNet trunk LPIPS runs on, from torchvision's ``alexnet-owt-7be5be79.pth`` (a plain
+    state dict ``features.*`` + ``classifier.*``; a file of the ``features.*`` alone is fine too).
+
+    Returns the ten ``features.{0,3,6,8,10}.{weight,bias}`` tensors in torchvision's names,
+    shapes checked; ``classifier.*`` is dropped.  :class:`clipinvert.losses.LPIPSLoss` maps them
+    onto the ``lpips`` package's slices.
+    """
+    path = Path(path)
+    sd = read_checkpoint(path, "LPIPS AlexNet", trust=trust)
+    if sd and all(isinstance(k, str) and k.startswith("module.") for k in sd):
+        sd = sub_state_dict(sd, "module.")
+    trunk = {k: v for k, v in sd.items() if isinstance(k, str) and k.startswith("features.")}
+    if not trunk:
+        raise WeightsError(f"LPIPS AlexNet weights {path} hold no features.* keys "
+                           f"(found {describe_layout(sd)}) — expected torchvision's "
+                           "alexnet-owt-7be5be79.pth")
+    bad = next((k for k, v in trunk.items() if not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise WeightsError(f"LPIPS AlexNet weights {path}: {bad} is not a tensor")
+    expected = {k: torch.empty(s, device="meta") for k, s in alexnet_trunk_shapes().items()}
+    problem = mismatch_summary(expected, trunk)
+    if problem:
+        raise WeightsError(f"LPIPS AlexNet weights {path} do not fit torchvision's AlexNet: "
+                           f"{problem}")
+    return {k: trunk[k] for k in expected}
+
+
+def resnet_spec(sd: Mapping[str, torch.Tensor]) -> dict:
+    """torchvision ``ResNet`` arguments read off a state dict's keys: the block type (Bottleneck
+    when ``layer1.0.conv3`` exists, else BasicBlock), the block count of each stage, and for
+    Bottleneck nets the groups / width per group.  Raises KeyError/ValueError when the keys are
+    not a torchvision ResNet."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    if "conv1.weight" not in sd or "layer1.0.conv1.weight" not in sd:
+        raise KeyError("not a torchvision ResNet (no conv1.weight / layer1.0.conv1.weight)")
+    layers = []
+    for stage in range(1, 5):
+        idx = {int(k.split(".")[1]) for k in sd
+               if k.startswith(f"layer{stage}.") and k.split(".")[1].isdigit()}
+        if not idx or idx != set(range(max(idx) + 1)):
+            raise ValueError(f"layer{stage} blocks are missing or not numbered 0…n−1")
+        layers.append(max(idx) + 1)
+    if "layer1.0.conv3.weight" not in sd:
+        return {"block": BasicBlock, "layers": layers}
+    width = int(sd["layer1.0.conv1.weight"].shape[0])
+    per_group_in = int(sd["layer1.0.conv2.weight"].shape[1])
+    if per_group_in <= 0 or width % per_group_in:
+        raise ValueError(f"layer1.0.conv2 takes {per_group_in} channels per group of {width}")
+    groups = width // per_group_in
+    return {"block": Bottleneck, "layers": layers, "groups": groups,
+            "width_per_group": width // groups}
+
+
+def load_moco(path: Path | str, *, trust: bool = False) -> nn.Module:
+    """MoCo(-v2) ``moco_v2_800ep_pretrain.pth`` (``{'state_dict': {'module.encoder_q.*',
+    'module.encoder_k.*', 'module.queue', 'module.queue_ptr'}, 'epoch', 'arch', 'optimizer'}``)
+    → the query encoder as a torchvision ``ResNet`` whose ``fc`` is ``nn.Identity``: images
+    (B, 3, H, W) → features (B, 2048) for ResNet-50.  Frozen, in eval mode.
+
+    Only ``encoder_q`` is read, without its ``fc`` projection head; the ``module.`` prefix is
+    optional.  The ResNet's block type and depth are read off the keys (ResNet-50 for the
+    released file; test files use a small BasicBlock net of the same layout).
+    """
+    from torchvision.models.resnet import ResNet
+
+    path = Path(path)
+    ckpt = read_checkpoint(path, "MoCo", trust=trust)
+    sd = ckpt.get("state_dict")
+    if not isinstance(sd, dict):
+        raise WeightsError(f"MoCo weights {path} have no 'state_dict' "
+                           f"(found {describe_layout(ckpt)}) — expected moco_v2_800ep_pretrain.pth")
+    sd = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in sd.items()}
+    enc = {k: v for k, v in sub_state_dict(sd, "encoder_q.").items() if not k.startswith("fc.")}
+    if not enc:
+        raise WeightsError(f"MoCo weights {path} hold no encoder_q.* keys "
+                           f"(found {describe_layout(sd)}) — expected moco_v2_800ep_pretrain.pth")
+    bad = next((k for k, v in enc.items() if not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise WeightsError(f"MoCo weights {path}: encoder_q.{bad} is not a tensor")
+    for k in [k for k in enc if k.endswith(".running_mean")]:
+        enc.setdefault(k[:-len("running_mean")] + "num_batches_tracked", torch.tensor(0))
+    try:
+        spec = resnet_spec(enc)
+        with torch.device("meta"):
+            model = ResNet(**spec)
+            model.fc = nn.Identity()
+    except (KeyError, ValueError, NotImplementedError) as exc:
+        raise WeightsError(f"MoCo weights {path}: encoder_q {exc.args[0]}") from None
+    load_strict(model, enc, "MoCo encoder_q", path, assign=True)
+    return model.eval().requires_grad_(False)

@@ -381,6 +381,104 @@ def interpolate(
                             boomerang=boomerang, paste_back=paste_back))
 
 
+Weight = Annotated[float | None, typer.Option(
+    callback=_finite, show_default=False,
+    help="Loss weight (default: the released recipe's for the stage).")]
+
+
+@app.command()
+@shared(("output", "domain", "models", "workers", "quiet", "device", "batch_size", "seed",
+         "trust_checkpoint"), output=Path("runs/train"), batch_size=8, workers=2)
+def train(
+    data: Annotated[Path, typer.Option(
+        help="Training images with captions (a folder or a .jsonl manifest).",
+        show_default=False)] = Path("data"),
+    stage: Annotated[int, typer.Option(
+        callback=_within(1, 2), help="1: train the adapter; 2: the remapper (needs --init).")] = 1,
+    init: Annotated[Path | None, typer.Option(
+        callback=_existing_file, show_default=False,
+        help="Stage 2: the stage-1 checkpoint; stage 1: a CLIPInverter file to fine-tune.")] = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue the run in -o RUN_DIR with its saved settings.")] = False,
+    max_steps: Annotated[int | None, typer.Option(
+        callback=_within(1, 10**9), show_default=False,
+        help="Steps to train (default 200000 in stage 1, 20000 in stage 2).")] = None,
+    lr: Annotated[float | None, typer.Option(
+        callback=_finite, show_default=False,
+        help="Learning rate (default 5e-4 stage 1, 1.5e-4 stage 2).")] = None,
+    match_prob: Annotated[float, typer.Option(
+        callback=_within(0, 1),
+        help="Probability that a step uses the true captions (else mismatched ones).")] = 0.25,
+    l2: Weight = None,
+    lpips: Weight = None,
+    id: Annotated[float | None, typer.Option(
+        "--id", callback=_finite, show_default=False,
+        help="Identity loss weight (default: the released recipe's).")] = None,
+    w_norm: Weight = None,
+    clip: Weight = None,
+    cycle: Weight = None,
+    val_data: Annotated[Path | None, typer.Option(
+        show_default=False, help="Validation set (default: a held-out fraction of --data).")
+    ] = None,
+    val_fraction: Annotated[float, typer.Option(
+        callback=_within(0.0001, 0.9), help="Held-out fraction when there is no --val-data.")
+    ] = 0.05,
+    data_format: Annotated[str, typer.Option(
+        help="auto, celeba, cub, sidecar or jsonl.")] = "auto",
+    flip: Annotated[bool, typer.Option(
+        "--flip/--no-flip", help="Random horizontal flips of training images.")] = True,
+    val_every: Annotated[int, typer.Option(callback=_within(1, 10**9))] = 1000,
+    save_every: Annotated[int, typer.Option(callback=_within(1, 10**9))] = 1000,
+    log_every: Annotated[int, typer.Option(callback=_within(1, 10**9))] = 50,
+    image_every: Annotated[int, typer.Option(callback=_within(1, 10**9))] = 1000,
+    amp: Annotated[str | None, typer.Option(
+        show_default=False, help="bf16 or fp16 mixed precision (CUDA only).")] = None,
+    clip_preprocess: Annotated[str, typer.Option(
+        help="release (as trained: upsample and pool) or clip (CLIP's normalisation).")
+    ] = "release",
+    *,
+    opts: Common,
+) -> None:
+    """Train CLIPInverter on a domain: stage 1 the adapter, stage 2 the remapper."""
+    from .training.config import TrainConfig
+    from .training.run import check_run_dir, resolve_resume
+    from .training.run import train as run_training
+
+    weights = {"l2": l2, "lpips": lpips, "id": id, "w_norm": w_norm, "clip": clip,
+               "cycle": cycle}
+    cfg = TrainConfig.for_stage(
+        stage, lr=lr, max_steps=max_steps, weights=weights, domain=opts.domain,
+        data=str(data), run_dir=str(opts.output), batch_size=opts.batch_size,
+        init=str(init) if init else None, match_prob=match_prob, seed=opts.seed,
+        val_data=str(val_data) if val_data else None, val_fraction=val_fraction,
+        data_format=data_format, flip=flip, val_every=val_every, save_every=save_every,
+        log_every=log_every, image_every=image_every, workers=opts.workers, amp=amp,
+        clip_preprocess=clip_preprocess, models=str(opts.models) if opts.models else None,
+        device=opts.device) if not resume else None
+    if resume:
+        saved = check_run_dir(_resume_probe(opts.output), resume=True)
+        given = {"max_steps": max_steps, "stage": stage, "domain": opts.domain,
+                 "data": str(data), "batch_size": opts.batch_size, "seed": opts.seed,
+                 "match_prob": match_prob, "lr": lr}
+        defaults = {"max_steps": None, "stage": 1, "domain": "faces", "data": "data",
+                    "batch_size": 8, "seed": 0, "match_prob": 0.25, "lr": None}
+        cfg = resolve_resume(saved, given, defaults)
+    else:
+        assert cfg is not None
+        check_run_dir(cfg, resume=False)
+    say = (lambda line: None) if opts.quiet else (lambda line: print(line, file=sys.stderr))
+    toml = run_training(cfg, resume=resume, trust=opts.trust_checkpoint, log=say)
+    name = Path(cfg.run_dir).resolve().name
+    print(f"trained: clipinvert edit IMAGES PROMPT --models {toml} --domain {name}")
+
+
+def _resume_probe(run_dir: Path):
+    """A stand-in config naming only the run folder, for :func:`check_run_dir`."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(run_dir=str(run_dir))
+
+
 app.add_typer(models_app, name="models", help="List, download, verify and locate weight files.")
 
 

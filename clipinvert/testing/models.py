@@ -243,3 +243,64 @@ def write_domain(directory: Path, *, size: int = 32, style_dim: int = 64,
         f'e4e = "{e4e.name}"\n'
         f'clipinverter = "{ci.name}"\n', encoding="utf-8")
     return toml
+
+
+def write_alexnet_trunk(path: Path, seed: int = 5, *, prefix: str = "") -> Path:
+    """A random AlexNet trunk in torchvision's ``alexnet-owt-7be5be79.pth`` layout: the
+    ``features.{0,3,6,8,10}.{weight,bias}`` tensors at the real shapes (PyTorch's default conv
+    initialisation).  The 58 M-parameter ``classifier.*`` that the real file also holds is left
+    out: LPIPS never reads it.  ``prefix="module."`` mimics a DataParallel-saved copy."""
+    from ..checkpoints import ALEXNET_CONVS
+
+    sd: dict[str, torch.Tensor] = {}
+    with seeded(seed):
+        for i, (cout, cin, k) in ALEXNET_CONVS.items():
+            conv = torch.nn.Conv2d(cin, cout, k)
+            sd[f"{prefix}features.{i}.weight"] = conv.weight.detach().clone()
+            sd[f"{prefix}features.{i}.bias"] = conv.bias.detach().clone()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(sd, path)
+    return path
+
+
+def make_moco_encoder(tiny: bool = True, seed: int = 6) -> torch.nn.Module:
+    """MoCo-v2's query encoder: torchvision's ResNet-50 with the MLP projection head
+    ``fc = Linear(2048, 2048) → ReLU → Linear(2048, 128)``; ``tiny``: a BasicBlock ResNet with
+    one block per stage (ResNet-18's layout with fewer blocks, 4.9 M parameters, 512-d
+    features) and the same kind of head."""
+    from torchvision.models.resnet import BasicBlock, ResNet, resnet50
+
+    with seeded(seed):
+        net = ResNet(BasicBlock, [1, 1, 1, 1]) if tiny else resnet50()
+        dim = net.fc.in_features
+        net.fc = torch.nn.Sequential(torch.nn.Linear(dim, dim), torch.nn.ReLU(),
+                                     torch.nn.Linear(dim, 128))
+        _random_batchnorm_stats(net)
+    return net.eval()
+
+
+def write_moco(path: Path, tiny: bool = True, *, seed: int = 6, prefix: str = "module.",
+               queue: int | None = None) -> Path:
+    """A random MoCo-v2 checkpoint in ``moco_v2_800ep_pretrain.pth``'s layout:
+    ``{'epoch', 'arch', 'state_dict': {module.encoder_q.*, module.encoder_k.*, module.queue,
+    module.queue_ptr}, 'optimizer'}``.  ``encoder_k`` (the momentum encoder) holds slightly
+    different values so a loader that read it instead of ``encoder_q`` would be caught.
+
+    ``tiny`` (default): the small BasicBlock ResNet of :func:`make_moco_encoder` (a ~40 MB file,
+    written in a fraction of a second); ``tiny=False``: a real ResNet-50 (~200 MB).  The queue
+    holds ``queue`` keys (65536 in the released file; 64 by default here, 4096 when not tiny).
+    """
+    q = make_moco_encoder(tiny, seed=seed).state_dict()
+    gen = torch.Generator().manual_seed(seed + 1)
+    k = {name: (v + 0.01 * torch.randn(v.shape, generator=gen) if v.is_floating_point()
+                else v.clone()) for name, v in q.items()}
+    n_queue = queue if queue is not None else (64 if tiny else 4096)
+    keys = torch.nn.functional.normalize(torch.randn(128, n_queue, generator=gen), dim=0)
+    sd = {**_prefixed(f"{prefix}encoder_q.", q), **_prefixed(f"{prefix}encoder_k.", k),
+          f"{prefix}queue": keys, f"{prefix}queue_ptr": torch.zeros(1, dtype=torch.long)}
+    ckpt = {"epoch": 800, "arch": "resnet50", "state_dict": sd,
+            "optimizer": {"state": {}, "param_groups": [
+                {"lr": 0.03, "momentum": 0.9, "weight_decay": 1e-4, "params": [0]}]}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ckpt, path)
+    return path

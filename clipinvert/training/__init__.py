@@ -1,0 +1,1 @@
+"""Training CLIPInverter adapters and remappers: data sets, losses, the training loop."""

@@ -1,0 +1,324 @@
+"""The training loop: steps, validation, logging, checkpoints, resume (docs/training.md#run-folder).
+
+:class:`Trainer` receives everything built (model, CLIP, criteria, datasets, configuration) and
+knows nothing about registries or the command line, so a notebook can drive it too.
+
+Resuming is exact on the CPU: the data order comes from the sampler's (seed, epoch) permutation
+and its position, every random choice of a sample from (seed, epoch, index), the caption coin
+from (seed, step), and the optimizer's and model's state from ``resume.pt``; a run interrupted
+after a save and resumed ends with the same weights, bit for bit, as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..fileio import atomic_write
+from ..model import CLIPInverter
+from .checkpoint import load_resume, save_released, save_resume, set_rng_states
+from .config import TrainConfig
+from .optim import make_optimizer
+from .step import Criteria, mismatch_coin, pool, training_step
+
+TextEncoder = Callable[[list[str]], torch.Tensor]  # captions → raw CLIP embeddings (no grad)
+
+
+class Trainer:
+    """One stage of training over a dataset; ``fit()`` runs until ``cfg.max_steps``."""
+
+    def __init__(self, cfg: TrainConfig, model: CLIPInverter, encode_text: TextEncoder,
+                 criteria: Criteria, train_set: Any, val_set: Any | None, *,
+                 device: torch.device | str = "cpu", log: Callable[[str], None] = print,
+                 rank: int = 0, world_size: int = 1) -> None:
+        self.cfg, self.model, self.encode_text, self.criteria = cfg, model, encode_text, criteria
+        self.train_set, self.val_set = train_set, val_set
+        self.device = torch.device(device)
+        self.log = log
+        self.rank, self.world_size = rank, world_size
+        self.run_dir = Path(cfg.run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.params = model.set_stage(cfg.stage)
+        model.train()
+        self.optimizer = make_optimizer(self.params, cfg.lr)
+        self.step = 0
+        self.epoch = 0
+        self.position = 0  # samples of this epoch already consumed (this rank)
+        self.best: float | None = None
+        self._tb = None
+
+    # ---- state ---------------------------------------------------------------------------
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def resume(self, path: Path | None = None) -> None:
+        """Continue from ``resume.pt`` (model, optimizer, step, sampler position, RNG)."""
+        state = load_resume(path or self.ckpt_dir / "resume.pt")
+        missing = self.model.load_state_dict(
+            {k: v for k, v in state["model"].items()}, strict=False)
+        del missing  # only adapter.* and decoder.* are stored: the encoder is never trained
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
+        self.best = state["best_val"]
+        set_rng_states(state["rng"])
+
+    def save(self) -> None:
+        """``latest.pt`` (released layout) and ``resume.pt``; rank 0 only; atomic."""
+        if not self.is_main:
+            return
+        save_released(self.ckpt_dir / "latest.pt", self.model, self.cfg)
+        save_resume(self.ckpt_dir / "resume.pt", model=self.model, optimizer=self.optimizer,
+                    step=self.step, epoch=self.epoch, position=self.position, best=self.best,
+                    cfg=self.cfg)
+
+    # ---- data ----------------------------------------------------------------------------
+    def batches(self) -> Iterator[dict[str, Any]]:
+        """Batches from the current (epoch, position) on, forever (epochs roll over)."""
+        from .data import ResumableSampler, collate
+
+        n = len(self.train_set)
+        per_epoch = n // self.world_size // self.cfg.batch_size
+        if per_epoch == 0:
+            from ..errors import UsageError
+
+            raise UsageError(f"{n} training images are fewer than one batch of "
+                             f"{self.cfg.batch_size} per process")
+        while True:
+            sampler = ResumableSampler(n, seed=self.cfg.seed, rank=self.rank,
+                                       world_size=self.world_size)
+            order = sampler.indices(self.epoch)[self.position:]
+            self.train_set.set_epoch(self.epoch)
+            bs = self.cfg.batch_size
+            loader = torch.utils.data.DataLoader(
+                _Subset(self.train_set, order[: len(order) // bs * bs]), batch_size=bs,
+                shuffle=False, num_workers=self.cfg.workers, collate_fn=collate,
+                persistent_workers=False)
+            for batch in loader:
+                self.position += bs
+                for path, reason in batch["failed"]:  # unreadable since the scan: skipped
+                    self.log(f"skipped {path}: {reason}")
+                if len(batch["caption"]) >= 2:
+                    yield batch
+            self.epoch += 1
+            self.position = 0
+
+    # ---- the loop ------------------------------------------------------------------------
+    def fit(self) -> None:
+        """Train until ``max_steps``.  Ctrl-C or SIGTERM finish the step in progress, save a
+        resumable state of it, then stop (KeyboardInterrupt / Terminated go on to the CLI)."""
+        cfg = self.cfg
+        it = self.batches()
+        with _DeferredStop() as stop:
+            while self.step < cfg.max_steps:
+                batch = next(it)
+                logs = self.train_step(batch)
+                self.step += 1
+                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                    self.write_metrics("train", logs)
+                if self.val_set is not None and (self.step % cfg.val_every == 0
+                                                 or self.step == cfg.max_steps):
+                    self.validate()
+                if self.step % cfg.image_every == 0 or self.step == cfg.max_steps:
+                    self.write_grid()
+                if (self.step % cfg.save_every == 0 or self.step == cfg.max_steps
+                        or stop.signum):
+                    self.save()
+                if stop.signum:
+                    stop.reraise()
+
+    def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
+        x = batch["image"].to(self.device)
+        with torch.no_grad():
+            t = self.encode_text(list(batch["caption"])).to(self.device, x.dtype)
+        mismatch = mismatch_coin(self.cfg.seed, self.step, self.cfg.match_prob)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, logs = training_step(self.model, x, t, mismatch=mismatch,
+                                   weights=self.cfg.weights, criteria=self.criteria,
+                                   stage=self.cfg.stage)
+        if not math.isfinite(float(loss.detach())):
+            raise FloatingPointError(f"the loss is {float(loss.detach())} at step {self.step + 1}")
+        loss.backward()
+        if self.world_size > 1:
+            _average_gradients(self.params, self.world_size)
+        self.optimizer.step()
+        logs["mismatch"] = float(mismatch)
+        return logs
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Mean logged terms over the validation set; ``best.pt`` when ``loss`` improves."""
+        from .data import collate
+
+        self.model.eval()
+        totals: dict[str, float] = {}
+        count = 0
+        loader = torch.utils.data.DataLoader(self.val_set, batch_size=self.cfg.batch_size,
+                                             shuffle=False, collate_fn=collate, drop_last=False)
+        for i, batch in enumerate(loader):
+            if len(batch["caption"]) < 2:  # a last batch of one has no mismatched caption
+                continue
+            x = batch["image"].to(self.device)
+            t = self.encode_text(list(batch["caption"])).to(self.device, x.dtype)
+            _, logs = training_step(self.model, x, t,
+                                    mismatch=mismatch_coin(self.cfg.seed, -1 - i,
+                                                           self.cfg.match_prob),
+                                    weights=self.cfg.weights, criteria=self.criteria,
+                                    stage=self.cfg.stage)
+            n = len(batch["caption"])
+            for k, v in logs.items():
+                totals[k] = totals.get(k, 0.0) + v * n
+            count += n
+        self.model.train()
+        means = {k: v / count for k, v in totals.items()} if count else {}
+        if means:
+            self.write_metrics("val", means)
+            if self.best is None or means["loss"] < self.best:
+                self.best = means["loss"]
+                if self.is_main:
+                    save_released(self.ckpt_dir / "best.pt", self.model, self.cfg)
+        return means
+
+    # ---- outputs -------------------------------------------------------------------------
+    def write_metrics(self, split: str, logs: dict[str, float]) -> None:
+        if not self.is_main:
+            return
+        rec = {"step": self.step, "split": split, "time": round(time.time(), 3),
+               **{k: float(v) for k, v in logs.items()}}
+        path = self.run_dir / "metrics.jsonl"
+        with path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(rec, allow_nan=False) + "\n")
+        writer = self.tensorboard()
+        if writer is not None:
+            for k, v in logs.items():
+                writer.add_scalar(f"{split}/{k}", v, self.step)
+            writer.flush()
+        if split == "train":
+            self.log(f"step {self.step}/{self.cfg.max_steps}: loss {logs.get('loss', 0):.4f}")
+
+    def tensorboard(self):
+        """A SummaryWriter when ``tensorboard`` is installed (optional dependency)."""
+        if self._tb is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                self._tb = False
+            else:
+                self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+        return self._tb or None
+
+    @torch.no_grad()
+    def write_grid(self) -> None:
+        """``images/step_<N>.png``: rows input | edit | cycle for fixed validation samples, each
+        edited with the next sample's caption (the mismatched case training learns)."""
+        if not self.is_main or self.val_set is None or len(self.val_set) < 2:
+            return
+        from .. import imaging
+        from .data import collate
+
+        n = min(self.cfg.val_samples, len(self.val_set))
+        batch = collate([self.val_set[i] for i in range(n)])
+        x = batch["image"].to(self.device)
+        t = self.encode_text(list(batch["caption"])).to(self.device, x.dtype)
+        self.model.eval()
+        edit = pool(self.model(x, t.roll(1, 0)).images)
+        cycle = pool(self.model(edit, t).images)
+        self.model.train()
+        rows = [imaging.side_by_side(list(imgs), labels=["input", "edit", "cycle"])
+                for imgs in zip(imaging.to_pil(x), imaging.to_pil(edit), imaging.to_pil(cycle),
+                                strict=True)]
+        width, height = rows[0].width, sum(r.height for r in rows)
+        from PIL import Image
+
+        grid = Image.new("RGB", (width, height), "white")
+        y = 0
+        for r in rows:
+            grid.paste(r, (0, y))
+            y += r.height
+        imaging.save_image(grid, self.run_dir / "images" / f"step_{self.step:07d}.png")
+
+
+class _DeferredStop:
+    """SIGINT/SIGTERM during a step only set a flag: the loop finishes the step, saves, stops.
+
+    Installed only in the main thread (signal handlers can live nowhere else); the previous
+    handlers come back on exit.
+    """
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _DeferredStop:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._note)
+        return self
+
+    def _note(self, signum: int, frame: object) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+    def reraise(self) -> None:
+        """Stop as the handler that was there before would have (the CLI's records which
+        signal it was, for its exit code); else as Python does."""
+        import signal
+
+        from ..workers import Terminated
+
+        old = self._old.get(self.signum)
+        if callable(old):
+            old(self.signum, None)
+        if self.signum == signal.SIGTERM:
+            raise Terminated()
+        raise KeyboardInterrupt
+
+
+class _Subset(torch.utils.data.Dataset):
+    def __init__(self, dataset: Any, indices: list[int]) -> None:
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.dataset[self.indices[i]]
+
+
+def _average_gradients(params: list[torch.nn.Parameter], world_size: int) -> None:
+    import torch.distributed as dist
+
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world_size
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """On resume, drop metric lines written after the saved step (they will be written again)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    text = "".join(ln + "\n" for ln in keep)
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))

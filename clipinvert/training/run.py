@@ -1,0 +1,119 @@
+"""``clipinvert train`` as a function a notebook can call: :func:`train`.
+
+Run folder (docs/training.md#run-folder)::
+
+    RUN_DIR/config.json              every setting (what --resume continues with)
+    RUN_DIR/checkpoints/latest.pt    released layout: clipinvert edit and the official infer.py
+    RUN_DIR/checkpoints/best.pt      the same, lowest validation loss so far
+    RUN_DIR/checkpoints/resume.pt    optimizer, step, sampler position, RNG states
+    RUN_DIR/metrics.jsonl            one line per logged step (train and val)
+    RUN_DIR/images/step_*.png        input | edit | cycle for fixed validation samples
+    RUN_DIR/tensorboard/             when tensorboard is installed
+    RUN_DIR/models.toml              a domain table that makes `clipinvert edit` use best.pt
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from ..errors import UsageError
+from ..fileio import atomic_write_text
+from ..registry import Domain, Registry
+from .config import TrainConfig
+
+
+def check_run_dir(cfg: TrainConfig, resume: bool) -> TrainConfig:
+    """A new run never reuses a folder holding a run; ``--resume`` continues the saved one."""
+    run_dir = Path(cfg.run_dir)
+    saved = run_dir / "config.json"
+    if not resume:
+        if saved.exists() or (run_dir / "checkpoints").exists():
+            raise UsageError(f"{run_dir} already holds a training run: pass --resume to "
+                             "continue it, or choose another -o")
+        return cfg
+    if not saved.exists():
+        raise UsageError(f"--resume: {run_dir} holds no training run (no config.json)")
+    return TrainConfig.load(saved)
+
+
+def resolve_resume(saved: TrainConfig, given: dict[str, object],
+                   defaults: dict[str, object]) -> TrainConfig:
+    """The saved settings, with ``--max-steps`` raised if asked; any other flag given again
+    (different from its default) must agree with the saved value."""
+    import dataclasses
+
+    d = saved.to_dict()
+    changed = []
+    for key, value in given.items():
+        if key not in d or value == defaults.get(key):
+            continue
+        if key == "max_steps":
+            if int(value) < saved.max_steps:  # type: ignore[call-overload]
+                changed.append(f"--max-steps {value} is below the run's {saved.max_steps}")
+            continue
+        if value != d[key]:
+            changed.append(f"{key} {d[key]!r} (saved) vs {value!r} (given)")
+    if changed:
+        raise UsageError("--resume continues the saved settings; these differ: "
+                         + "; ".join(changed))
+    steps = given.get("max_steps")
+    if steps is not None and steps != defaults.get("max_steps"):
+        return dataclasses.replace(saved, max_steps=int(steps))  # type: ignore[call-overload]
+    return saved
+
+
+def run_registry(run_dir: Path, domain: Domain, files: dict[str, Path], checkpoint: Path,
+                 registry: Registry) -> str:
+    """A complete domain table named after the run folder, absolute paths throughout."""
+    name = Path(run_dir).resolve().name
+    roles = dict(files)
+    roles["clipinverter"] = Path(checkpoint).resolve()
+    lines = [f"# Written by clipinvert train: clipinvert edit --models {run_dir}/models.toml "
+             f"--domain {name} …", f"[domains.{name}]",
+             f'description = "trained with clipinvert train from domain {domain.name}"',
+             f"resolution = {domain.resolution}", f'align = "{domain.align}"']
+    arch = domain.clip_arch
+    if (domain.base_dir / arch).is_file():
+        arch = str((domain.base_dir / arch).resolve())
+    lines.append(f'clip_arch = "{arch}"')
+    for role in ("clip", "e4e", "clipinverter", "stylegan2", "lpips", "arcface", "moco"):
+        if role in roles:
+            lines.append(f'{role} = "{Path(roles[role]).resolve()}"')
+    if "landmarks" in domain.weights:
+        lines.append(f'landmarks = "{registry.locate(domain, "landmarks").resolve()}"')
+    return "\n".join(lines) + "\n"
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, registry: Registry | None = None,
+          trust: bool = False, log: Callable[[str], None] = print) -> Path:
+    """Run (or continue) one training stage; returns the run's ``models.toml``."""
+    from ..pipeline import resolve_device
+    from .build import build
+    from .loop import Trainer, truncate_metrics
+
+    device = resolve_device(cfg.device)
+    if cfg.amp and device.type != "cuda":
+        raise UsageError(f"--amp {cfg.amp} needs a CUDA device (this run is on {device.type})")
+    registry = registry or Registry.load(cfg.models)
+    run_dir = Path(cfg.run_dir)
+    parts = build(cfg, registry, device, warn=log, trust=trust)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(run_dir / "config.json")
+    trainer = Trainer(cfg, parts.model, lambda caps: parts.clip.encode_text(caps),
+                      parts.criteria, parts.train_set, parts.val_set, device=device, log=log)
+    if resume and (run_dir / "checkpoints" / "resume.pt").exists():
+        trainer.resume()
+        truncate_metrics(run_dir, trainer.step)
+        log(f"resuming at step {trainer.step} of {cfg.max_steps}")
+    if not resume:
+        torch.manual_seed(cfg.seed)
+    trainer.fit()
+    best = run_dir / "checkpoints" / "best.pt"
+    chosen = best if best.exists() else run_dir / "checkpoints" / "latest.pt"
+    domain = registry.domain(cfg.domain)
+    toml = run_dir / "models.toml"
+    atomic_write_text(toml, run_registry(run_dir, domain, parts.files, chosen, registry))
+    return toml

@@ -1,0 +1,132 @@
+"""`clipinvert train` end to end on a tiny domain and a tiny captioned set (CPU)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from clipinvert.cli import main
+from clipinvert.testing.training import write_caption_set, write_training_domain
+
+NAMES = ("loss_id_real", "loss_l2_real", "loss_lpips_real", "loss_w_norm_real", "loss_real",
+         "loss_id_cycle", "loss_l2_cycle", "loss_lpips_cycle", "loss_w_norm_cycle",
+         "loss_cycle", "loss")
+
+
+@pytest.fixture(scope="module")
+def domain(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_training_domain(tmp_path_factory.mktemp("trainable"))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_caption_set(tmp_path_factory.mktemp("captions") / "set", n=6)
+
+
+def _train(domain: Path, data: Path, run: Path, *extra: str) -> int:
+    return main(["train", "--data", str(data), "-o", str(run), "--models", str(domain),
+                 "--domain", "trainable", "--device", "cpu", "--workers", "0", "-b", "2",
+                 "--val-fraction", "0.34", "--log-every", "1", "--val-every", "2",
+                 "--save-every", "2", "--image-every", "2", "--quiet", *extra])
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def full_run(domain: Path, data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four uninterrupted stage-1 steps (shared: the stage-1 checks, the resume comparison and
+    stage 2's --init)."""
+    run = tmp_path_factory.mktemp("runs") / "full"
+    assert _train(domain, data, run, "--max-steps", "4") == 0
+    return run
+
+
+def test_stage1_runs_logs_and_saves_released_layout(full_run: Path) -> None:
+    run = full_run
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["stage"] == 1 and cfg["weights"]["w_norm"] == 0.005 and cfg["lr"] == 5e-4
+    metrics = _metrics(run)
+    train = [m for m in metrics if m["split"] == "train"]
+    assert [m["step"] for m in train] == [1, 2, 3, 4]
+    for m in train:
+        for name in NAMES:
+            assert math.isfinite(m[name]), name
+        if m["mismatch"]:  # the directional term only when the captions were rolled
+            assert math.isfinite(m["loss_directional_real"])
+        else:
+            assert "loss_directional_real" not in m
+    assert any(m["mismatch"] for m in train)
+    assert any(m["split"] == "val" for m in metrics)
+    assert list((run / "images").glob("step_*.png"))
+    ckpt = torch.load(run / "checkpoints" / "latest.pt", weights_only=True)
+    assert set(ckpt) == {"state_dict", "opts"}
+    keys = ckpt["state_dict"].keys()
+    assert any(k.startswith("adapter.") for k in keys)
+    assert not any(k.startswith("decoder.affine_mlps") for k in keys)  # stage 1: plain decoder
+    for k in ("stylegan_size", "start_from_latent_avg", "no_coarse_mapper",
+              "no_medium_mapper", "no_fine_mapper"):
+        assert k in ckpt["opts"]
+    assert (run / "checkpoints" / "best.pt").exists()
+    assert (run / "checkpoints" / "resume.pt").exists()
+    assert (run / "models.toml").exists()
+
+
+def test_existing_run_refused_without_resume_and_batch_one(domain: Path, data: Path,
+                                                           tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    assert _train(domain, data, run, "--max-steps", "1") == 2
+    assert "--resume" in capsys.readouterr().err
+    assert _train(domain, data, tmp_path / "b1", "--max-steps", "1", "-b", "1") == 2
+    err = capsys.readouterr().err
+    assert "at least 2" in err and len(err.strip().splitlines()) == 1
+    assert _train(domain, data, tmp_path / "s2", "--stage", "2") == 2
+    assert "--init" in capsys.readouterr().err
+
+
+def test_resume_is_bit_exact_and_checkpoint_edits(domain: Path, data: Path, full_run: Path,
+                                                  tmp_path: Path, capsys) -> None:
+    part = tmp_path / "part"
+    assert _train(domain, data, part, "--max-steps", "2") == 0
+    assert _train(domain, data, part, "--resume", "--max-steps", "4") == 0
+    out = capsys.readouterr().out
+    assert str(part / "models.toml") in out and "--domain part" in out
+    a = torch.load(full_run / "checkpoints" / "latest.pt", weights_only=True)["state_dict"]
+    b = torch.load(part / "checkpoints" / "latest.pt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    steps = [m["step"] for m in _metrics(part) if m["split"] == "train"]
+    assert steps == [1, 2, 3, 4]
+    # A changed setting is refused on resume.
+    assert _train(domain, data, part, "--resume", "--seed", "5") == 2
+    assert "differ" in capsys.readouterr().err
+    # The saved checkpoint is an edit model: the run's models.toml makes `edit` use it.
+    img = next(data.glob("*.png"))
+    rc = main(["edit", str(img), "blond hair", "--models", str(part / "models.toml"),
+               "--domain", "part", "--device", "cpu", "--workers", "0", "-o",
+               str(tmp_path / "edited"), "--quiet"])
+    assert rc == 0 and (tmp_path / "edited" / f"{img.stem}.png").exists()
+
+
+def test_stage2_trains_only_the_remapper(domain: Path, data: Path, full_run: Path,
+                                         tmp_path: Path) -> None:
+    s2 = tmp_path / "s2"
+    init = full_run / "checkpoints" / "latest.pt"
+    assert _train(domain, data, s2, "--stage", "2", "--init", str(init), "--max-steps", "2",
+                  "--match-prob", "0") == 0
+    before = torch.load(init, weights_only=True)["state_dict"]
+    after = torch.load(s2 / "checkpoints" / "latest.pt", weights_only=True)["state_dict"]
+    assert any(k.startswith("decoder.affine_mlps.") for k in after)
+    for k, v in before.items():  # adapter and generator unchanged
+        assert torch.equal(v, after[k]), k
+    train = [m for m in _metrics(s2) if m["split"] == "train"]
+    assert all("loss_w_norm_real" not in m for m in train)
+    assert all(math.isfinite(m["loss"]) and m["mismatch"] == 1.0 for m in train)
