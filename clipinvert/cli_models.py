@@ -186,7 +186,8 @@ def download(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
     all_roles: Annotated[bool, typer.Option(
         "--all", help="For a domain, also the files only training/eval need (StyleGAN2, "
-        "ArcFace, MoCo); by default only what editing needs.")] = False,
+        "ArcFace, MoCo, the LPIPS AlexNet trunk); by default only what editing needs.")
+    ] = False,
 ) -> None:
     """Download the weight files of domains or named entries into the cache (verified)."""
     from .registry import EDIT_ROLES, Registry, cache_dir

@@ -44,9 +44,11 @@ def locate_training_files(registry: Registry, domain: Domain) -> dict[str, Path]
         except WeightsError:
             missing.append(role)
     if missing:
-        if "e4e" in missing and domain.note:
-            raise WeightsError(f"domain {domain.name!r} cannot be trained yet: {domain.note}")
-        raise WeightsError(registry.missing_message(domain, missing))
+        message = registry.missing_message(domain, missing)
+        if {"e4e", "stylegan2"} & set(missing) and domain.note:
+            # The note (e.g. cats, birds: nothing released) is already at the end.
+            message = f"domain {domain.name!r} cannot be trained yet: {message}"
+        raise WeightsError(message)
     return found
 
 

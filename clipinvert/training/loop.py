@@ -11,6 +11,7 @@ after a save and resumed ends with the same weights, bit for bit, as an uninterr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -52,6 +53,15 @@ class Trainer:
         self.position = 0  # samples of this epoch already consumed (this rank)
         self.best: float | None = None
         self._tb = None
+        # Mixed precision (CUDA only, checked by the caller): bf16 needs no loss scaling, fp16
+        # does; with amp off the scaler is a no-op and steps are exactly the float32 ones.
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp or "")
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16")
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
     # ---- state ---------------------------------------------------------------------------
     @property
@@ -139,15 +149,18 @@ class Trainer:
             t = self.encode_text(list(batch["caption"])).to(self.device, x.dtype)
         mismatch = mismatch_coin(self.cfg.seed, self.step, self.cfg.match_prob)
         self.optimizer.zero_grad(set_to_none=True)
-        loss, logs = training_step(self.model, x, t, mismatch=mismatch,
-                                   weights=self.cfg.weights, criteria=self.criteria,
-                                   stage=self.cfg.stage)
+        with self.autocast():
+            loss, logs = training_step(self.model, x, t, mismatch=mismatch,
+                                       weights=self.cfg.weights, criteria=self.criteria,
+                                       stage=self.cfg.stage)
         if not math.isfinite(float(loss.detach())):
             raise FloatingPointError(f"the loss is {float(loss.detach())} at step {self.step + 1}")
-        loss.backward()
+        self.scaler.scale(loss).backward()
         if self.world_size > 1:
+            self.scaler.unscale_(self.optimizer)
             _average_gradients(self.params, self.world_size)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         logs["mismatch"] = float(mismatch)
         return logs
 
