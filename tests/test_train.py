@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -127,6 +128,21 @@ def test_stage2_trains_only_the_remapper(domain: Path, data: Path, full_run: Pat
     assert any(k.startswith("decoder.affine_mlps.") for k in after)
     for k, v in before.items():  # adapter and generator unchanged
         assert torch.equal(v, after[k]), k
+    # The official inference's loading steps: networks built from the domain's sizes (not from
+    # the file), adapter strict, decoder strict with the remapper, then the opts it reads.
+    from clipinvert.nets import CLIPAdapter, Generator
+    from clipinvert.testing.models import TINY_ENCODER, tiny_config
+
+    ckpt = torch.load(s2 / "checkpoints" / "latest.pt", weights_only=True)
+    text_dim = after["adapter.coarse_mapping.modulation_module_list.0.gamma_function.0.weight"
+                     ].shape[1]
+    adapter = CLIPAdapter(text_dim=text_dim, widths=TINY_ENCODER.adapter_widths)
+    adapter.load_state_dict({k[8:]: v for k, v in after.items() if k.startswith("adapter.")},
+                            strict=True)
+    decoder = Generator(dataclasses.replace(tiny_config(32, 64, 32), text_dim=text_dim))
+    decoder.load_state_dict({k[8:]: v for k, v in after.items() if k.startswith("decoder.")},
+                            strict=True)
+    assert ckpt["opts"]["stylegan_size"] == 32 and ckpt["opts"]["start_from_latent_avg"] is True
     train = [m for m in _metrics(s2) if m["split"] == "train"]
     assert all("loss_w_norm_real" not in m for m in train)
     assert all(math.isfinite(m["loss"]) and m["mismatch"] == 1.0 for m in train)
