@@ -312,6 +312,10 @@ def run_folder(command: str, inputs: Path, opts: RunOptions, params: dict,
     def outs_of(stem: Path) -> list[Path]:
         return outputs_for(Crop(stem, _PLACEHOLDER))
 
+    def finished(paths: list[Path]) -> bool:
+        """Every output exists and was made with these settings: nothing to do."""
+        return bool(paths) and all(p.exists() and manifest.made_with(p) == fp for p in paths)
+
     def foreign(paths: Iterable[Path]) -> list[Path]:
         """Existing files this run would replace that were not made with these settings."""
         return [p for p in paths if p.exists() and manifest.made_with(p) != fp]
@@ -333,13 +337,12 @@ def run_folder(command: str, inputs: Path, opts: RunOptions, params: dict,
             report.warn(f"{src}: output renamed to {name.as_posix()} ({why})")
         if name != rel.with_suffix(""):
             renamed[src] = name.as_posix()
-        if not opts.overwrite and not prep.align:
+        if not opts.overwrite:
             outs = outs_of(name)
-            if outs and all(p.exists() and manifest.made_with(p) == fp for p in outs):
+            if not prep.align and finished(outs):
                 report.skipped(src, outs, **_named(renamed, src))
                 continue
-        if not opts.overwrite:
-            blocking += foreign(outs_of(name))
+            blocking += foreign(outs)
         todo.append((src, name))
     if blocking:
         raise UsageError(f"{len(blocking)} output file(s) already exist that this command did "
@@ -423,7 +426,7 @@ def run_folder(command: str, inputs: Path, opts: RunOptions, params: dict,
                         crop.rel = name
                 outs = [p for c in crops for p in outputs_for(c)]
                 if not opts.overwrite:
-                    if outs and all(p.exists() and manifest.made_with(p) == fp for p in outs):
+                    if finished(outs):
                         report.skipped(item.src, outs, **_named(renamed, item.src))
                         progress.advance(task)
                         continue

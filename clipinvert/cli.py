@@ -27,6 +27,7 @@ import typer
 
 from .cli_models import ModelsOpt, models_app
 from .errors import EXIT_FAILED, EXIT_USAGE, ClipInvertError, UsageError
+from .manifest import json_safe
 from .workers import StopSignals
 
 app = typer.Typer(
@@ -152,15 +153,6 @@ MODEL_OPTIONS = ("device", "dtype", "batch_size", "aligned", "seed", "download",
 _OPTIONS = [f for f in dataclasses.fields(Common) if f.name != "params"]
 
 
-def _plain(value: object) -> object:
-    """A received value as JSON: paths as strings, sequences as lists."""
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
 def shared(*groups: tuple[str, ...], **defaults: object) -> Callable[[Callable], Callable]:
     """Give a command the shared options of ``groups`` (``defaults`` overrides some defaults).
 
@@ -189,7 +181,8 @@ def shared(*groups: tuple[str, ...], **defaults: object) -> Callable[[Callable],
 
         @functools.wraps(func)
         def command(**received: Any) -> Any:
-            params = {k: _plain(v) for k, v in received.items()}
+            # The report's params: every value received, JSON-ready (paths as strings).
+            params = {k: json_safe(v) for k, v in received.items()}
             opts = Common(**{p.name: received.pop(p.name) for p in extra}, params=params)
             return func(**received, opts=opts)
 
@@ -446,37 +439,29 @@ def train(
 
     weights = {"l2": l2, "lpips": lpips, "id": id, "w_norm": w_norm, "clip": clip,
                "cycle": cycle}
-    cfg = TrainConfig.for_stage(
-        stage, lr=lr, max_steps=max_steps, weights=weights, domain=opts.domain,
-        data=str(data), run_dir=str(opts.output), batch_size=opts.batch_size,
-        init=str(init) if init else None, match_prob=match_prob, seed=opts.seed,
-        val_data=str(val_data) if val_data else None, val_fraction=val_fraction,
-        data_format=data_format, flip=flip, val_every=val_every, save_every=save_every,
-        log_every=log_every, image_every=image_every, workers=opts.workers, amp=amp,
-        clip_preprocess=clip_preprocess, models=str(opts.models) if opts.models else None,
-        device=opts.device) if not resume else None
     if resume:
-        saved = check_run_dir(_resume_probe(opts.output), resume=True)
+        saved = check_run_dir(opts.output, resume=True)
+        assert saved is not None
         given = {"max_steps": max_steps, "stage": stage, "domain": opts.domain,
                  "data": str(data), "batch_size": opts.batch_size, "seed": opts.seed,
                  "match_prob": match_prob, "lr": lr}
-        defaults = {"max_steps": None, "stage": 1, "domain": "faces", "data": "data",
-                    "batch_size": 8, "seed": 0, "match_prob": 0.25, "lr": None}
-        cfg = resolve_resume(saved, given, defaults)
+        options = inspect.signature(train).parameters  # defaults as declared, shared ones too
+        cfg = resolve_resume(saved, given, {k: json_safe(options[k].default) for k in given})
     else:
-        assert cfg is not None
-        check_run_dir(cfg, resume=False)
+        cfg = TrainConfig.for_stage(
+            stage, lr=lr, max_steps=max_steps, weights=weights, domain=opts.domain,
+            data=str(data), run_dir=str(opts.output), batch_size=opts.batch_size,
+            init=str(init) if init else None, match_prob=match_prob, seed=opts.seed,
+            val_data=str(val_data) if val_data else None, val_fraction=val_fraction,
+            data_format=data_format, flip=flip, val_every=val_every, save_every=save_every,
+            log_every=log_every, image_every=image_every, workers=opts.workers, amp=amp,
+            clip_preprocess=clip_preprocess, models=str(opts.models) if opts.models else None,
+            device=opts.device)
+        check_run_dir(opts.output, resume=False)
     say = (lambda line: None) if opts.quiet else (lambda line: print(line, file=sys.stderr))
     toml = run_training(cfg, resume=resume, trust=opts.trust_checkpoint, log=say)
     name = Path(cfg.run_dir).resolve().name
     print(f"trained: clipinvert edit IMAGES PROMPT --models {toml} --domain {name}")
-
-
-def _resume_probe(run_dir: Path):
-    """A stand-in config naming only the run folder, for :func:`check_run_dir`."""
-    from types import SimpleNamespace
-
-    return SimpleNamespace(run_dir=str(run_dir))
 
 
 app.add_typer(models_app, name="models", help="List, download, verify and locate weight files.")

@@ -29,8 +29,8 @@ import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from . import imaging
 from .errors import UsageError
+from .fileio import atomic_write_text
 
 MANIFEST_NAME = ".clipinvert-manifest.jsonl"
 
@@ -161,4 +161,4 @@ class Manifest:
         text = "".join(json.dumps(rec, sort_keys=True, allow_nan=False) + "\n" for rec in lines)
         if not text and not self.path.exists():
             return
-        imaging.atomic_write(self.path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        atomic_write_text(self.path, text)

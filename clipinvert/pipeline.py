@@ -321,20 +321,10 @@ class Editor:
         return roles
 
     def locate_all(self, *, edit: bool = True) -> dict[str, Path]:
-        """Find every file an operation needs without loading any; all the missing ones are
-        named in one message (a first run should not discover them one failure at a time)."""
-        found: dict[str, Path] = {}
-        missing: list[tuple[str, WeightsError]] = []
-        for role in self.roles(edit=edit):
-            try:
-                found[role] = self._locate(role)
-            except WeightsError as exc:
-                missing.append((role, exc))
-        if len(missing) == 1:
-            raise missing[0][1]
-        if missing:
-            raise WeightsError(self.registry.missing_message(self.domain,
-                                                             [r for r, _ in missing]))
+        """Find every file an operation needs without loading any (all missing ones named in
+        one message, see :meth:`Registry.locate_all`)."""
+        found = self.registry.locate_all(self.domain, self.roles(edit=edit))
+        self.loaded.update(found)
         return found
 
     def weight_identity(self, *, edit: bool = True) -> dict[str, dict]:

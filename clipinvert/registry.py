@@ -40,6 +40,14 @@ def user_registry() -> Path:
     return Path(platformdirs.user_config_dir("clipinvert", appauthor=False)) / "models.toml"
 
 
+class MissingWeights(WeightsError):
+    """Weight files not found; ``roles`` says which (callers may word the message)."""
+
+    def __init__(self, message: str, roles: list[str]) -> None:
+        super().__init__(message)
+        self.roles = roles
+
+
 @dataclass(frozen=True)
 class WeightEntry:
     """A ``[weights.NAME]`` table: a file and how to get it."""
@@ -169,6 +177,24 @@ class Registry:
         if entry is None:  # a plain path, relative to the registry that names it
             return [(domain.base_dir / Path(ref).expanduser())], None
         return entry.places(), entry
+
+    def locate_all(self, domain: Domain, roles: list[str]) -> dict[str, Path]:
+        """:meth:`locate` for every role, without loading anything; what is missing is named in
+        one message (a first run should not discover the files one failure at a time).  A single
+        missing file keeps its own, more detailed message."""
+        found: dict[str, Path] = {}
+        missing: list[tuple[str, WeightsError]] = []
+        for role in roles:
+            try:
+                found[role] = self.locate(domain, role)
+            except WeightsError as exc:
+                missing.append((role, exc))
+        if len(missing) == 1:
+            raise MissingWeights(str(missing[0][1]), [missing[0][0]])
+        if missing:
+            names = [r for r, _ in missing]
+            raise MissingWeights(self.missing_message(domain, names), names)
+        return found
 
     def missing_message(self, domain: Domain, roles: list[str]) -> str:
         """One line naming every missing file of ``roles`` and the one command that gets them."""

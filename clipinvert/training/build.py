@@ -21,7 +21,7 @@ from torch import nn
 from ..errors import UsageError, WeightsError
 from ..model import CLIPInverter
 from ..nets import CLIPAdapter, Generator
-from ..registry import Domain, Registry
+from ..registry import Domain, MissingWeights, Registry
 from .config import TrainConfig
 from .step import Criteria
 
@@ -36,20 +36,13 @@ def training_roles(domain: Domain) -> list[str]:
 
 def locate_training_files(registry: Registry, domain: Domain) -> dict[str, Path]:
     """Every file training needs, or one exit-3 line naming all that are missing."""
-    found: dict[str, Path] = {}
-    missing: list[str] = []
-    for role in training_roles(domain):
-        try:
-            found[role] = registry.locate(domain, role)
-        except WeightsError:
-            missing.append(role)
-    if missing:
-        message = registry.missing_message(domain, missing)
-        if {"e4e", "stylegan2"} & set(missing) and domain.note:
-            # The note (e.g. cats, birds: nothing released) is already at the end.
-            message = f"domain {domain.name!r} cannot be trained yet: {message}"
-        raise WeightsError(message)
-    return found
+    try:
+        return registry.locate_all(domain, training_roles(domain))
+    except MissingWeights as exc:
+        if {"e4e", "stylegan2"} & set(exc.roles) and domain.note:
+            # The note (e.g. cats, birds: nothing released) is already in the message.
+            raise WeightsError(f"domain {domain.name!r} cannot be trained yet: {exc}") from None
+        raise
 
 
 def _own(module: nn.Module) -> nn.Module:

@@ -71,9 +71,9 @@ class Trainer:
     def resume(self, path: Path | None = None) -> None:
         """Continue from ``resume.pt`` (model, optimizer, step, sampler position, RNG)."""
         state = load_resume(path or self.ckpt_dir / "resume.pt")
-        missing = self.model.load_state_dict(
-            {k: v for k, v in state["model"].items()}, strict=False)
-        del missing  # only adapter.* and decoder.* are stored: the encoder is never trained
+        # Only adapter.* and decoder.* are stored (the encoder is never trained): a partial load.
+        result = self.model.load_state_dict(state["model"], strict=False)
+        assert not result.unexpected_keys, result.unexpected_keys
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
         self.best = state["best_val"]

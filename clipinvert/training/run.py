@@ -25,15 +25,16 @@ from ..registry import Domain, Registry
 from .config import TrainConfig
 
 
-def check_run_dir(cfg: TrainConfig, resume: bool) -> TrainConfig:
-    """A new run never reuses a folder holding a run; ``--resume`` continues the saved one."""
-    run_dir = Path(cfg.run_dir)
+def check_run_dir(run_dir: Path | str, resume: bool) -> TrainConfig | None:
+    """A new run never reuses a folder holding a run; ``--resume`` continues the saved one
+    (whose settings are returned)."""
+    run_dir = Path(run_dir)
     saved = run_dir / "config.json"
     if not resume:
         if saved.exists() or (run_dir / "checkpoints").exists():
             raise UsageError(f"{run_dir} already holds a training run: pass --resume to "
                              "continue it, or choose another -o")
-        return cfg
+        return None
     if not saved.exists():
         raise UsageError(f"--resume: {run_dir} holds no training run (no config.json)")
     return TrainConfig.load(saved)
