@@ -42,7 +42,6 @@ import json
 import os
 import platform
 import resource
-import shutil
 import statistics
 import sys
 import tempfile
@@ -54,6 +53,14 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
+from benchcommon import (
+    clean_workdir,
+    cpu_name,
+    format_table,
+    open_workdir,
+    positive_int,
+    write_once,
+)
 from PIL import Image
 
 from clipinvert import imaging
@@ -180,17 +187,6 @@ def measure(clock: Clock, memory: PeakMemory, batch: int, warmup: int, repeats: 
 # --------------------------------------------------------------------------------------------
 
 
-def _write_once(path: Path, write: Callable[[Path], Path]) -> bool:
-    """Write ``path`` unless it exists; through a temporary name so an interrupted run never
-    leaves a truncated checkpoint that the next run would reuse.  True if it was written."""
-    if path.is_file():
-        return False
-    tmp = path.with_name(path.name + ".partial")
-    written = write(tmp)
-    os.replace(written, path)
-    return True
-
-
 def write_checkpoints(workdir: Path, size: int) -> tuple[dict[str, Path], bool]:
     """Seeded random e4e, CLIPInverter and CLIP files in the released layouts (reused when
     present: the writers are deterministic, so an existing file is the same file)."""
@@ -198,8 +194,8 @@ def write_checkpoints(workdir: Path, size: int) -> tuple[dict[str, Path], bool]:
     cfg = GeneratorConfig(size=size)  # full width: the real channel counts and style_dim 512
     paths = {"e4e": workdir / f"e4e-{size}.pt", "clipinverter": workdir / f"clipinverter-{size}.pt",
              "clip": workdir / f"clip-{CLIP_ARCH}.pt"}
-    wrote = _write_once(paths["e4e"], lambda p: write_e4e(p, cfg))
-    wrote |= _write_once(paths["clipinverter"], lambda p: write_clipinverter(p, cfg, text_dim=512))
+    wrote = write_once(paths["e4e"], lambda p: write_e4e(p, cfg))
+    wrote |= write_once(paths["clipinverter"], lambda p: write_clipinverter(p, cfg, text_dim=512))
 
     def clip(tmp: Path) -> Path:
         staging = tmp.with_suffix(".dir")
@@ -208,7 +204,7 @@ def write_checkpoints(workdir: Path, size: int) -> tuple[dict[str, Path], bool]:
         staging.rmdir()
         return tmp
 
-    wrote |= _write_once(paths["clip"], clip)
+    wrote |= write_once(paths["clip"], clip)
     return paths, wrote
 
 
@@ -334,27 +330,6 @@ def run_batch(editor: Editor, photos: Sequence[Path], out_dir: Path, batch: int,
 # --------------------------------------------------------------------------------------------
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Plain aligned text (first column left, figures right): pastes cleanly into issues."""
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
-
-    return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)])
-
-
 def report(meta: dict[str, Any], loads: dict[str, dict[str, float]], text_s: list[float],
            results: dict[int, dict[str, StageResult]], memory_label: str) -> str:
     parts = [
@@ -407,13 +382,6 @@ def parse_batch_sizes(text: str) -> tuple[int, ...]:
     return sizes
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def count(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -450,34 +418,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="size 256, batch sizes 1,2, 1 repeat: a smoke test for CI")
     return p
-
-
-def open_workdir(given: Path | None) -> tuple[Path, set[str] | None]:
-    """The run's work folder, and the names already in it (None when this run made the folder,
-    so that all of it goes at the end)."""
-    if given is None:
-        return Path(tempfile.mkdtemp(prefix="clipinvert-bench-")), None
-    workdir = given.expanduser().resolve()
-    if not workdir.exists():
-        workdir.mkdir(parents=True)
-        return workdir, None
-    if not workdir.is_dir():
-        raise NotADirectoryError(f"--workdir is not a folder: {workdir}")
-    return workdir, {entry.name for entry in workdir.iterdir()}
-
-
-def clean_workdir(workdir: Path, before: set[str] | None) -> None:
-    """Delete what the run wrote: the whole folder if the run made it, else the new entries."""
-    if before is None:
-        shutil.rmtree(workdir, ignore_errors=True)
-        return
-    for entry in workdir.iterdir():
-        if entry.name in before:
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

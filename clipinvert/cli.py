@@ -439,29 +439,37 @@ def train(
 
     weights = {"l2": l2, "lpips": lpips, "id": id, "w_norm": w_norm, "clip": clip,
                "cycle": cycle}
+    flags = dict(
+        max_steps=max_steps, lr=lr, domain=opts.domain, data=str(data),
+        batch_size=opts.batch_size, init=str(init) if init else None, match_prob=match_prob,
+        seed=opts.seed, val_data=str(val_data) if val_data else None, val_fraction=val_fraction,
+        data_format=data_format, flip=flip, val_every=val_every, save_every=save_every,
+        log_every=log_every, image_every=image_every, workers=opts.workers, amp=amp,
+        clip_preprocess=clip_preprocess, models=str(opts.models) if opts.models else None,
+        device=opts.device)
     if resume:
         saved = check_run_dir(opts.output, resume=True)
         assert saved is not None
-        given = {"max_steps": max_steps, "stage": stage, "domain": opts.domain,
-                 "data": str(data), "batch_size": opts.batch_size, "seed": opts.seed,
-                 "match_prob": match_prob, "lr": lr}
+        given = {"stage": stage, **flags, **weights}
         options = inspect.signature(train).parameters  # defaults as declared, shared ones too
-        cfg = resolve_resume(saved, given, {k: json_safe(options[k].default) for k in given})
+        defaults = {k: json_safe(options[k].default) for k in given}
+        cfg = resolve_resume(saved, given, defaults)
     else:
-        cfg = TrainConfig.for_stage(
-            stage, lr=lr, max_steps=max_steps, weights=weights, domain=opts.domain,
-            data=str(data), run_dir=str(opts.output), batch_size=opts.batch_size,
-            init=str(init) if init else None, match_prob=match_prob, seed=opts.seed,
-            val_data=str(val_data) if val_data else None, val_fraction=val_fraction,
-            data_format=data_format, flip=flip, val_every=val_every, save_every=save_every,
-            log_every=log_every, image_every=image_every, workers=opts.workers, amp=amp,
-            clip_preprocess=clip_preprocess, models=str(opts.models) if opts.models else None,
-            device=opts.device)
+        cfg = TrainConfig.for_stage(stage, weights=weights, run_dir=str(opts.output), **flags)
         check_run_dir(opts.output, resume=False)
+    # what the Ctrl-C / SIGTERM line says
+    StopSignals.hint(functools.partial(_train_resume_hint, opts.output))
     say = (lambda line: None) if opts.quiet else (lambda line: print(line, file=sys.stderr))
     toml = run_training(cfg, resume=resume, trust=opts.trust_checkpoint, log=say)
-    name = Path(cfg.run_dir).resolve().name
-    print(f"trained: clipinvert edit IMAGES PROMPT --models {toml} --domain {name}")
+    if toml is not None:  # None: a torchrun process other than rank 0 (it prints nothing)
+        name = Path(cfg.run_dir).resolve().name
+        print(f"trained: clipinvert edit IMAGES PROMPT --models {toml} --domain {name}")
+
+
+def _train_resume_hint(run_dir: Path) -> str:
+    if (run_dir / "config.json").exists():  # the run started: the trainer saved its last step
+        return f"continue with: clipinvert train -o {run_dir} --resume"
+    return "nothing was trained yet; run the same command again"
 
 
 app.add_typer(models_app, name="models", help="List, download, verify and locate weight files.")

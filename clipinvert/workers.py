@@ -23,6 +23,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType, TracebackType
 
 __all__ = ["StopSignals", "Terminated", "worker_init"]
@@ -127,7 +128,17 @@ class StopSignals:
         self.signum = signum
         raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
+    #: The instance whose block is running (commands set their :attr:`resume_hint` through it).
+    active: StopSignals | None = None
+
+    @classmethod
+    def hint(cls, resume_hint: str | Callable[[], str]) -> None:
+        """Set how the running command continues after a stop (nothing outside a block)."""
+        if cls.active is not None:
+            cls.active.resume_hint = resume_hint
+
     def __enter__(self) -> StopSignals:
+        StopSignals.active = self
         if threading.current_thread() is not threading.main_thread():
             return self
         for signum, default in ((signal.SIGINT, signal.default_int_handler),
@@ -138,6 +149,8 @@ class StopSignals:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
+        if StopSignals.active is self:
+            StopSignals.active = None
         while self._previous:
             signum, previous = self._previous.popitem()
             signal.signal(signum, previous)  # type: ignore[arg-type]
@@ -147,8 +160,14 @@ class StopSignals:
         """128 + the signal number, as shells report it: 130 for Ctrl-C, 143 for SIGTERM."""
         return 128 + (self.signum or signal.SIGINT)
 
+    #: How the stopped command continues; a command that continues otherwise (``train``: with
+    #: ``--resume`` once its run folder exists) sets its own, or a function that says it when
+    #: the signal came.
+    resume_hint: str | Callable[[], str] = "run the same command again to resume"
+
     @property
     def message(self) -> str:
         """The one line the CLI prints when a run stopped on a signal."""
         what = self.messages.get(self.signum or signal.SIGINT, "interrupted")
-        return f"clipinvert: {what} — run the same command again to resume"
+        hint = self.resume_hint() if callable(self.resume_hint) else self.resume_hint
+        return f"clipinvert: {what} — {hint}"

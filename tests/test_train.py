@@ -107,8 +107,9 @@ def test_resume_is_bit_exact_and_checkpoint_edits(domain: Path, data: Path, full
     steps = [m["step"] for m in _metrics(part) if m["split"] == "train"]
     assert steps == [1, 2, 3, 4]
     # A changed setting is refused on resume.
-    assert _train(domain, data, part, "--resume", "--seed", "5") == 2
-    assert "differ" in capsys.readouterr().err
+    assert _train(domain, data, part, "--resume", "--seed", "5", "--lpips", "0.3") == 2
+    err = capsys.readouterr().err
+    assert "--seed 5 (the run has 0)" in err and "--lpips 0.3 (the run has 0.6)" in err, err
     # The saved checkpoint is an edit model: the run's models.toml makes `edit` use it.
     img = next(data.glob("*.png"))
     rc = main(["edit", str(img), "blond hair", "--models", str(part / "models.toml"),
@@ -214,9 +215,33 @@ def test_ctrl_c_saves_a_resumable_state(domain: Path, data: Path, tmp_path: Path
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode == 130, err
-    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(
-        "clipinvert: interrupted")
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"clipinvert: interrupted — continue with: clipinvert train -o {run} --resume")
     state = torch.load(run / "checkpoints" / "resume.pt", weights_only=True)
     logged = [m["step"] for m in _metrics(run) if m["split"] == "train"]
     assert state["step"] == logged[-1] >= 1
     assert (run / "checkpoints" / "latest.pt").exists()
+
+
+def test_resume_keeps_the_saved_settings_and_takes_how_to_run() -> None:
+    """Flags given on --resume: --max-steps may rise, device/workers/models may change; any
+    other flag (a loss weight included) must agree with config.json, left at its default it is
+    not given."""
+    from clipinvert.errors import UsageError
+    from clipinvert.training.config import TrainConfig
+    from clipinvert.training.run import resolve_resume
+
+    saved = TrainConfig.for_stage(1, domain="faces", data="d", run_dir="r", max_steps=10,
+                                  weights={"clip": 2.0})
+    defaults = {"max_steps": None, "clip": None, "device": "auto", "workers": 2, "seed": 0}
+    same = resolve_resume(saved, {"max_steps": None, "clip": None, "seed": 0}, defaults)
+    assert same == saved
+    moved = resolve_resume(saved, {"max_steps": 20, "clip": 2.0, "device": "cpu", "workers": 0},
+                           defaults)
+    assert (moved.max_steps, moved.device, moved.workers) == (20, "cpu", 0)
+    assert moved.weights == saved.weights
+    with pytest.raises(UsageError, match=r"--max-steps 5 is below the run's 10"):
+        resolve_resume(saved, {"max_steps": 5}, defaults)
+    with pytest.raises(UsageError, match=r"--clip 1.0 \(the run has 2.0\)"):
+        resolve_resume(saved, {"clip": 1.0}, defaults)

@@ -7,6 +7,16 @@ Resuming is exact on the CPU: the data order comes from the sampler's (seed, epo
 and its position, every random choice of a sample from (seed, epoch, index), the caption coin
 from (seed, step), and the optimizer's and model's state from ``resume.pt``; a run interrupted
 after a save and resumed ends with the same weights, bit for bit, as an uninterrupted one.
+
+Distributed (``world_size > 1``, the process group already joined: training/run.py does it under
+torchrun; docs/training-ddp.md): only the trained part is wrapped in DistributedDataParallel — the
+adapter in stage 1, the remapper in stage 2 — and only while a training step runs its forward
+passes, so saving, loading, validation and the image grids see the plain model.  Every rank
+runs the same steps: before each step the ranks agree (a small all-reduce) on whether any of
+them drew a batch left with too few readable samples to train on, and skip it together; after
+each step, on whether any of them was asked to stop (Ctrl-C, SIGTERM), and stop together after
+that step.  Rank 0 alone validates, writes files and logs; the others wait for it in that
+agreement.
 """
 
 from __future__ import annotations
@@ -57,11 +67,53 @@ class Trainer:
         # does; with amp off the scaler is a no-op and steps are exactly the float32 ones.
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp or "")
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16")
+        self._ddp = _wrap_trained_part(model, cfg.stage, self.device) if world_size > 1 else None
 
     def autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    @contextlib.contextmanager
+    def distributed_forward(self) -> Iterator[None]:
+        """While the block runs, the model calls the trained part through its DDP wrapper
+        (which averages its gradients across ranks during ``backward``); a no-op on one
+        process.  Outside the block the model is the plain one: checkpoints keep their
+        released keys (``adapter.*``, never ``adapter.module.*``) and rank 0 can validate alone
+        without entering a collective."""
+        if self._ddp is None:
+            yield
+            return
+        model = self.model
+        if self.cfg.stage == 1:
+            model.adapter = self._ddp  # CLIPInverter.residual calls self.adapter(...)
+            try:
+                yield
+            finally:
+                model.adapter = self._ddp.module
+        else:
+            # CLIPInverter.decode calls decoder.remap(...), a method of Generator that walks the
+            # remapper's ModuleList itself, so there is no remapper forward DDP could wrap.  For
+            # the block an instance attribute of the same name (a bound method, not a module,
+            # so it lands in the instance __dict__ and shadows the class's) sends that call
+            # through the wrapped remapper, whose forward is Generator.remap itself.
+            model.decoder.remap = self._ddp.__call__
+            try:
+                yield
+            finally:
+                del model.decoder.remap
+
+    def agree(self, signum: int, usable: bool) -> tuple[int, bool]:
+        """Distributed: the largest stop signal of any rank, and whether every rank's batch is
+        usable (one all-reduce, so every rank takes the same decision).  Alone: as given."""
+        if self.world_size == 1:
+            return signum, usable
+        import torch.distributed as dist
+
+        flags = torch.tensor([int(signum), 0 if usable else 1], device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        agreed, unusable = (int(v) for v in flags.tolist())
+        return agreed, not unusable
 
     # ---- state ---------------------------------------------------------------------------
     @property
@@ -75,7 +127,11 @@ class Trainer:
         result = self.model.load_state_dict(state["model"], strict=False)
         assert not result.unexpected_keys, result.unexpected_keys
         self.optimizer.load_state_dict(state["optimizer"])
-        self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
+        self.step, self.epoch = state["step"], state["epoch"]
+        # resume.pt counts the epoch's samples consumed by all ranks together (save()): rank r
+        # took the epoch's order[r::world_size], so those are exactly order[:position], and a
+        # run may resume with another number of processes and go on from the next sample.
+        self.position = state["position"] // self.world_size
         self.best = state["best_val"]
         set_rng_states(state["rng"])
 
@@ -85,7 +141,8 @@ class Trainer:
             return
         save_released(self.ckpt_dir / "latest.pt", self.model, self.cfg)
         save_resume(self.ckpt_dir / "resume.pt", model=self.model, optimizer=self.optimizer,
-                    step=self.step, epoch=self.epoch, position=self.position, best=self.best,
+                    step=self.step, epoch=self.epoch,
+                    position=self.position * self.world_size, best=self.best,
                     cfg=self.cfg)
 
     # ---- data ----------------------------------------------------------------------------
@@ -114,8 +171,7 @@ class Trainer:
                 self.position += bs
                 for path, reason in batch["failed"]:  # unreadable since the scan: skipped
                     self.log(f"skipped {path}: {reason}")
-                if len(batch["caption"]) >= 2:
-                    yield batch
+                yield batch  # fit() skips one left with fewer than 2 samples (on every rank)
             self.epoch += 1
             self.position = 0
 
@@ -128,6 +184,11 @@ class Trainer:
         with _DeferredStop() as stop:
             while self.step < cfg.max_steps:
                 batch = next(it)
+                # A batch left with fewer than 2 samples (images unreadable since the scan)
+                # is skipped — distributed, by every rank at once, or their steps would drift.
+                _, usable = self.agree(0, len(batch["caption"]) >= 2)
+                if not usable:
+                    continue
                 logs = self.train_step(batch)
                 self.step += 1
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
@@ -137,10 +198,13 @@ class Trainer:
                     self.validate()
                 if self.step % cfg.image_every == 0 or self.step == cfg.max_steps:
                     self.write_grid()
+                # Distributed: a signal to any rank stops every rank after this same step.
+                signum, _ = self.agree(stop.signum, True)
                 if (self.step % cfg.save_every == 0 or self.step == cfg.max_steps
-                        or stop.signum):
+                        or signum):
                     self.save()
-                if stop.signum:
+                if signum:
+                    stop.signum = signum
                     stop.reraise()
 
     def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
@@ -149,16 +213,13 @@ class Trainer:
             t = self.encode_text(list(batch["caption"])).to(self.device, x.dtype)
         mismatch = mismatch_coin(self.cfg.seed, self.step, self.cfg.match_prob)
         self.optimizer.zero_grad(set_to_none=True)
-        with self.autocast():
+        with self.autocast(), self.distributed_forward():
             loss, logs = training_step(self.model, x, t, mismatch=mismatch,
                                        weights=self.cfg.weights, criteria=self.criteria,
                                        stage=self.cfg.stage)
         if not math.isfinite(float(loss.detach())):
             raise FloatingPointError(f"the loss is {float(loss.detach())} at step {self.step + 1}")
-        self.scaler.scale(loss).backward()
-        if self.world_size > 1:
-            self.scaler.unscale_(self.optimizer)
-            _average_gradients(self.params, self.world_size)
+        self.scaler.scale(loss).backward()  # distributed: DDP averages the gradients here
         self.scaler.step(self.optimizer)
         self.scaler.update()
         logs["mismatch"] = float(mismatch)
@@ -166,9 +227,14 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Mean logged terms over the validation set; ``best.pt`` when ``loss`` improves."""
+        """Mean logged terms over the validation set; ``best.pt`` when ``loss`` improves.
+
+        Rank 0 only (the other ranks return ``{}`` at once and wait for it in the step's stop
+        agreement): the numbers are those of a single-process run."""
         from .data import collate
 
+        if not self.is_main:
+            return {}
         self.model.eval()
         totals: dict[str, float] = {}
         count = 0
@@ -312,13 +378,31 @@ class _Subset(torch.utils.data.Dataset):
         return self.dataset[self.indices[i]]
 
 
-def _average_gradients(params: list[torch.nn.Parameter], world_size: int) -> None:
-    import torch.distributed as dist
+class _Remapper(torch.nn.Module):
+    """The CLIPRemapper (``decoder.affine_mlps`` + ``decoder.lambdas``) as one module whose
+    forward is ``Generator.remap``: what DDP wraps in stage 2.  The generator itself is held
+    outside the module tree, so DDP sees (and synchronises) the remapper's parameters only."""
 
-    for p in params:
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad /= world_size
+    def __init__(self, decoder: Any) -> None:
+        super().__init__()
+        self.affine_mlps = decoder.affine_mlps
+        self.lambdas = decoder.lambdas
+        self._decoder = (decoder,)  # a tuple: not registered as a submodule
+
+    def forward(self, w: torch.Tensor, text: torch.Tensor, mix: float = 1.0) -> torch.Tensor:
+        from ..nets import Generator
+
+        return Generator.remap(self._decoder[0], w, text, mix)
+
+
+def _wrap_trained_part(model: CLIPInverter, stage: int,
+                       device: torch.device) -> torch.nn.parallel.DistributedDataParallel:
+    """DDP around the part ``stage`` trains (the process group must be joined)."""
+    part: torch.nn.Module = model.adapter if stage == 1 else _Remapper(model.decoder)
+    assert part is not None  # set_stage checked
+    ids = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(part, device_ids=ids)
 
 
 def truncate_metrics(run_dir: Path, step: int) -> None:

@@ -1,0 +1,85 @@
+"""What the benchmark scripts share: work folders, argument types, plain-text tables.
+
+The scripts run as ``python benchmarks/bench_*.py``, so this folder is on ``sys.path`` and they
+import this module by its plain name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+
+def write_once(path: Path, write: Callable[[Path], Path]) -> bool:
+    """Write ``path`` unless it exists; through a temporary name so an interrupted run never
+    leaves a truncated checkpoint that the next run would reuse.  True if it was written."""
+    if path.is_file():
+        return False
+    tmp = path.with_name(path.name + ".partial")
+    written = write(tmp)
+    os.replace(written, path)
+    return True
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[str]], *,
+                 text_last: bool = False) -> str:
+    """Plain aligned text (first column left, figures right; the last one left too when it
+    holds notes): pastes cleanly into issues."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    last = len(header) - 1
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 or (text_last and i == last) else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
+
+    return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)])
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+def open_workdir(given: Path | None, prefix: str = "clipinvert-bench-"
+                 ) -> tuple[Path, set[str] | None]:
+    """The run's work folder, and the names already in it (None when this run made the folder,
+    so that all of it goes at the end)."""
+    if given is None:
+        return Path(tempfile.mkdtemp(prefix=prefix)), None
+    workdir = given.expanduser().resolve()
+    if not workdir.exists():
+        workdir.mkdir(parents=True)
+        return workdir, None
+    if not workdir.is_dir():
+        raise NotADirectoryError(f"--workdir is not a folder: {workdir}")
+    return workdir, {entry.name for entry in workdir.iterdir()}
+
+
+def clean_workdir(workdir: Path, before: set[str] | None) -> None:
+    """Delete what the run wrote: the whole folder if the run made it, else the new entries."""
+    if before is None:
+        shutil.rmtree(workdir, ignore_errors=True)
+        return
+    for entry in workdir.iterdir():
+        if entry.name in before:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
