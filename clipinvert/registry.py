@@ -29,7 +29,7 @@ else:  # pragma: no cover - Python 3.10
 
 PACKAGED_REGISTRY = Path(__file__).with_name("models.toml")
 WEIGHT_ROLES = ("clip", "e4e", "clipinverter", "stylegan2", "arcface", "moco", "lpips",
-                "landmarks")
+                "inception", "attributes", "landmarks")
 # What align/invert/edit/interpolate need; the others (stylegan2, arcface, moco, lpips: the
 # LPIPS AlexNet trunk) serve training and evaluation.
 EDIT_ROLES = ("clip", "e4e", "clipinverter", "landmarks")

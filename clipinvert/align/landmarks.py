@@ -36,12 +36,18 @@ _HOW_TO_GET = (
 
 
 def default_predictor_path() -> Path:
-    """Path of the 68-point predictor shipped by ``face-recognition-models``.
+    """Path of the 68-point predictor shipped by ``face-recognition-models``."""
+    return packaged_model(PREDICTOR_FILE)
+
+
+def packaged_model(filename: str) -> Path:
+    """Path of one of the dlib models ``face-recognition-models`` ships (the 68- and 5-point
+    predictors, the face-recognition ResNet).
 
     ``importlib.util.find_spec`` on a top-level package only reads its location; it does not run
     the package's ``__init__`` (which would fail on the missing ``pkg_resources``).  Raises
-    :class:`WeightsError` when the package is not installed; the file itself is checked by
-    :func:`check_predictor_path`.
+    :class:`WeightsError` when the package is not installed; the file itself is checked by the
+    caller (:func:`check_predictor_path`).
     """
     try:
         spec = importlib.util.find_spec(_MODELS_PACKAGE)
@@ -49,12 +55,13 @@ def default_predictor_path() -> Path:
         spec = None
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
     if not locations:
-        raise WeightsError(f"dlib landmark model not found: {_HOW_TO_GET}")
+        raise WeightsError(f"dlib model {filename} not found: install it with "
+                           "`pip install face-recognition-models`")
     for location in locations:
-        candidate = Path(location) / "models" / PREDICTOR_FILE
+        candidate = Path(location) / "models" / filename
         if candidate.is_file():
             return candidate
-    return Path(locations[0]) / "models" / PREDICTOR_FILE
+    return Path(locations[0]) / "models" / filename
 
 
 def check_predictor_path(path: Path) -> Path:

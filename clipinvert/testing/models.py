@@ -304,3 +304,60 @@ def write_moco(path: Path, tiny: bool = True, *, seed: int = 6, prefix: str = "m
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(ckpt, path)
     return path
+
+
+def make_inception(seed: int = 7) -> torch.nn.Module:
+    """pytorch-fid's FID Inception (:class:`~clipinvert.nets.inception.FIDInceptionV3`) with
+    random but well-scaled weights: He-normal convolutions and BatchNorm statistics near
+    (0, 1), so the 2048 pool3 features of an image are of order one and differ between images
+    (PyTorch's default init shrinks activations layer by layer towards zero over the ~100
+    convolutions, which would make two networks trivially agree)."""
+    from ..nets.inception import FIDInceptionV3
+
+    with seeded(seed):
+        net = FIDInceptionV3()
+        for m in net.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+        _random_batchnorm_stats(net)
+    return net.eval()
+
+
+def write_inception(path: Path, *, seed: int = 7, batches_tracked: bool = True) -> Path:
+    """A random FID Inception as a plain state dict in pytorch-fid's
+    ``pt_inception-2015-12-05-6726825d.pth`` layout (torchvision ``Inception3`` names, 1008-class
+    ``fc``, no ``AuxLogits``), ~96 MB.  ``batches_tracked=False`` leaves out the BatchNorm
+    ``num_batches_tracked`` counters, as files written by PyTorch < 0.4.1 do."""
+    sd = make_inception(seed).state_dict()
+    if not batches_tracked:
+        sd = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.detach().clone() for k, v in sd.items()}, path)
+    return path
+
+
+def make_attribute_net(tiny: bool = True, seed: int = 8, *,
+                       input_size: int | None = None) -> torch.nn.Module:
+    """The CelebA attribute classifier (:class:`~clipinvert.nets.attributes.AttributeNet`,
+    MobileNet-v1 with mish, 40 outputs) with random weights and BatchNorm statistics.  ``tiny``:
+    an eighth of MobileNet's widths (thousands of parameters) at 32 px, milliseconds per batch;
+    else the real 3.2 M-parameter network at 224 px."""
+    from ..nets.attributes import INPUT_SIZE, AttributeNet, mobilenet_widths
+
+    size = input_size or (32 if tiny else INPUT_SIZE)
+    with seeded(seed):
+        net = AttributeNet(mobilenet_widths(0.125 if tiny else 1.0), input_size=size)
+        _random_batchnorm_stats(net)
+    return net.eval()
+
+
+def write_attribute_classifier(path: Path, tiny: bool = True, *, seed: int = 8,
+                               input_size: int | None = None) -> Path:
+    """A random attribute classifier in the file format ``clipinvert eval train-classifier``
+    writes (docs/attribute-classifier.md), loadable by
+    :func:`clipinvert.checkpoints.load_attribute_classifier` (registry role ``attributes``)."""
+    from ..evaluation.classifier import save_attribute_classifier
+
+    net = make_attribute_net(tiny, seed, input_size=input_size)
+    save_attribute_classifier(path, net, training={"note": "random weights, for tests"})
+    return path

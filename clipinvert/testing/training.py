@@ -46,3 +46,17 @@ def write_caption_set(directory: Path, n: int = 6, *, size: int = 48, seed: int 
         lines = [CAPTIONS[i % len(CAPTIONS)], CAPTIONS[(i + 1) % len(CAPTIONS)]]
         (directory / f"img{i:03d}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return directory
+
+
+def write_eval_domain(directory: Path, *, name: str = "trainable") -> Path:
+    """``models.toml`` of a tiny domain with every role evaluation needs (the training roles
+    plus a random FID Inception and a tiny attribute classifier); returns its path."""
+    from .models import write_attribute_classifier, write_inception
+
+    toml = write_training_domain(directory, name=name)
+    write_inception(directory / "inception.pt")
+    write_attribute_classifier(directory / "attributes.pt", tiny=True)
+    text = toml.read_text(encoding="utf-8").rstrip("\n")
+    toml.write_text(text + '\ninception = "inception.pt"\nattributes = "attributes.pt"\n',
+                    encoding="utf-8")
+    return toml

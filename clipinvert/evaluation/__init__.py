@@ -1,0 +1,1 @@
+"""`clipinvert eval`: the paper's metrics on edited images (docs/evaluation.md)."""

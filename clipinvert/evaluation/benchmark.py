@@ -1,0 +1,229 @@
+"""The paper's benchmark end to end: choose the inputs, build the prompts, edit, score.
+
+``run_benchmark`` is what `clipinvert eval benchmark` runs (docs/evaluation.md#benchmark):
+
+1. read the labelled set — CelebA-HQ (``images/<index>.jpg`` + ``CelebAMask-HQ-attribute-anno.txt``,
+   optionally a test list) or a JSONL of images with their attributes;
+2. for every target (an attribute, or a combination for AMA-multiple) draw ``per_target`` test
+   images that lack it, seeded (:func:`~clipinvert.evaluation.protocol.choose_inputs`), and
+   write the choice with its prompts to ``OUT/selection.json`` — another method can be run on
+   exactly these and scored with ``--edits``;
+3. edit them with the current model into ``OUT/edits/<target>/<stem>.png`` (atomic writes; an
+   edit already on disk from the same selection and model is kept, so a stopped run resumes);
+4. score every edit (:func:`~clipinvert.evaluation.run.evaluate_pairs`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import UsageError
+from ..fileio import atomic_write_json, atomic_write_text
+from ..manifest import fingerprint
+from . import protocol
+
+CELEBA_ANNOTATIONS = "CelebAMask-HQ-attribute-anno.txt"
+
+
+@dataclass(frozen=True)
+class Labelled:
+    """One candidate input: its file, the attributes it has, and (faces) whether it is male."""
+
+    name: str
+    path: Path
+    attributes: frozenset[str]
+    male: bool | None = None
+
+
+def read_labelled(data: Path, *, test_list: Path | None = None) -> list[Labelled]:
+    """CelebA-HQ with its attribute file, or a JSONL of ``{"image", "attributes"}`` lines
+    (attributes: the names the image has).  With ``test_list`` (one image name per line) only
+    those images are candidates."""
+    if data.is_file() and data.suffix == ".jsonl":
+        items = _read_jsonl(data)
+    elif (data / CELEBA_ANNOTATIONS).is_file():
+        items = _read_celeba(data)
+    else:
+        raise UsageError(f"--data {data}: expected CelebA-HQ (images/ and {CELEBA_ANNOTATIONS}) "
+                         "or a JSONL of images with their attributes")
+    if test_list is not None:
+        try:
+            wanted = {ln.strip() for ln in test_list.read_text(encoding="utf-8").splitlines()
+                      if ln.strip()}
+        except OSError as exc:
+            raise UsageError(f"cannot read the test list {test_list}: {exc}") from None
+        items = [i for i in items if i.name in wanted or Path(i.name).stem in wanted]
+    if not items:
+        raise UsageError(f"--data {data}: no labelled image to draw inputs from")
+    return items
+
+
+def _read_celeba(root: Path) -> list[Labelled]:
+    lines = (root / CELEBA_ANNOTATIONS).read_text(encoding="utf-8").split("\n")
+    try:
+        names = lines[1].split()
+        items = []
+        for line in lines[2:]:
+            parts = line.split()
+            if not parts:
+                continue
+            values = [int(v) for v in parts[1:]]
+            if len(values) != len(names):
+                raise ValueError(f"{parts[0]} has {len(values)} labels for {len(names)} names")
+            present = frozenset(n for n, v in zip(names, values, strict=True) if v > 0)
+            items.append(Labelled(parts[0], root / "images" / parts[0], present,
+                                  male="Male" in present))
+    except (IndexError, ValueError) as exc:
+        raise UsageError(f"{root / CELEBA_ANNOTATIONS} is not a CelebA attribute file: "
+                         f"{exc}") from None
+    return items
+
+
+def _read_jsonl(path: Path) -> list[Labelled]:
+    items = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            image = Path(rec["image"])
+            attrs = frozenset(rec.get("attributes") or ())
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UsageError(f"{path}:{number}: expected {{\"image\": …, \"attributes\": "
+                             f"[…]}} ({exc})") from None
+        image = image if image.is_absolute() else path.parent / image
+        male = rec.get("male")
+        items.append(Labelled(image.name, image, attrs,
+                              male=bool(male) if male is not None else "Male" in attrs))
+    return items
+
+
+def targets_for(domain: str) -> list[tuple[str, ...]]:
+    """What the benchmark edits on a domain: each attribute, then the combinations."""
+    if domain in protocol.ZERO_SHOT:
+        return [(a,) for a in protocol.ZERO_SHOT[domain].evaluated]
+    return [(a,) for a in protocol.FACE_ATTRIBUTES] + list(protocol.FACE_COMBINATIONS)
+
+
+def prompt_for(domain: str, target: Sequence[str], item: Labelled, gendered: bool) -> str:
+    if domain in protocol.ZERO_SHOT:
+        return protocol.ZERO_SHOT[domain].prompt(target[0])
+    return protocol.face_prompt(target, male=item.male, gendered=gendered)
+
+
+def select(items: Sequence[Labelled], domain: str, *, per_target: int, seed: int,
+           gendered: bool) -> dict[str, Any]:
+    """The benchmark's inputs and prompts, reproducible from ``seed``."""
+    by_name = {i.name: i for i in items}
+    targets = targets_for(domain)
+    candidates = {"+".join(t): [i.name for i in items if not set(t) & i.attributes]
+                  for t in targets}
+    chosen = protocol.choose_inputs(candidates, per_target, seed)
+    selection = []
+    for target in targets:
+        key = "+".join(target)
+        for name in chosen[key]:
+            item = by_name[name]
+            selection.append({"target": key, "attributes": list(target), "input": str(item.path),
+                              "prompt": prompt_for(domain, target, item, gendered)})
+    short = {k: len(v) for k, v in chosen.items() if len(v) < per_target}
+    return {"domain": domain, "seed": seed, "per_target": per_target, "gendered": gendered,
+            "short": short, "edits": selection}
+
+
+def run_benchmark(data: Path, output: Path, *, domain: str = "faces", registry: Any = None,
+                  per_target: int = protocol.SAMPLES_PER_TARGET, seed: int = 0,
+                  gendered: bool = False, edits: Path | None = None,
+                  test_list: Path | None = None, device: str = "auto", batch_size: int = 8,
+                  strength: float = 1.0, metrics: str | None = None,
+                  evaluate: Callable[..., dict[str, Any]] | None = None,
+                  log: Callable[[str], None] = print, **eval_kwargs: Any) -> dict[str, Any]:
+    """Run the protocol; returns the report (``OUT/clipinvert-report.json``)."""
+    from ..registry import Registry
+    from .run import check_eval_output, evaluate_pairs
+
+    registry = registry or Registry.load()
+    check_eval_output(output, eval_kwargs.get("report_path"))
+    items = read_labelled(data, test_list=test_list)
+    sel = select(items, domain, per_target=per_target, seed=seed, gendered=gendered)
+    for target, n in sel["short"].items():
+        log(f"note: only {n} test images lack {target} (asked for {per_target})")
+    output.mkdir(parents=True, exist_ok=True)
+    selection_file = output / "selection.json"
+    atomic_write_json(selection_file, sel)
+    root = edits if edits is not None else output / "edits"
+    lines = []
+    for e in sel["edits"]:
+        e["output"] = str(root / e["target"] / f"{Path(e['input']).stem}.png")
+        lines.append(json.dumps({k: e[k] for k in ("input", "output", "prompt", "attributes")}))
+    if edits is None:
+        made = _edit_all(sel, registry, domain, device=device, batch_size=batch_size,
+                         strength=strength, log=log)
+    else:
+        made = {"edits": "given", "folder": str(edits)}
+    manifest = output / "pairs.jsonl"
+    atomic_write_text(manifest, "\n".join(lines) + "\n")
+    return (evaluate or evaluate_pairs)(
+        manifest, output, domain=domain, registry=registry, metrics=metrics, device=device,
+        command="eval benchmark", log=log,
+        extra={"benchmark": {"data": str(data), "seed": seed, "per_target": per_target,
+                             "gendered": gendered, "selection": str(selection_file),
+                             "short": sel["short"], **made}},
+        **eval_kwargs)
+
+
+def _edit_all(sel: dict[str, Any], registry: Any, domain: str, *, device: str, batch_size: int,
+              strength: float, log: Callable[[str], None]) -> dict[str, Any]:
+    """Make every selected edit with the domain's model; edits already made by this model for
+    this selection are kept (a record beside them says which), so a stopped run resumes."""
+    from .. import imaging
+    from ..pipeline import Editor
+
+    editor = Editor(domain, registry=registry, device=device)
+    model = editor.weight_identity(edit=True)
+    key = fingerprint({"model": model, "strength": strength,
+                       "edits": [(e["input"], e["prompt"]) for e in sel["edits"]]})
+    record = Path(sel["edits"][0]["output"]).parents[1] / ".benchmark-edits.json"
+    done_before = False
+    if record.is_file():
+        try:
+            done_before = json.loads(record.read_text(encoding="utf-8")).get("key") == key
+        except (OSError, ValueError):
+            done_before = False
+    if not done_before:
+        # Edits of another model or selection must not pass for this run's on a resume.
+        stale = [Path(e["output"]) for e in sel["edits"] if Path(e["output"]).is_file()]
+        if stale and not record.is_file():
+            raise UsageError(f"{record.parent} holds images the benchmark did not make "
+                             f"(e.g. {stale[0]}): choose another -o")
+        for path in stale:
+            path.unlink()
+        atomic_write_json(record, {"key": key, "model": model, "strength": strength})
+    todo = [e for e in sel["edits"] if not (done_before and Path(e["output"]).is_file())]
+    log(f"editing {len(todo)} of {len(sel['edits'])} selected inputs "
+        f"({len(sel['edits']) - len(todo)} already made)")
+    by_prompt: dict[str, list[dict[str, Any]]] = {}
+    for e in todo:
+        by_prompt.setdefault(e["prompt"], []).append(e)
+    failed = 0
+    for prompt, group in by_prompt.items():
+        embedding = editor.embed(prompt)
+        for start in range(0, len(group), batch_size):
+            chunk, images = [], []
+            for e in group[start:start + batch_size]:
+                try:
+                    images.append(imaging.load_image(Path(e["input"])))
+                    chunk.append(e)
+                except Exception as exc:  # noqa: BLE001 - one line, the rest goes on
+                    failed += 1
+                    log(f"failed {e['input']}: {exc}")
+            if not chunk:
+                continue
+            for e, img in zip(chunk, editor.edit(images, embedding, strength=strength).pil(),
+                              strict=True):
+                imaging.save_image(img, Path(e["output"]))
+    return {"edits": "made", "model": model, "strength": strength, "failed_edits": failed}
