@@ -104,7 +104,7 @@ def metrics(
         pairs, opts.output, domain=opts.domain, registry=Registry.load(opts.models),
         metrics=metrics, device=opts.device, batch_size=opts.batch_size,
         fid_reference=fid_reference, report_path=opts.report, summary=summary,
-        trust=opts.trust_checkpoint, params=opts.params, log=_say,
+        trust=opts.trust_checkpoint, params=opts.params, log=_say, quiet=opts.quiet,
         options=_options(diff_range, ama_threshold, ama_multiple_threshold, identity))
     _finish(report, opts)
 
@@ -148,7 +148,7 @@ def benchmark(
         test_list=test_list, device=opts.device, batch_size=opts.batch_size,
         strength=strength, metrics=metrics, log=_say, fid_reference=fid_reference,
         report_path=opts.report, summary=summary, trust=opts.trust_checkpoint,
-        params=opts.params,
+        params=opts.params, quiet=opts.quiet,
         options=_options(diff_range, ama_threshold, ama_multiple_threshold, identity))
     _finish(report, opts)
 

@@ -223,3 +223,54 @@ def test_cmp_equals_a_hand_computation(tiny_models: Path, tmp_path: Path) -> Non
         assert cmp.value == pytest.approx(sim * (1 - d), abs=1e-5)
         assert cmp.details["sim"] == pytest.approx(sim, abs=1e-5)
         assert cmp.details["diff"] == pytest.approx(d, abs=1e-6)
+
+
+def test_zero_shot_ama_picks_the_caption_clip_prefers(tmp_path: Path) -> None:
+    """Cats: the stub's CLIP embeds each output on one caption of the colour category, so
+    whether the edit's own class wins is known in advance."""
+    from clipinvert.evaluation.protocol import CATS
+
+    colours = list(CATS.categories["colour"])
+    captions = CATS.captions("colour")
+    wins = {0: "orange", 1: "black", 2: "orange"}  # the class each output's embedding points at
+
+    def text_embeddings(texts: list[str]) -> torch.Tensor:
+        return torch.eye(len(colours))[[captions.index(t) for t in texts]]
+
+    def image_embeddings(images: list) -> torch.Tensor:
+        return torch.stack([torch.eye(len(colours))[colours.index(
+            wins[int(np.asarray(im)[0, 0, 0])])] for im in images])
+
+    stub = SimpleNamespace(device=torch.device("cpu"), domain=SimpleNamespace(
+        name="cats", weights={}), text_embeddings=text_embeddings,
+        image_embeddings=image_embeddings)
+    src = _png(tmp_path / "in.png", (9, 9, 9))
+    pairs = [Pair(src, _png(tmp_path / f"o{i}.png", (i, 0, 0)), "p", ("colour:orange",))
+             for i in range(3)]
+    res = score_pairs(PairSet(pairs, "t"), ["ama_single"], stub,
+                      log=lambda ln: None).results["ama_single"]
+    assert res.per_attribute == {"colour:orange": pytest.approx(2 / 3)}
+    assert res.details["classifier"] == "CLIP zero-shot"
+
+
+def test_dlib_identity_tells_a_mirror_from_another_face() -> None:
+    """--identity dlib on FFHQ-aligned 256 px crops of real photos: the astronaut against her
+    mirror image scores high, against the cameraman (scikit-image's other face) low."""
+    from skimage import data
+
+    from clipinvert import imaging
+    from clipinvert.align.ffhq import align_image
+    from clipinvert.align.landmarks import FaceDetector, default_predictor_path
+    from clipinvert.losses import IdentityNet
+
+    detector = FaceDetector(default_predictor_path())
+    astronaut = align_image(Image.fromarray(data.astronaut()), detector)[0].image
+    camera = Image.fromarray(data.camera()).convert("RGB")
+    # The cameraman's face is too small for dlib's detector at 512 px: look at it ×3.
+    cameraman = align_image(camera.resize((1536, 1536), Image.Resampling.BICUBIC),
+                            detector)[0].image
+    mirror = astronaut.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    net = IdentityNet.dlib()
+    a, m, c = net.embed(imaging.to_tensor([astronaut, mirror, cameraman], 256))
+    same, other = 100 * float(a @ m), 100 * float(a @ c)
+    assert same > 95 and other < 90 and same - other > 8, (same, other)

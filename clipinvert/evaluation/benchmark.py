@@ -162,7 +162,7 @@ def run_benchmark(data: Path, output: Path, *, domain: str = "faces", registry: 
         lines.append(json.dumps({k: e[k] for k in ("input", "output", "prompt", "attributes")}))
     if edits is None:
         made = _edit_all(sel, registry, domain, device=device, batch_size=batch_size,
-                         strength=strength, log=log)
+                         strength=strength, log=log, quiet=eval_kwargs.get("quiet", False))
     else:
         made = {"edits": "given", "folder": str(edits)}
     manifest = output / "pairs.jsonl"
@@ -177,10 +177,10 @@ def run_benchmark(data: Path, output: Path, *, domain: str = "faces", registry: 
 
 
 def _edit_all(sel: dict[str, Any], registry: Any, domain: str, *, device: str, batch_size: int,
-              strength: float, log: Callable[[str], None]) -> dict[str, Any]:
+              strength: float, log: Callable[[str], None], quiet: bool = False
+              ) -> dict[str, Any]:
     """Make every selected edit with the domain's model; edits already made by this model for
     this selection are kept (a record beside them says which), so a stopped run resumes."""
-    from .. import imaging
     from ..pipeline import Editor
 
     editor = Editor(domain, registry=registry, device=device)
@@ -210,20 +210,39 @@ def _edit_all(sel: dict[str, Any], registry: Any, domain: str, *, device: str, b
     for e in todo:
         by_prompt.setdefault(e["prompt"], []).append(e)
     failed = 0
-    for prompt, group in by_prompt.items():
-        embedding = editor.embed(prompt)
-        for start in range(0, len(group), batch_size):
-            chunk, images = [], []
-            for e in group[start:start + batch_size]:
-                try:
-                    images.append(imaging.load_image(Path(e["input"])))
-                    chunk.append(e)
-                except Exception as exc:  # noqa: BLE001 - one line, the rest goes on
-                    failed += 1
-                    log(f"failed {e['input']}: {exc}")
-            if not chunk:
-                continue
-            for e, img in zip(chunk, editor.edit(images, embedding, strength=strength).pil(),
-                              strict=True):
-                imaging.save_image(img, Path(e["output"]))
+    from rich.console import Console
+
+    from ..batch import make_progress
+
+    with make_progress(Console(stderr=True), quiet) as bar:
+        task = bar.add_task("editing", total=len(todo))
+        for prompt, group in by_prompt.items():
+            failed += _edit_group(editor, prompt, group, batch_size, strength, log,
+                                  lambda n: bar.advance(task, n))
     return {"edits": "made", "model": model, "strength": strength, "failed_edits": failed}
+
+
+def _edit_group(editor: Any, prompt: str, group: list[dict[str, Any]], batch_size: int,
+                strength: float, log: Callable[[str], None],
+                advance: Callable[[int], None]) -> int:
+    """The edits of one prompt, in batches; returns how many inputs could not be read."""
+    from .. import imaging
+
+    failed = 0
+    embedding = editor.embed(prompt)
+    for start in range(0, len(group), batch_size):
+        chunk, images = [], []
+        for e in group[start:start + batch_size]:
+            try:
+                images.append(imaging.load_image(Path(e["input"])))
+                chunk.append(e)
+            except Exception as exc:  # noqa: BLE001 - one line, the rest goes on
+                failed += 1
+                log(f"failed {e['input']}: {exc}")
+        if not chunk:
+            continue
+        for e, img in zip(chunk, editor.edit(images, embedding, strength=strength).pil(),
+                          strict=True):
+            imaging.save_image(img, Path(e["output"]))
+        advance(len(group[start:start + batch_size]))
+    return failed

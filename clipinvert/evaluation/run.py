@@ -7,9 +7,10 @@ docs/evaluation.md
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ def evaluate_pairs(pairs: PairSet | Path | str, output: Path, *, domain: str = "
                    batch_size: int = 16, fid_reference: Path | None = None,
                    report_path: Path | None = None, summary: bool = True,
                    trust: bool = False, params: dict[str, Any] | None = None,
+                   quiet: bool = False,
                    command: str = "eval metrics", extra: dict[str, Any] | None = None,
                    log: Callable[[str], None] = print,
                    progress: Callable[[int], None] | None = None) -> dict[str, Any]:
@@ -68,8 +70,10 @@ def evaluate_pairs(pairs: PairSet | Path | str, output: Path, *, domain: str = "
             raise UsageError(f"--fid-reference {fid_reference}: FID needs at least 2 images")
     torch_device = resolve_device(device)
     networks = Networks(files, dom, device=torch_device, trust=trust)
-    scores = score_pairs(pair_set, names, networks, options=options, batch_size=batch_size,
-                         reference=reference, log=log, progress=progress)
+    with _progress_bar(len(pair_set), quiet) as bar:
+        scores = score_pairs(pair_set, names, networks, options=options,
+                             batch_size=batch_size, reference=reference, log=log,
+                             progress=progress or bar)
     if not any(scores.scored):
         raise UsageError(f"no pair of {pair_set.source} could be scored "
                          f"({len(scores.skipped)} skipped; the lines above say why)")
@@ -82,3 +86,15 @@ def evaluate_pairs(pairs: PairSet | Path | str, output: Path, *, domain: str = "
     if summary:
         write_summary(report, output / "summary.png")
     return report
+
+
+@contextlib.contextmanager
+def _progress_bar(total: int, quiet: bool) -> Iterator[Callable[[int], None]]:
+    """Pairs scored, on stderr, as the edit commands show images (only on a terminal)."""
+    from rich.console import Console
+
+    from ..batch import make_progress
+
+    with make_progress(Console(stderr=True), quiet) as progress:
+        task = progress.add_task("scoring", total=total)
+        yield lambda n: progress.advance(task, n)
