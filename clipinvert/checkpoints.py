@@ -73,6 +73,24 @@ def mismatch_summary(expected: Mapping[str, torch.Tensor],
     return "; ".join(parts) or None
 
 
+def checked_tensors(sd: Mapping[str, object], what: str, path: Path, *, shown_prefix: str = "",
+                    fill_batches_tracked: bool = False) -> StateDict:
+    """A copy of ``sd`` whose values are all tensors, or one :class:`WeightsError` line naming
+    the first that is not (``shown_prefix``: where the keys sat in the file).
+
+    ``fill_batches_tracked``: add the BatchNorm ``num_batches_tracked`` counters that files of
+    PyTorch before 0.4.1 lack, as PyTorch's own loading does.
+    """
+    bad = next((k for k, v in sd.items() if not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise WeightsError(f"{what} weights {path}: {shown_prefix}{bad} is not a tensor")
+    out: StateDict = dict(sd)  # type: ignore[arg-type]
+    if fill_batches_tracked:
+        for k in [k for k in out if k.endswith(".running_mean")]:
+            out.setdefault(k[:-len("running_mean")] + "num_batches_tracked", torch.tensor(0))
+    return out
+
+
 def load_strict(module: nn.Module, sd: Mapping[str, torch.Tensor], what: str, path: Path, *,
                 assign: bool = False) -> None:
     """Strict load with a readable one-line diagnosis instead of PyTorch's multi-line dump.
@@ -216,12 +234,7 @@ def load_arcface(path: Path | str, *, trust: bool = False) -> IRSEBackbone:
     if "input_layer.0.weight" not in sd or "output_layer.3.weight" not in sd:
         raise WeightsError(f"ArcFace weights {path} hold no input_layer.*/output_layer.* keys "
                            f"(found {describe_layout(sd)}) — expected model_ir_se50.pth")
-    bad = next((k for k, v in sd.items() if not isinstance(v, torch.Tensor)), None)
-    if bad is not None:
-        raise WeightsError(f"ArcFace weights {path}: {bad} is not a tensor")
-    sd = dict(sd)
-    for k in [k for k in sd if k.endswith(".running_mean")]:
-        sd.setdefault(k[:-len("running_mean")] + "num_batches_tracked", torch.tensor(0))
+    sd = checked_tensors(sd, "ArcFace", path, fill_batches_tracked=True)
     return build_module(IRSEBackbone, sd, "ArcFace", path)
 
 
@@ -257,9 +270,7 @@ def load_alexnet_trunk(path: Path | str, *, trust: bool = False) -> StateDict:
         raise WeightsError(f"LPIPS AlexNet weights {path} hold no features.* keys "
                            f"(found {describe_layout(sd)}) — expected torchvision's "
                            "alexnet-owt-7be5be79.pth")
-    bad = next((k for k, v in trunk.items() if not isinstance(v, torch.Tensor)), None)
-    if bad is not None:
-        raise WeightsError(f"LPIPS AlexNet weights {path}: {bad} is not a tensor")
+    trunk = checked_tensors(trunk, "LPIPS AlexNet", path)
     expected = {k: torch.empty(s, device="meta") for k, s in alexnet_trunk_shapes().items()}
     problem = mismatch_summary(expected, trunk)
     if problem:
@@ -318,11 +329,8 @@ def load_moco(path: Path | str, *, trust: bool = False) -> nn.Module:
     if not enc:
         raise WeightsError(f"MoCo weights {path} hold no encoder_q.* keys "
                            f"(found {describe_layout(sd)}) — expected moco_v2_800ep_pretrain.pth")
-    bad = next((k for k, v in enc.items() if not isinstance(v, torch.Tensor)), None)
-    if bad is not None:
-        raise WeightsError(f"MoCo weights {path}: encoder_q.{bad} is not a tensor")
-    for k in [k for k in enc if k.endswith(".running_mean")]:
-        enc.setdefault(k[:-len("running_mean")] + "num_batches_tracked", torch.tensor(0))
+    enc = checked_tensors(enc, "MoCo", path, shown_prefix="encoder_q.",
+                          fill_batches_tracked=True)
     try:
         spec = resnet_spec(enc)
         with torch.device("meta"):
@@ -352,12 +360,7 @@ def load_inception(path: Path | str, *, trust: bool = False) -> nn.Module:
     if "Conv2d_1a_3x3.conv.weight" not in sd or "Mixed_7c.branch_pool.conv.weight" not in sd:
         raise WeightsError(f"FID Inception weights {path} hold no Conv2d_1a_3x3.*/Mixed_7c.* "
                            f"keys (found {describe_layout(sd)}) — {expected_file}")
-    bad = next((k for k, v in sd.items() if not isinstance(v, torch.Tensor)), None)
-    if bad is not None:
-        raise WeightsError(f"FID Inception weights {path}: {bad} is not a tensor")
-    sd = dict(sd)
-    for k in [k for k in sd if k.endswith(".running_mean")]:
-        sd.setdefault(k[:-len("running_mean")] + "num_batches_tracked", torch.tensor(0))
+    sd = checked_tensors(sd, "FID Inception", path, fill_batches_tracked=True)
     with torch.device("meta"):
         net = FIDInceptionV3()
     problem = mismatch_summary(net.state_dict(), sd)
@@ -415,9 +418,7 @@ def load_attribute_classifier(path: Path | str, *, trust: bool = False) -> nn.Mo
         if not (isinstance(normalize, (list, tuple)) and list(normalize) == list(NORMALIZE)):
             raise WeightsError(f"{what} weights {path}: normalize {normalize!r} is not "
                                f"{list(NORMALIZE)} (mean, std), the only preprocessing supported")
-    bad = next((k for k, v in sd.items() if not isinstance(v, torch.Tensor)), None)
-    if bad is not None:
-        raise WeightsError(f"{what} weights {path}: {bad} is not a tensor")
+    sd = checked_tensors(sd, what, path)
     if not (isinstance(names, (list, tuple)) and names and all(isinstance(n, str) for n in names)
             and len(set(names)) == len(names)):
         raise WeightsError(f"{what} weights {path}: 'attributes' is not a list of distinct names")
