@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from .cli_options import Common, shared, within
+from .cli_options import METRIC_OPTIONS, Common, shared, within
 
 eval_app = typer.Typer(
     help="Score edits with the paper's metrics (FID, CMP, AMA, ID, LPIPS).",
@@ -27,42 +27,12 @@ EVAL_OPTIONS = ("output", "domain", "models", "device", "batch_size", "quiet", "
                 "trust_checkpoint")
 
 
-def _choice(*allowed: str):
-    def check(value: str | None) -> str | None:
-        if value is not None and value not in allowed:
-            raise typer.BadParameter(f"{value!r}: choose {', '.join(allowed)}")
-        return value
-    return check
-
-
-# ---- the metric options, declared once (metrics, benchmark) -----------------------------------
-MetricsOpt = Annotated[str, typer.Option(
-    "--metrics", help="Comma-separated: fid, cmp, ama_single, ama_multiple, id, lpips, mse "
-                      "(default: all the pairs allow).")]
-DiffRange = Annotated[str, typer.Option(
-    callback=_choice("pm1", "01"),
-    help="CMP's pixel difference in [-1,1] units (pm1, the authors') or [0,1] (01).")]
-AmaThreshold = Annotated[float, typer.Option(
-    callback=within(0, 1), help="AMA-single: success when the attribute scores above this.")]
-AmaMultipleThreshold = Annotated[float, typer.Option(
-    callback=within(0, 1), help="AMA-multiple: every attribute must score above this.")]
-Identity = Annotated[str, typer.Option(
-    callback=_choice("auto", "arcface", "moco", "dlib"),
-    help="Identity network: auto (ArcFace for faces, else MoCo), arcface, moco, or dlib "
-         "(offline stand-in, not the paper's; named in the report).")]
-FidReference = Annotated[Path | None, typer.Option(
-    help="Real images FID compares the outputs with (default: the inputs).",
-    show_default=False)]
-Summary = Annotated[bool, typer.Option("--summary/--no-summary",
-                                       help="Also write OUT/summary.png.")]
-
-
-def _options(diff_range: str, ama_threshold: float, ama_multiple_threshold: float,
-             identity: str):
+def _options(opts: Common):
     from .evaluation.metrics import EvalOptions
 
-    return EvalOptions(diff_range=diff_range, ama_threshold=ama_threshold,
-                       ama_multiple_threshold=ama_multiple_threshold, identity=identity)
+    return EvalOptions(diff_range=opts.diff_range, ama_threshold=opts.ama_threshold,
+                       ama_multiple_threshold=opts.ama_multiple_threshold,
+                       identity=opts.identity)
 
 
 def _finish(report: dict, opts: Common) -> None:
@@ -81,18 +51,11 @@ def _say(line: str) -> None:
 
 
 @eval_app.command("metrics")
-@shared(EVAL_OPTIONS, output=Path("eval"), batch_size=16)
+@shared(EVAL_OPTIONS, METRIC_OPTIONS, output=Path("eval"), batch_size=16)
 def metrics(
     pairs: Annotated[Path, typer.Argument(
         help="A JSONL manifest of {input, output, prompt[, attributes]} lines, or a folder "
              "`clipinvert edit` wrote.", show_default=False)],
-    metrics: MetricsOpt = "all",
-    fid_reference: FidReference = None,
-    diff_range: DiffRange = "pm1",
-    ama_threshold: AmaThreshold = 0.5,
-    ama_multiple_threshold: AmaMultipleThreshold = 0.9,
-    identity: Identity = "auto",
-    summary: Summary = True,
     *,
     opts: Common,
 ) -> None:
@@ -102,15 +65,15 @@ def metrics(
 
     report = evaluate_pairs(
         pairs, opts.output, domain=opts.domain, registry=Registry.load(opts.models),
-        metrics=metrics, device=opts.device, batch_size=opts.batch_size,
-        fid_reference=fid_reference, report_path=opts.report, summary=summary,
+        metrics=opts.metrics, device=opts.device, batch_size=opts.batch_size,
+        fid_reference=opts.fid_reference, report_path=opts.report, summary=opts.summary,
         trust=opts.trust_checkpoint, params=opts.params, log=_say, quiet=opts.quiet,
-        options=_options(diff_range, ama_threshold, ama_multiple_threshold, identity))
+        options=_options(opts))
     _finish(report, opts)
 
 
 @eval_app.command("benchmark")
-@shared(EVAL_OPTIONS + ("seed",), output=Path("benchmark"), batch_size=8)
+@shared(EVAL_OPTIONS + ("seed",), METRIC_OPTIONS, output=Path("benchmark"), batch_size=8)
 def benchmark(
     data: Annotated[Path, typer.Option(
         help="CelebA-HQ (images/ + CelebAMask-HQ-attribute-anno.txt) or a JSONL of "
@@ -128,13 +91,6 @@ def benchmark(
     ] = False,
     strength: Annotated[float, typer.Option(callback=within(-10, 10),
                                             help="Edit strength.")] = 1.0,
-    metrics: MetricsOpt = "all",
-    fid_reference: FidReference = None,
-    diff_range: DiffRange = "pm1",
-    ama_threshold: AmaThreshold = 0.5,
-    ama_multiple_threshold: AmaMultipleThreshold = 0.9,
-    identity: Identity = "auto",
-    summary: Summary = True,
     *,
     opts: Common,
 ) -> None:
@@ -146,10 +102,10 @@ def benchmark(
         data, opts.output, domain=opts.domain, registry=Registry.load(opts.models),
         per_target=per_target, seed=opts.seed, gendered=gendered, edits=edits,
         test_list=test_list, device=opts.device, batch_size=opts.batch_size,
-        strength=strength, metrics=metrics, log=_say, fid_reference=fid_reference,
-        report_path=opts.report, summary=summary, trust=opts.trust_checkpoint,
+        strength=strength, metrics=opts.metrics, log=_say, fid_reference=opts.fid_reference,
+        report_path=opts.report, summary=opts.summary, trust=opts.trust_checkpoint,
         params=opts.params, quiet=opts.quiet,
-        options=_options(diff_range, ama_threshold, ama_multiple_threshold, identity))
+        options=_options(opts))
     _finish(report, opts)
 
 

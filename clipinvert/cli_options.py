@@ -100,6 +100,38 @@ Trust = Annotated[bool, typer.Option(
     help="Allow checkpoints whose pickles hold more than weights. Only for files you vouch for.")]
 
 
+
+def choice(*allowed: str):
+    """A callback accepting only ``allowed`` (Typer's enums would show them as a type)."""
+    def check(value: str | None) -> str | None:
+        if value is not None and value not in allowed:
+            raise typer.BadParameter(f"{value!r}: choose {', '.join(allowed)}")
+        return value
+    return check
+
+
+# The metrics' options (eval metrics, eval benchmark).
+MetricsOpt = Annotated[str, typer.Option(
+    "--metrics", help="Comma-separated: fid, cmp, ama_single, ama_multiple, id, lpips, mse "
+                      "(default: all the pairs allow).")]
+FidReference = Annotated[Path | None, typer.Option(
+    help="Real images FID compares the outputs with (default: the inputs).",
+    show_default=False)]
+DiffRange = Annotated[str, typer.Option(
+    callback=choice("pm1", "01"),
+    help="CMP's pixel difference in [-1,1] units (pm1, the authors') or [0,1] (01).")]
+AmaThreshold = Annotated[float, typer.Option(
+    callback=within(0, 1), help="AMA-single: success when the attribute scores above this.")]
+AmaMultipleThreshold = Annotated[float, typer.Option(
+    callback=within(0, 1), help="AMA-multiple: every attribute must score above this.")]
+IdentityOpt = Annotated[str, typer.Option(
+    callback=choice("auto", "arcface", "moco", "dlib"),
+    help="Identity network: auto (ArcFace for faces, else MoCo), arcface, moco, or dlib "
+         "(offline stand-in, not the paper's; named in the report).")]
+Summary = Annotated[bool, typer.Option("--summary/--no-summary",
+                                       help="Also write OUT/summary.png.")]
+
+
 # ---- the shared options, declared once -------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Common:
@@ -125,6 +157,13 @@ class Common:
     download: Download = False
     offline: Offline = False
     trust_checkpoint: Trust = False
+    metrics: MetricsOpt = "all"
+    fid_reference: FidReference = None
+    diff_range: DiffRange = "pm1"
+    ama_threshold: AmaThreshold = 0.5
+    ama_multiple_threshold: AmaMultipleThreshold = 0.9
+    identity: IdentityOpt = "auto"
+    summary: Summary = True
     params: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
 
@@ -134,6 +173,9 @@ RUN_OPTIONS = ("output", "domain", "models", "workers", "all_faces", "overwrite"
 # Commands that load the networks and feed them images.
 MODEL_OPTIONS = ("device", "dtype", "batch_size", "aligned", "seed", "download", "offline",
                  "trust_checkpoint")
+# Commands that score with the metrics (clipinvert eval metrics, benchmark).
+METRIC_OPTIONS = ("metrics", "fid_reference", "diff_range", "ama_threshold",
+                  "ama_multiple_threshold", "identity", "summary")
 
 SHARED_FIELDS = [f for f in dataclasses.fields(Common) if f.name != "params"]
 
