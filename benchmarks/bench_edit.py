@@ -54,6 +54,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 from benchcommon import (
+    add_workdir_arguments,
     clean_workdir,
     cpu_name,
     format_table,
@@ -405,16 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timed repeats per stage after the warm-up (default: 2; 1 with --quick)")
     p.add_argument("--warmup", type=count, default=1,
                    help="untimed runs before each stage (default: 1)")
-    p.add_argument("--workdir", type=Path, default=None,
-                   help="folder for everything the run writes: random checkpoints, photos, "
-                        "outputs and the safetensors cache ($CLIPINVERT_HOME is set inside it, "
-                        "so ~/.cache/clipinvert is never touched); existing checkpoints are "
-                        "reused (default: a fresh temporary folder)")
-    p.add_argument("--keep", action="store_true",
-                   help="keep the work folder at the end; without it the folder is deleted, "
-                        "or, if --workdir already existed, everything this run added to it")
-    p.add_argument("--json", type=Path, default=None,
-                   help="also write the figures as JSON to this file")
+    add_workdir_arguments(p, "random checkpoints, photos, outputs")
     p.add_argument("--quick", action="store_true",
                    help="size 256, batch sizes 1,2, 1 repeat: a smoke test for CI")
     return p

@@ -68,6 +68,7 @@ from pathlib import Path
 from typing import Any
 
 from benchcommon import (
+    add_workdir_arguments,
     clean_workdir,
     cpu_name,
     format_table,
@@ -500,16 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=positive_float, default=900.0,
                    help="kill a configuration running longer than this many seconds, building "
                         "included (default: 900)")
-    p.add_argument("--workdir", type=Path, default=None,
-                   help="folder for everything the run writes: random checkpoints, models.toml "
-                        "and the safetensors cache ($CLIPINVERT_HOME is set inside it, so "
-                        "~/.cache/clipinvert is never touched); existing checkpoints are reused "
-                        "(default: a fresh temporary folder)")
-    p.add_argument("--keep", action="store_true",
-                   help="keep the work folder at the end; without it the folder is deleted, "
-                        "or, if --workdir already existed, everything this run added to it")
-    p.add_argument("--json", type=Path, default=None,
-                   help="also write the figures as JSON to this file")
+    add_workdir_arguments(p, "random checkpoints, models.toml")
     p.add_argument("--quick", action="store_true",
                    help="resolution 256, batch 2, 1 timed step (both stages): a smoke test")
     # Internal: the subprocesses.

@@ -83,3 +83,18 @@ def clean_workdir(workdir: Path, before: set[str] | None) -> None:
             shutil.rmtree(entry, ignore_errors=True)
         else:
             entry.unlink(missing_ok=True)
+
+
+def add_workdir_arguments(p: argparse.ArgumentParser, holds: str) -> None:
+    """``--workdir``, ``--keep`` and ``--json``: where a benchmark keeps what it writes
+    (``holds`` names it for the help) and whether it is kept."""
+    p.add_argument("--workdir", type=Path, default=None,
+                   help=f"folder for everything the run writes: {holds} and the safetensors "
+                        "cache ($CLIPINVERT_HOME is set inside it, so ~/.cache/clipinvert is "
+                        "never touched); existing checkpoints are reused (default: a fresh "
+                        "temporary folder)")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the work folder at the end; without it the folder is deleted, "
+                        "or, if --workdir already existed, everything this run added to it")
+    p.add_argument("--json", type=Path, default=None,
+                   help="also write the figures as JSON to this file")
