@@ -161,7 +161,7 @@ def run_benchmark(data: Path, output: Path, *, domain: str = "faces", registry: 
         e["output"] = str(root / e["target"] / f"{Path(e['input']).stem}.png")
         lines.append(json.dumps({k: e[k] for k in ("input", "output", "prompt", "attributes")}))
     if edits is None:
-        made = _edit_all(sel, registry, domain, device=device, batch_size=batch_size,
+        made = _edit_all(sel, root, registry, domain, device=device, batch_size=batch_size,
                          strength=strength, log=log, quiet=eval_kwargs.get("quiet", False))
     else:
         made = {"edits": "given", "folder": str(edits)}
@@ -176,18 +176,22 @@ def run_benchmark(data: Path, output: Path, *, domain: str = "faces", registry: 
         **eval_kwargs)
 
 
-def _edit_all(sel: dict[str, Any], registry: Any, domain: str, *, device: str, batch_size: int,
-              strength: float, log: Callable[[str], None], quiet: bool = False
-              ) -> dict[str, Any]:
-    """Make every selected edit with the domain's model; edits already made by this model for
-    this selection are kept (a record beside them says which), so a stopped run resumes."""
+def _edit_all(sel: dict[str, Any], root: Path, registry: Any, domain: str, *, device: str,
+              batch_size: int, strength: float, log: Callable[[str], None],
+              quiet: bool = False) -> dict[str, Any]:
+    """Make every selected edit with the domain's model into ``root``; edits already made by
+    this model for this selection are kept (a record in ``root`` says which), so a stopped run
+    resumes."""
+    from rich.console import Console
+
+    from ..batch import make_progress
     from ..pipeline import Editor
 
     editor = Editor(domain, registry=registry, device=device)
     model = editor.weight_identity(edit=True)
     key = fingerprint({"model": model, "strength": strength,
                        "edits": [(e["input"], e["prompt"]) for e in sel["edits"]]})
-    record = Path(sel["edits"][0]["output"]).parents[1] / ".benchmark-edits.json"
+    record = root / ".benchmark-edits.json"
     done_before = False
     if record.is_file():
         try:
@@ -210,10 +214,6 @@ def _edit_all(sel: dict[str, Any], registry: Any, domain: str, *, device: str, b
     for e in todo:
         by_prompt.setdefault(e["prompt"], []).append(e)
     failed = 0
-    from rich.console import Console
-
-    from ..batch import make_progress
-
     with make_progress(Console(stderr=True), quiet) as bar:
         task = bar.add_task("editing", total=len(todo))
         for prompt, group in by_prompt.items():

@@ -9,6 +9,7 @@ counted — the rest is scored.  docs/evaluation.md#metrics
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -105,9 +106,12 @@ def score_pairs(pair_set: PairSet, names: Sequence[str], networks: Any, *,
 def _batches(pairs: Sequence[Pair], batch_size: int, size: int,
              skipped: list[tuple[str, str]], log: Callable[[str], None]) -> Iterator[Batch]:
     chunk: list[tuple[int, Pair, Image.Image, Image.Image]] = []
+    # An edit folder lists each input once per prompt, one after another: read (and re-align)
+    # it once for all of them.
+    source_of = functools.lru_cache(maxsize=8)(read_source)
     for i, pair in enumerate(pairs):
         try:
-            source, output = read_pair(pair)
+            source, output = read_pair(pair, source_of)
         except (ClipInvertError, OSError, ValueError) as exc:
             why = first_line(exc)
             skipped.append((pair.key, why))
@@ -128,12 +132,17 @@ def _batch(chunk: list[tuple[int, Pair, Image.Image, Image.Image]], size: int) -
                  output_images=[c[3] for c in chunk])
 
 
-def read_pair(pair: Pair) -> tuple[Image.Image, Image.Image]:
-    """The image the method saw (re-made from the run's FFHQ transform when it aligned the
-    photo itself) and the output; their shapes must agree."""
-    source = imaging.load_image(pair.input)
-    if pair.transform is not None:
-        source = realign(source, pair.transform)
+def read_source(path: Path, transform: Path | None) -> Image.Image:
+    """The image the method saw: the input, or the FFHQ crop the run made of it (re-made from
+    the transform it saved)."""
+    source = imaging.load_image(path)
+    return source if transform is None else realign(source, transform)
+
+
+def read_pair(pair: Pair, source_of: Callable[[Path, Path | None], Image.Image] = read_source
+              ) -> tuple[Image.Image, Image.Image]:
+    """The image the method saw and the output; their shapes must agree."""
+    source = source_of(pair.input, pair.transform)
     output = imaging.load_image(pair.output)
     a, b = source.width / source.height, output.width / output.height
     if abs(a - b) > ASPECT_TOLERANCE * max(a, b):
