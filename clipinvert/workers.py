@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from types import FrameType, TracebackType
 
-__all__ = ["StopSignals", "Terminated", "worker_init"]
+__all__ = ["DeferredStop", "StopSignals", "Terminated", "worker_init"]
 
 PARENT_POLL_S = 0.5
 """How often a worker's watchdog checks that its parent is still alive."""
@@ -171,3 +171,40 @@ class StopSignals:
         what = self.messages.get(self.signum or signal.SIGINT, "interrupted")
         hint = self.resume_hint() if callable(self.resume_hint) else self.resume_hint
         return f"clipinvert: {what} — {hint}"
+
+
+class DeferredStop:
+    """For loops that must finish what they are doing (a training step, a save): SIGINT and
+    SIGTERM inside the block only record the signal in :attr:`signum`; the loop checks it at a
+    safe point and calls :meth:`reraise`.
+
+    Installed only in the main thread (signal handlers can live nowhere else); the previous
+    handlers — under the CLI, :class:`StopSignals`' — come back on exit.
+    """
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._old: dict[int, object] = {}
+
+    def __enter__(self) -> DeferredStop:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._note)
+        return self
+
+    def _note(self, signum: int, frame: FrameType | None) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+
+    def reraise(self) -> None:
+        """Stop as the handler that was there before would have (:class:`StopSignals` records
+        which signal it was, for the exit code); else as Python does."""
+        old = self._old.get(self.signum)
+        if callable(old):
+            old(self.signum, None)
+        if self.signum == signal.SIGTERM:
+            raise Terminated()
+        raise KeyboardInterrupt

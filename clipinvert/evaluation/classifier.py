@@ -616,7 +616,7 @@ def _train_epoch(run: _Run, data: CelebAData, *, state_path: Path, batch_size: i
     the batch in progress, save the state and stop.
     """
     from ..training.data import ResumableSampler
-    from ..training.loop import _DeferredStop
+    from ..workers import DeferredStop
 
     train_rows = data.rows["train"]
     order = [train_rows[i] for i in ResumableSampler(len(train_rows), seed=seed)
@@ -628,7 +628,7 @@ def _train_epoch(run: _Run, data: CelebAData, *, state_path: Path, batch_size: i
     net = run.net
     net.train()
     try:
-        with _DeferredStop() as stop:
+        with DeferredStop() as stop:
             loader = _loader(data.dataset, order[run.position:usable], batch_size, workers,
                              device)
             for batch in loader:

@@ -33,6 +33,7 @@ import torch
 
 from ..fileio import atomic_write
 from ..model import CLIPInverter
+from ..workers import DeferredStop
 from .checkpoint import load_resume, save_released, save_resume, set_rng_states
 from .config import TrainConfig
 from .optim import make_optimizer
@@ -181,7 +182,7 @@ class Trainer:
         resumable state of it, then stop (KeyboardInterrupt / Terminated go on to the CLI)."""
         cfg = self.cfg
         it = self.batches()
-        with _DeferredStop() as stop:
+        with DeferredStop() as stop:
             while self.step < cfg.max_steps:
                 batch = next(it)
                 # A batch left with fewer than 2 samples (images unreadable since the scan)
@@ -321,50 +322,6 @@ class Trainer:
             grid.paste(r, (0, y))
             y += r.height
         imaging.save_image(grid, self.run_dir / "images" / f"step_{self.step:07d}.png")
-
-
-class _DeferredStop:
-    """SIGINT/SIGTERM during a step only set a flag: the loop finishes the step, saves, stops.
-
-    Installed only in the main thread (signal handlers can live nowhere else); the previous
-    handlers come back on exit.
-    """
-
-    def __init__(self) -> None:
-        self.signum = 0
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> _DeferredStop:
-        import signal
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._note)
-        return self
-
-    def _note(self, signum: int, frame: object) -> None:
-        self.signum = signum
-
-    def __exit__(self, *exc: object) -> None:
-        import signal
-
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-
-    def reraise(self) -> None:
-        """Stop as the handler that was there before would have (the CLI's records which
-        signal it was, for its exit code); else as Python does."""
-        import signal
-
-        from ..workers import Terminated
-
-        old = self._old.get(self.signum)
-        if callable(old):
-            old(self.signum, None)
-        if self.signum == signal.SIGTERM:
-            raise Terminated()
-        raise KeyboardInterrupt
 
 
 class _Subset(torch.utils.data.Dataset):
