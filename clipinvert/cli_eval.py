@@ -76,13 +76,14 @@ def metrics(
 @shared(EVAL_OPTIONS + ("seed",), METRIC_OPTIONS, output=Path("benchmark"), batch_size=8)
 def benchmark(
     data: Annotated[Path, typer.Option(
-        help="CelebA-HQ (images/ + CelebAMask-HQ-attribute-anno.txt) or a JSONL of "
-             "{image, attributes} lines.", show_default=False)],
+        help="CelebA-HQ (images/ or CelebA-HQ-img/ + CelebAMask-HQ-attribute-anno.txt) or a "
+             "JSONL of {image, attributes} lines.", show_default=False)],
     edits: Annotated[Path | None, typer.Option(
         help="Score edits made elsewhere (EDITS/<target>/<stem>.png, as OUT/selection.json "
              "lists) instead of editing with the domain's model.", show_default=False)] = None,
     test_list: Annotated[Path | None, typer.Option(
-        help="Only these images (one name per line), e.g. Multi-Modal CelebA-HQ's test split.",
+        help="Only these images: one name per line, or Multi-Modal CelebA-HQ's "
+             "test/filenames.pickle.",
         show_default=False)] = None,
     per_target: Annotated[int, typer.Option(
         callback=within(1, 100000), help="Inputs per attribute and per combination.")] = 50,

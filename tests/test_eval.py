@@ -82,6 +82,12 @@ def test_pairs_from_an_edit_folder_follow_the_prompt_folders(tmp_path: Path) -> 
         ("blond-hair/sub/x.png", "blond hair"), ("a-beard/sub/x.png", "a beard")]
     assert all(p.transform == out / "sub/x.json" for p in got.pairs)
     assert {w for w, _ in got.skipped} == {str(out / "look/sub/x.png"), "/photos/y.jpg"}
+    moved = out.rename(tmp_path / "moved")  # a folder moved (or copied) since: found there
+    again = read_pairs(moved)
+    assert [p.output for p in again.pairs] == [moved / "blond-hair/sub/x.png",
+                                               moved / "a-beard/sub/x.png"]
+    assert all(p.transform == moved / "sub/x.json" for p in again.pairs)
+    out = moved
     (out / "clipinvert-report.json").write_text(json.dumps({**report, "command": "align"}))
     with pytest.raises(UsageError, match="clipinvert align"):
         read_pairs(out)
@@ -132,6 +138,51 @@ def test_inputs_are_chosen_reproducibly_per_target() -> None:
     assert choose_inputs(cands, 50, seed=4)["A"] != a["A"]
 
 
+
+def _celebahq(root: Path, labels: dict[str, list[str]], folder: str = "CelebA-HQ-img") -> Path:
+    """A CelebA-HQ root with the CelebAMask-HQ download's folder name and annotation file."""
+    names = ["Blond_Hair", "Male", "Smiling"]
+    (root / folder).mkdir(parents=True)
+    lines = [str(len(labels)), " ".join(names)]
+    for name, has in labels.items():
+        _png(root / folder / name, (9, 9, 9), size=8)
+        lines.append(name + " " + " ".join("1" if n in has else "-1" for n in names))
+    (root / "CelebAMask-HQ-attribute-anno.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_celebahq_with_a_multimodal_test_pickle(tmp_path: Path) -> None:
+    import pickle
+
+    from clipinvert.evaluation.benchmark import read_labelled, select
+
+    root = _celebahq(tmp_path / "hq", {"0.jpg": ["Male"], "1.jpg": ["Blond_Hair"],
+                                       "2.jpg": [], "3.jpg": ["Smiling", "Male"]})
+    every = read_labelled(root)
+    assert [i.path for i in every] == [root / "CelebA-HQ-img" / f"{i}.jpg" for i in range(4)]
+    assert [i.male for i in every] == [True, False, False, True]
+    # Multi-Modal CelebA-HQ's test/filenames.pickle: a Python 2 pickle of names without extension
+    test = tmp_path / "filenames.pickle"
+    test.write_bytes(pickle.dumps(["1", "3"], protocol=2))
+    chosen = read_labelled(root, test_list=test)
+    assert [i.name for i in chosen] == ["1.jpg", "3.jpg"]
+    (tmp_path / "test.txt").write_text("3.jpg\n\n0\n")
+    assert [i.name for i in read_labelled(root, test_list=tmp_path / "test.txt")] == ["0.jpg",
+                                                                                      "3.jpg"]
+    picked = select(chosen, "faces", per_target=5, seed=0, gendered=True)
+    blond = [e for e in picked["edits"] if e["target"] == "Blond_Hair"]
+    assert [(Path(e["input"]).name, e["prompt"]) for e in blond] == [
+        ("3.jpg", "He has blond hair.")]  # 1.jpg is blond already: never an input for it
+    assert picked["short"]["Blond_Hair"] == 1
+    # A pickle that names any class is refused before it can run anything.
+    evil = tmp_path / "evil.pickle"
+    evil.write_bytes(pickle.dumps([Path("x")]))
+    with pytest.raises(UsageError, match="cannot read the test list .*not a list of image"):
+        read_labelled(root, test_list=evil)
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(UsageError, match="names no image"):
+        read_labelled(root, test_list=tmp_path / "empty.txt")
+
 # ---- metrics by hand ----------------------------------------------------------------------
 class _Classifier:
     """A stand-in attribute classifier that reads colour: the probability of attribute k is the
@@ -158,6 +209,7 @@ def test_ama_against_a_classifier_with_known_outputs(tmp_path: Path) -> None:
         ((240, 240, 0), ("Blond_Hair", "Smiling")),  # 0.94, 0.94 > 0.9: hit
         ((240, 200, 0), ("Blond_Hair", "Smiling")),  # 0.78 for Smiling: miss
         ((0, 0, 250), ("Eyeglasses", "Smiling")),  # miss
+        ((255, 255, 255), ("Bald",)),  # the classifier knows no Bald: left out, said
     ]
     pairs = [Pair(src, _png(tmp_path / f"o{i}.png", rgb), "p", attrs)
              for i, (rgb, attrs) in enumerate(cases)]
@@ -166,6 +218,9 @@ def test_ama_against_a_classifier_with_known_outputs(tmp_path: Path) -> None:
     single, multiple = scores.results["ama_single"], scores.results["ama_multiple"]
     assert single.per_attribute == {"Blond_Hair": 0.5, "Smiling": 1.0}
     assert single.value == pytest.approx(0.75) and single.count == 3
+    assert single.details["unknown_attributes"] == {"Bald": [str(tmp_path / "o6.png")]}
+    assert any("name 'Bald', which the CelebA attribute classifier does not know" in n
+               for n in scores.notes)
     assert multiple.per_attribute == {"Blond_Hair+Smiling": 0.5, "Eyeglasses+Smiling": 0.0}
     assert multiple.value == pytest.approx(0.25) and multiple.details["threshold"] == 0.9
     looser = score_pairs(PairSet(pairs, "test"), ["ama_multiple"], _stub(),
@@ -180,13 +235,21 @@ def test_reconstruction_mse_by_hand_and_unreadable_pairs_skipped(tmp_path: Path)
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
     lines: list[str] = []
-    pairs = [Pair(src, out), Pair(src, wide), Pair(src, broken), Pair(src, out)]
+    grey = _png(tmp_path / "grey.png", (255, 255, 255), size=256)
+    pairs = [Pair(src, out, "p", ("Smiling",)), Pair(src, wide), Pair(src, broken),
+             Pair(src, out, "p", ("Smiling",)), Pair(src, grey, "q", ("Male",)),
+             Pair(src, src)]
     scores = score_pairs(PairSet(pairs, "test"), ["mse"], _stub(), log=lines.append)
     mse = scores.results["mse"]
-    assert mse.value == pytest.approx(4.0) and mse.count == 2  # (1 − (−1))² everywhere
-    assert scores.scored == [True, False, False, True]
+    assert mse.value == pytest.approx(3.0) and mse.count == 4  # (1 − (−1))² = 4 three times, 0
+    assert mse.per_attribute == {"Male": pytest.approx(4.0), "Smiling": pytest.approx(4.0)}
+    assert scores.scored == [True, False, False, True, True, True]
     assert len(scores.skipped) == 2 and "differ in shape" in scores.skipped[0][1]
     assert any(ln.startswith(f"skipped {broken}") for ln in lines)
+    # the same shape at another size is compared after resizing, and said once
+    assert scores.resized == [f"{out}: input 256×256, output 512×512"] * 2
+    assert sum("2 pair(s) have an input and output of different sizes" in ln
+               for ln in lines) == 1
 
 
 def test_cmp_equals_a_hand_computation(tiny_models: Path, tmp_path: Path) -> None:

@@ -116,7 +116,8 @@ def test_eval_scores_an_edit_folder_and_never_replaces_its_report(
     assert main(["eval", "metrics", str(edited), "-o", str(out), "--metrics", "cmp,lpips,mse",
                  *_args(domain), "--quiet"]) == 0
     report = json.loads((out / "clipinvert-report.json").read_text())
-    assert report["counts"] == {"pairs": 6, "scored": 6, "skipped": 0}
+    assert report["counts"] == {"pairs": 6, "scored": 6, "skipped": 0, "without_prompt": 0,
+                                "resized": 0}
     assert sorted({p["prompt"] for p in report["pairs"]}) == ["a beard", "blond hair"]
 
 

@@ -261,3 +261,62 @@ def test_pytorch_fid_prints_become_notes(monkeypatch: pytest.MonkeyPatch,
     frechet_distance(stats, stats)
     out, err = capsys.readouterr()
     assert out == "" and "singular product" in err
+
+
+# ---- the metric ---------------------------------------------------------------------------
+
+def _metric_batches(pairs: list, inputs: list[Image.Image], outputs: list[Image.Image]):
+    from clipinvert.evaluation.metrics import Batch
+
+    blank = torch.zeros(len(pairs), 3, 8, 8)
+    return Batch(pairs=pairs, index=list(range(len(pairs))), inputs=blank, outputs=blank,
+                 output_images=outputs, input_images=inputs)
+
+
+def test_fid_metric_reference_crops_small_sets_and_cached_notes(
+        inception_file: Path, pngs: list[Path], tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from clipinvert.evaluation.metrics import EvalOptions
+    from clipinvert.evaluation.metrics.fid import FID
+    from clipinvert.evaluation.pairs import Pair
+
+    class Colours:
+        """6-d features (channel means and deviations): the metric's bookkeeping is under test,
+        not Inception (above), and 2048² square roots would take a minute."""
+
+        def from_pil(self, ims: list[Image.Image]) -> np.ndarray:
+            arr = [np.asarray(im.convert("RGB"), np.float64).reshape(-1, 3) for im in ims]
+            return np.array([np.r_[a.mean(0), a.std(0)] for a in arr])
+
+    net = Colours()
+    networks = SimpleNamespace(inception=net, files={"inception": inception_file})
+    images = [Image.open(p).convert("RGB") for p in pngs]
+    # A run that aligned its inputs: the reference is the crops it saw, not the photos.
+    crops = [im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for im in images]
+    pairs = [Pair(pngs[i], pngs[(i + 1) % 4], "p", transform=tmp_path / f"{i}.json")
+             for i in range(4)]
+    fid = FID(EvalOptions(), networks)
+    fid.update(_metric_batches(pairs[:3], crops[:3], images[1:4]))
+    fid.update(_metric_batches(pairs[3:], crops[3:], images[:1]))
+    result = fid.result()
+    expect = frechet_distance(fid_statistics(net.from_pil(images[1:] + images[:1])),
+                              fid_statistics(net.from_pil(crops)))
+    assert result.value == pytest.approx(expect, rel=1e-9)
+    assert result.details == {"reference": "inputs (aligned crops)", "reference_count": 4}
+    # One output has no covariance: no value, one note, no exception.
+    one = FID(EvalOptions(), networks)
+    one.update(_metric_batches([Pair(pngs[0], pngs[1])], images[:1], images[1:2]))
+    single = one.result()
+    assert single.value is None and single.notes == [
+        "FID not computed: FID needs at least 2 images per set, got 1"]
+    # An unreadable reference image is named on every run, the cached one too.
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG not really")
+    for _ in range(2):
+        fid = FID(EvalOptions(), networks, reference=[*pngs, broken])
+        fid.update(_metric_batches(pairs, crops, images))
+        result = fid.result()
+        assert result.details["reference"] == "reference set"
+        assert result.details["reference_count"] == 4
+        assert any(n.startswith(f"FID reference {broken}") for n in result.notes)

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,8 @@ from ..manifest import fingerprint
 from . import protocol
 
 CELEBA_ANNOTATIONS = "CelebAMask-HQ-attribute-anno.txt"
+#: Image folders of a CelebA-HQ root: ours, then the CelebAMask-HQ download's own name.
+CELEBA_IMAGES = ("images", "CelebA-HQ-img")
 
 
 @dataclass(frozen=True)
@@ -41,8 +44,8 @@ class Labelled:
 
 def read_labelled(data: Path, *, test_list: Path | None = None) -> list[Labelled]:
     """CelebA-HQ with its attribute file, or a JSONL of ``{"image", "attributes"}`` lines
-    (attributes: the names the image has).  With ``test_list`` (one image name per line) only
-    those images are candidates."""
+    (attributes: the names the image has).  With ``test_list`` (see :func:`read_test_list`)
+    only those images are candidates."""
     if data.is_file() and data.suffix == ".jsonl":
         items = _read_jsonl(data)
     elif (data / CELEBA_ANNOTATIONS).is_file():
@@ -51,20 +54,47 @@ def read_labelled(data: Path, *, test_list: Path | None = None) -> list[Labelled
         raise UsageError(f"--data {data}: expected CelebA-HQ (images/ and {CELEBA_ANNOTATIONS}) "
                          "or a JSONL of images with their attributes")
     if test_list is not None:
-        try:
-            wanted = {ln.strip() for ln in test_list.read_text(encoding="utf-8").splitlines()
-                      if ln.strip()}
-        except OSError as exc:
-            raise UsageError(f"cannot read the test list {test_list}: {exc}") from None
+        wanted = read_test_list(test_list)
         items = [i for i in items if i.name in wanted or Path(i.name).stem in wanted]
     if not items:
         raise UsageError(f"--data {data}: no labelled image to draw inputs from")
     return items
 
 
-def _read_celeba(root: Path) -> list[Labelled]:
-    lines = (root / CELEBA_ANNOTATIONS).read_text(encoding="utf-8").split("\n")
+class _ListsOnly(pickle.Unpickler):
+    """Unpickles plain containers of strings and numbers only: a test list names no class, so
+    any global it asks for means the file is something else (and must not run)."""
+
+    def find_class(self, module: str, name: str) -> object:
+        raise pickle.UnpicklingError(f"it names {module}.{name}, not a list of image names")
+
+
+def read_test_list(path: Path) -> set[str]:
+    """The image names of a test split: a text file with one name per line, or Multi-Modal
+    CelebA-HQ's ``test/filenames.pickle`` (a pickled list of names, written by Python 2 — hence
+    ``latin1`` — and read without allowing any class).  Names may lack the extension."""
     try:
+        if path.suffix.lower() in (".pickle", ".pkl"):
+            with path.open("rb") as fh:
+                names = _ListsOnly(fh, encoding="latin1").load()
+            if not isinstance(names, list | tuple) or not all(
+                    isinstance(n, str | bytes | int) for n in names):
+                raise pickle.UnpicklingError("it does not hold a list of image names")
+            wanted = {n.decode() if isinstance(n, bytes) else str(n) for n in names}
+        else:
+            wanted = {ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()
+                      if ln.strip()}
+    except (OSError, UnicodeDecodeError, pickle.UnpicklingError, EOFError, ValueError) as exc:
+        raise UsageError(f"cannot read the test list {path}: {exc}") from None
+    if not wanted:
+        raise UsageError(f"the test list {path} names no image")
+    return wanted
+
+
+def _read_celeba(root: Path) -> list[Labelled]:
+    images = next((root / d for d in CELEBA_IMAGES if (root / d).is_dir()), root / "images")
+    try:
+        lines = (root / CELEBA_ANNOTATIONS).read_text(encoding="utf-8").split("\n")
         names = lines[1].split()
         items = []
         for line in lines[2:]:
@@ -75,9 +105,9 @@ def _read_celeba(root: Path) -> list[Labelled]:
             if len(values) != len(names):
                 raise ValueError(f"{parts[0]} has {len(values)} labels for {len(names)} names")
             present = frozenset(n for n, v in zip(names, values, strict=True) if v > 0)
-            items.append(Labelled(parts[0], root / "images" / parts[0], present,
+            items.append(Labelled(parts[0], images / parts[0], present,
                                   male="Male" in present))
-    except (IndexError, ValueError) as exc:
+    except (OSError, IndexError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
         raise UsageError(f"{root / CELEBA_ANNOTATIONS} is not a CelebA attribute file: "
                          f"{exc}") from None
     return items
@@ -85,13 +115,20 @@ def _read_celeba(root: Path) -> list[Labelled]:
 
 def _read_jsonl(path: Path) -> list[Labelled]:
     items = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read {path}: {exc}") from None
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
             image = Path(rec["image"])
-            attrs = frozenset(rec.get("attributes") or ())
+            listed = rec.get("attributes") or []
+            if not isinstance(listed, list) or not all(isinstance(a, str) for a in listed):
+                raise TypeError("attributes must be a list of names")
+            attrs = frozenset(listed)
         except (ValueError, KeyError, TypeError) as exc:
             raise UsageError(f"{path}:{number}: expected {{\"image\": …, \"attributes\": "
                              f"[…]}} ({exc})") from None
@@ -99,6 +136,13 @@ def _read_jsonl(path: Path) -> list[Labelled]:
         male = rec.get("male")
         items.append(Labelled(image.name, image, attrs,
                               male=bool(male) if male is not None else "Male" in attrs))
+    # an edit is written as <target>/<stem>.png: two inputs of one stem would share it
+    seen: dict[str, Path] = {}
+    for item in items:
+        other = seen.setdefault(item.path.stem, item.path)
+        if other != item.path:
+            raise UsageError(f"{path}: {other} and {item.path} have the same name; the "
+                             "benchmark names each edit after its input — rename one")
     return items
 
 
@@ -149,6 +193,9 @@ def run_benchmark(data: Path, output: Path, *, domain: str = "faces", registry: 
     registry = registry or Registry.load()
     check_eval_output(output, eval_kwargs.get("report_path"))
     items = read_labelled(data, test_list=test_list)
+    if test_list is None:
+        log(f"note: no --test-list: inputs are drawn from all {len(items)} labelled images "
+            "(the paper drew them from a test split the model was not trained on)")
     sel = select(items, domain, per_target=per_target, seed=seed, gendered=gendered)
     for target, n in sel["short"].items():
         log(f"note: only {n} test images lack {target} (asked for {per_target})")
@@ -240,6 +287,7 @@ def _edit_group(editor: Any, prompt: str, group: list[dict[str, Any]], batch_siz
                 failed += 1
                 log(f"failed {e['input']}: {exc}")
         if not chunk:
+            advance(len(group[start:start + batch_size]))
             continue
         for e, img in zip(chunk, editor.edit(images, embedding, strength=strength).pil(),
                           strict=True):

@@ -53,13 +53,18 @@ def reference_statistics(paths: Sequence[Path], inception: Any, weights: Path
     if path.is_file():
         try:
             with np.load(path) as z:
-                return FIDStatistics(z["mu"], z["sigma"], int(z["n"])), int(z["n"]), notes
+                # what could not be read when the statistics were made is said again
+                kept = [str(n) for n in z["notes"]] if "notes" in z.files else []
+                return (FIDStatistics(z["mu"], z["sigma"], int(z["n"])), int(z["n"]),
+                        notes + kept)
         except (OSError, ValueError, KeyError):
             pass  # a damaged cache file is recomputed and replaced
+    missing = len(notes)
     feats = inception.from_pil(_images(readable, notes))
     stats = fid_statistics(feats)
     buffer = io.BytesIO()
-    np.savez(buffer, mu=stats.mu, sigma=stats.sigma, n=np.int64(stats.n))
+    np.savez(buffer, mu=stats.mu, sigma=stats.sigma, n=np.int64(stats.n),
+             notes=np.array(notes[missing:], dtype=str))
     atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getvalue()))
     return stats, stats.n, notes
 

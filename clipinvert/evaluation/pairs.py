@@ -155,6 +155,9 @@ def pairs_from_report(path: Path) -> PairSet:
             rel = _relative(image, out)
             if rel is None or rel.parts[0] == "compare":
                 continue
+            # where the file is now: the report's folder, wherever the run was started from
+            # and wherever the folder has moved since
+            here = path.parent / rel
             prompt: str | None = None
             if command == "edit":
                 if not single:
@@ -167,10 +170,11 @@ def pairs_from_report(path: Path) -> PairSet:
                     result.skipped.append((str(image), "made from a reference image, not a "
                                            "prompt"))
                     continue
-            sidecar = (out / rel).with_suffix("")
+            sidecar = (out / rel).with_suffix("")  # one transform per input, whatever prompt
             result.pairs.append(Pair(
-                input=Path(rec["input"]), output=image, prompt=prompt,
-                transform=sidecar.with_suffix(".json") if sidecar in transforms else None))
+                input=Path(rec["input"]), output=here, prompt=prompt,
+                transform=(path.parent / rel).with_suffix(".json") if sidecar in transforms
+                else None))
     if not result.pairs:
         raise UsageError(f"the run report {path} lists no finished output to score")
     return result

@@ -173,8 +173,8 @@ def choose_inputs(candidates: Mapping[str, Sequence[str]], count: int,
     replacement, reproducibly from ``seed``, out of the target's candidates (the test images
     that lack it).  A target with fewer candidates takes them all (the caller reports it)."""
     chosen = {}
-    for i, (target, names) in enumerate(sorted(candidates.items())):
-        rng = random.Random(f"{seed}:{i}:{target}")  # independent of the other targets
+    for target, names in sorted(candidates.items()):
+        rng = random.Random(f"{seed}:{target}")  # independent of the other targets
         pool = sorted(names)
         chosen[target] = sorted(rng.sample(pool, min(count, len(pool))))
     return chosen

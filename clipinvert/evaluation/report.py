@@ -47,11 +47,13 @@ def build_report(scores: Scores, *, command: str, params: dict[str, Any],
         "models": {role: file_identity(path) for role, path in sorted(files.items())},
         "options": options, "pairs_source": source,
         "counts": {"pairs": len(scores.pairs), "scored": sum(scores.scored),
-                   "skipped": len(scores.skipped)},
+                   "skipped": len(scores.skipped), "without_prompt": scores.unprompted,
+                   "resized": len(scores.resized)},
         "metrics": scores.values(),
         "details": {name: r.to_dict() for name, r in scores.results.items()},
         "skipped": [{"what": w, "why": y} for w, y in scores.skipped],
         "notes": scores.notes,
+        "resized": scores.resized,
         **(extra or {}),
         "pairs": pairs,
     })  # type: ignore[return-value]
@@ -99,7 +101,7 @@ def write_summary(report: dict[str, Any], path: Path, *, samples: int = 6) -> No
     from .score import read_pair
 
     bars = {name: d["per_attribute"] for name, d in report["details"].items()
-            if d.get("per_attribute")}
+            if name.startswith("ama_") and d.get("per_attribute")}  # accuracies, in %
     shown = [p for p in report["pairs"] if p["status"] == "scored"][:samples]
     rows = len(bars) + len(shown)
     fig = plt.figure(figsize=(10, 2.6 * max(rows, 1)))

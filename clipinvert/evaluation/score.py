@@ -36,6 +36,8 @@ class Scores:
     scored: list[bool]  # per pair: read and scored
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (what, why)
     notes: list[str] = field(default_factory=list)
+    unprompted: int = 0  # pairs without a prompt: the prompt metrics leave them out
+    resized: list[str] = field(default_factory=list)  # pairs whose input and output sizes differ
 
     def values(self) -> dict[str, float | None]:
         return {name: r.value for name, r in self.results.items()}
@@ -88,23 +90,30 @@ def score_pairs(pair_set: PairSet, names: Sequence[str], networks: Any, *,
     if unprompted and prompt_only:
         notes.append(f"{unprompted} pair(s) have no prompt: {', '.join(prompt_only)} leave "
                      "them out")
-    for batch in _batches(pairs, batch_size, options.size, skipped, log):
+    resized: list[str] = []
+    for batch in _batches(pairs, batch_size, options.size, skipped, log, resized):
         for metric in metrics.values():
             metric.update(batch)
         for i in batch.index:
             scored[i] = True
         if progress:
             progress(len(batch.index))
+    if resized:
+        notes.append(f"{len(resized)} pair(s) have an input and output of different sizes "
+                     f"(e.g. {resized[0]}): both were resized to {options.size}² to compare "
+                     "them (the report lists them)")
     results = {name: m.result() for name, m in metrics.items()}
     for r in results.values():
         notes.extend(r.notes)
     for line in notes:
         log(f"note: {line}")
-    return Scores(results, pairs, scored, skipped, notes)
+    return Scores(results, pairs, scored, skipped, notes, unprompted=unprompted if prompt_only
+                  else 0, resized=resized)
 
 
 def _batches(pairs: Sequence[Pair], batch_size: int, size: int,
-             skipped: list[tuple[str, str]], log: Callable[[str], None]) -> Iterator[Batch]:
+             skipped: list[tuple[str, str]], log: Callable[[str], None],
+             resized: list[str]) -> Iterator[Batch]:
     chunk: list[tuple[int, Pair, Image.Image, Image.Image]] = []
     # An edit folder lists each input once per prompt, one after another: read (and re-align)
     # it once for all of them.
@@ -117,6 +126,9 @@ def _batches(pairs: Sequence[Pair], batch_size: int, size: int,
             skipped.append((pair.key, why))
             log(f"skipped {pair.key}: {why}")
             continue
+        if source.size != output.size:
+            resized.append(f"{pair.key}: input {source.width}×{source.height}, output "
+                           f"{output.width}×{output.height}")
         chunk.append((i, pair, source, output))
         if len(chunk) == batch_size:
             yield _batch(chunk, size)
@@ -129,7 +141,7 @@ def _batch(chunk: list[tuple[int, Pair, Image.Image, Image.Image]], size: int) -
     return Batch(pairs=[c[1] for c in chunk], index=[c[0] for c in chunk],
                  inputs=imaging.to_tensor([c[2] for c in chunk], size),
                  outputs=imaging.to_tensor([c[3] for c in chunk], size),
-                 output_images=[c[3] for c in chunk])
+                 output_images=[c[3] for c in chunk], input_images=[c[2] for c in chunk])
 
 
 def read_source(path: Path, transform: Path | None) -> Image.Image:

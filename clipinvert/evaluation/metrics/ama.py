@@ -39,6 +39,7 @@ class _AMA(Metric):
             networks.domain) else None
         self.hits: dict[str, list[bool]] = defaultdict(list)
         self.per_pair: dict[int, float] = {}
+        self.unknown: dict[str, list[str]] = defaultdict(list)  # attribute → pairs left out
 
     @classmethod
     def roles(cls, domain: Any, options: EvalOptions) -> list[str]:
@@ -48,9 +49,27 @@ class _AMA(Metric):
         n = len(pair.attributes)
         return pair.prompt is not None and (n >= 2 if self.multiple else n == 1)
 
+    def known(self, name: str) -> bool:
+        """Whether the classifier can score attribute ``name`` on this domain."""
+        if self.zero_shot is None:
+            return name in self.networks.attributes.attributes
+        try:
+            self.zero_shot.attribute(name)
+        except ValueError:
+            return False
+        return True
+
     @torch.no_grad()
     def update(self, batch: Batch) -> None:
-        keep = [i for i, p in enumerate(batch.pairs) if self.wants(p)]
+        keep = []
+        for i, pair in enumerate(batch.pairs):
+            if not self.wants(pair):
+                continue
+            unknown = [a for a in pair.attributes if not self.known(a)]
+            for a in unknown:  # left out of this AMA, named in its notes and details
+                self.unknown[a].append(pair.key)
+            if not unknown:
+                keep.append(i)
         if not keep:
             return
         if self.zero_shot is None:
@@ -64,10 +83,6 @@ class _AMA(Metric):
     def _classifier_hits(self, batch: Batch, keep: list[int]) -> list[bool]:
         net = self.networks.attributes
         names = list(net.attributes)
-        wanted = {a for i in keep for a in batch.pairs[i].attributes}
-        unknown = sorted(wanted - set(names))
-        if unknown:
-            raise ValueError(f"the attribute classifier knows no {', '.join(unknown)}")
         x = imaging.to_tensor([batch.output_images[i] for i in keep], net.input_size)
         probs = net.probabilities(x.to(self.networks.device)).cpu()
         threshold = self.threshold
@@ -103,8 +118,17 @@ class _AMA(Metric):
                                    "targets": {k: len(v) for k, v in self.hits.items()}}
         if self.zero_shot is None:
             details["threshold"] = self.threshold
+        notes = [f"{self.name}: {len(keys)} pair(s) name {name!r}, which the "
+                 f"{details['classifier']} does not know (e.g. {keys[0]}): left out"
+                 for name, keys in sorted(self.unknown.items())]
+        if value is None and not self.unknown:
+            what = "two or more attributes" if self.multiple else "one attribute"
+            notes.append(f"{self.name}: no pair names {what} ('attributes' in the manifest): "
+                         "not scored")
+        if self.unknown:
+            details["unknown_attributes"] = {k: v for k, v in sorted(self.unknown.items())}
         return MetricResult(value, len(self.per_pair), per_pair=dict(self.per_pair),
-                            per_attribute=per_target, details=details)
+                            per_attribute=per_target, details=details, notes=notes)
 
 
 class AMASingle(_AMA):

@@ -41,6 +41,7 @@ class Batch:
     inputs: torch.Tensor  # (B, 3, size, size) in [−1, 1]
     outputs: torch.Tensor  # (B, 3, size, size) in [−1, 1]
     output_images: list[Image.Image]  # the outputs at their own size (FID reads those)
+    input_images: list[Image.Image] = field(default_factory=list)  # what the method saw
     cache: dict[str, Any] = field(default_factory=dict)
 
     def cached(self, key: str, compute: Callable[[], Any]) -> Any:
@@ -105,6 +106,7 @@ class PerPairMetric(Metric):
     def __init__(self, options: EvalOptions, networks: Any) -> None:
         super().__init__(options, networks)
         self.values: dict[int, float] = {}
+        self.targets: dict[int, str] = {}  # pair position → its target ("A" or "A+B")
         self.details: dict[str, Any] = {}
 
     def update(self, batch: Batch) -> None:
@@ -114,11 +116,19 @@ class PerPairMetric(Metric):
         scores = self.score(batch, keep)
         for i, s in zip(keep, scores.tolist(), strict=True):
             self.values[batch.index[i]] = float(s) * self.scale
+            if batch.pairs[i].attributes:
+                self.targets[batch.index[i]] = "+".join(batch.pairs[i].attributes)
 
     def score(self, batch: Batch, keep: list[int]) -> torch.Tensor:
         """One number per pair of ``keep`` (positions in the batch)."""
         raise NotImplementedError
 
     def result(self) -> MetricResult:
+        """The mean over pairs, and (where pairs name their targets) the mean per target."""
+        by_target: dict[str, list[float]] = {}
+        for i, target in self.targets.items():
+            by_target.setdefault(target, []).append(self.values[i])
+        per_target = {t: m for t, v in sorted(by_target.items()) if (m := mean(v)) is not None}
         return MetricResult(mean(list(self.values.values())), len(self.values),
-                            per_pair=dict(self.values), details=dict(self.details))
+                            per_pair=dict(self.values), per_attribute=per_target,
+                            details=dict(self.details))

@@ -1,6 +1,6 @@
 """How much of the input an output keeps: ``lpips`` (AlexNet v0.1, the training loss's network)
 and ``mse``, both between the aligned input and the output at 256 px in [−1, 1].
-docs/evaluation.md#reconstruction
+docs/evaluation.md#lpips-mse
 """
 
 from __future__ import annotations
