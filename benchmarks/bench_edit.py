@@ -39,9 +39,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
+import shlex
 import statistics
 import sys
 import tempfile
@@ -68,6 +70,7 @@ from clipinvert import imaging
 from clipinvert.errors import ClipInvertError
 from clipinvert.nets import GeneratorConfig
 from clipinvert.pipeline import DTYPES, RESIDUAL_SCALE, Editor, resolve_device, resolve_dtype
+from clipinvert.runtime import tune_allocator
 from clipinvert.testing.clip import write_random_clip
 from clipinvert.testing.models import write_clipinverter, write_e4e
 
@@ -327,6 +330,83 @@ def run_batch(editor: Editor, photos: Sequence[Path], out_dir: Path, batch: int,
 
 
 # --------------------------------------------------------------------------------------------
+# The command users run
+# --------------------------------------------------------------------------------------------
+
+
+def write_domain(workdir: Path, paths: dict[str, Path], size: int) -> Path:
+    """A models.toml naming the random checkpoints as domain ``bench`` (inputs pre-aligned)."""
+    toml = workdir / "models.toml"
+    lines = ["[domains.bench]", f"resolution = {size}", 'align = "none"',
+             f'clip_arch = "{CLIP_ARCH}"']
+    lines += [f'{role} = "{path}"' for role, path in paths.items()]
+    toml.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return toml
+
+
+def time_cli(command: Sequence[str], workdir: Path, photos: Sequence[Path], counts: Sequence[int],
+             batch: str, device: torch.device, extra: Sequence[str], repeats: int
+             ) -> dict[str, Any]:
+    """Whole ``clipinvert edit`` processes on ``counts`` photos each (best of ``repeats``).
+
+    The marginal cost of an edit is the slope between the smallest and the largest count, and
+    start-up (interpreter, imports, loading the cached weights, the first batch's warm-up) is
+    what the line leaves at zero photos.
+    """
+    import shutil
+    import subprocess
+
+    env = {**os.environ, "CLIPINVERT_HOME": str(workdir / "cache"),
+           "CLIPINVERT_MODELS": str(workdir / "models.toml")}
+    walls: dict[int, float] = {}
+    for n in counts:
+        src = workdir / f"cli-in-{n}"
+        src.mkdir(exist_ok=True)
+        for p in photos[:n]:
+            if not (src / p.name).exists():
+                shutil.copyfile(p, src / p.name)
+        best = math.inf
+        for _ in range(repeats):
+            out = workdir / f"cli-out-{n}"
+            shutil.rmtree(out, ignore_errors=True)
+            argv = [*command, "edit", str(src), PROMPT, "--domain", "bench", "--aligned",
+                    "--device", str(device), "--batch-size", batch, "-o", str(out), "--quiet",
+                    *extra]
+            t0 = time.perf_counter()
+            done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+            wall = time.perf_counter() - t0
+            if done.returncode != 0:
+                raise RuntimeError(f"{' '.join(argv)} failed ({done.returncode}): "
+                                   f"{done.stderr.strip()[-400:]}")
+            best = min(best, wall)
+        walls[n] = best
+    lo, hi = min(counts), max(counts)
+    per_image = (walls[hi] - walls[lo]) / (hi - lo)
+    t0 = time.perf_counter()
+    subprocess.run([*command, "--version"], env=env, capture_output=True, check=True)
+    version_s = time.perf_counter() - t0
+    return {"command": " ".join(command), "batch": batch, "extra": list(extra),
+            "walls_s": {str(n): w for n, w in walls.items()}, "per_image_s": per_image,
+            "startup_s": walls[lo] - lo * per_image, "version_s": version_s}
+
+
+def cli_report(runs: list[dict[str, Any]], stage_sums: dict[int, float]) -> str:
+    rows = []
+    for r in runs:
+        walls = ", ".join(f"{n}: {w:.1f}" for n, w in r["walls_s"].items())
+        rows.append([r["command"] + (" " + " ".join(r["extra"]) if r["extra"] else ""),
+                     r["batch"], walls, f"{r['per_image_s']:.3f}", f"{r['startup_s']:.1f}",
+                     f"{r['version_s']:.2f}"])
+    sums = ", ".join(f"B={b}: {s:.3f}" for b, s in stage_sums.items())
+    return "\n".join([
+        f"the command itself (clipinvert edit --aligned, whole processes, best run); the "
+        f"benchmark's warm sum of stages per image: {sums}",
+        "",
+        format_table(["command", "--batch-size", "photos: wall s", "s per edit", "start-up s",
+                      "--version s"], rows)])
+
+
+# --------------------------------------------------------------------------------------------
 # Reporting
 # --------------------------------------------------------------------------------------------
 
@@ -409,6 +489,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_workdir_arguments(p, "random checkpoints, photos, outputs")
     p.add_argument("--quick", action="store_true",
                    help="size 256, batch sizes 1,2, 1 repeat: a smoke test for CI")
+    p.add_argument("--cli", action="store_true",
+                   help="also time the real command, `clipinvert edit`, as whole processes on "
+                        "the --cli-counts photo counts, at --cli-batch-sizes: per-edit cost "
+                        "and start-up beside the stage figures")
+    p.add_argument("--cli-only", action="store_true",
+                   help="time only the command (skips the stage figures)")
+    p.add_argument("--cli-counts", type=parse_batch_sizes, default=(2, 10),
+                   help="photo counts of the timed command runs (default: 2,10)")
+    p.add_argument("--cli-batch-sizes", default="auto,1,8",
+                   help="--batch-size values of the timed command runs (default: auto,1,8)")
+    p.add_argument("--cli-repeats", type=positive_int, default=1,
+                   help="runs per count; the best is kept (default: 1)")
+    p.add_argument("--clipinvert", default=None,
+                   help="the command to time (default: this Python's `-m clipinvert`); e.g. "
+                        "another checkout's `.venv/bin/python -m clipinvert` for a before/after")
+    p.add_argument("--cli-args", default="",
+                   help="extra arguments for every timed command, e.g. '--workers 0'")
     return p
 
 
@@ -422,12 +519,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
+    # As the CLI does: large freed blocks stay in the process (clipinvert.runtime).
+    allocator_tuned = tune_allocator()
     # Set before anything is loaded: the loaders' safetensors copies land in the work folder,
     # never in the user's own cache.
     saved_home = os.environ.get("CLIPINVERT_HOME")
     os.environ["CLIPINVERT_HOME"] = str(workdir / "cache")
     try:
-        benchmark(args, device, dtype, workdir)
+        benchmark(args, device, dtype, workdir, allocator_tuned)
     finally:
         if saved_home is None:
             os.environ.pop("CLIPINVERT_HOME", None)
@@ -441,7 +540,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def benchmark(args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
-              workdir: Path) -> None:
+              workdir: Path, allocator_tuned: bool = False) -> None:
     """The measured run; every file it writes goes under ``workdir``."""
     preset = QUICK if args.quick else DEFAULTS
     size = args.size or preset["size"]
@@ -464,14 +563,28 @@ def benchmark(args: argparse.Namespace, device: torch.device, dtype: torch.dtype
                                  clip=paths["clip"], clip_arch=CLIP_ARCH, device=device,
                                  dtype=dtype)
 
-    loads = time_loads(make_editor, paths, clock, workdir)
-    editor = make_editor()
-    text_s = time_text(editor, clock, repeats)
     results: dict[int, dict[str, StageResult]] = {}
-    for b in batch_sizes:
-        print(f"timing B={b} ...", file=sys.stderr)
-        results[b] = run_batch(editor, photos, workdir / "out", b, clock, memory, warmup,
-                               repeats)
+    loads: dict[str, dict[str, float]] = {}
+    text_s: list[float] = []
+    if not args.cli_only:
+        loads = time_loads(make_editor, paths, clock, workdir)
+        editor = make_editor()
+        text_s = time_text(editor, clock, repeats)
+        for b in batch_sizes:
+            print(f"timing B={b} ...", file=sys.stderr)
+            results[b] = run_batch(editor, photos, workdir / "out", b, clock, memory, warmup,
+                                   repeats)
+        del editor
+    cli_runs: list[dict[str, Any]] = []
+    if args.cli or args.cli_only:
+        write_domain(workdir, paths, size)
+        command = shlex.split(args.clipinvert) if args.clipinvert else [
+            sys.executable, "-m", "clipinvert"]
+        cli_photos = write_photos(workdir / "photos", max(args.cli_counts))
+        for b in args.cli_batch_sizes.split(","):
+            print(f"timing the command at --batch-size {b} ...", file=sys.stderr)
+            cli_runs.append(time_cli(command, workdir, cli_photos, args.cli_counts, b.strip(),
+                                     device, shlex.split(args.cli_args), args.cli_repeats))
 
     meta = {
         "device": str(device),
@@ -489,14 +602,20 @@ def benchmark(args: argparse.Namespace, device: torch.device, dtype: torch.dtype
         "memory": memory.label,
         "clip_arch": CLIP_ARCH,
         "loadavg_1min": loadavg,
+        "allocator_tuned": allocator_tuned,
     }
-    print(report(meta, loads, text_s, results, memory.label))
+    if results:
+        print(report(meta, loads, text_s, results, memory.label))
+    if cli_runs:
+        sums = {b: sum(res[k].median_s for k in STAGES) / b for b, res in results.items()}
+        print(("\n" if results else "") + cli_report(cli_runs, sums))
     if args.json:
         figures = {
             "meta": meta,
             "loads": loads,
             "text_s": text_s,
             "stages": {str(b): {k: vars(r) for k, r in res.items()} for b, res in results.items()},
+            "cli": cli_runs,
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")

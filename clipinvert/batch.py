@@ -40,6 +40,7 @@ from rich.progress import (
 from rich.text import Text
 
 from . import __version__, imaging
+from .distributed import Launch, barrier, gather, process_group
 from .errors import ClipInvertError, UsageError
 from .manifest import Manifest, describe_difference, fingerprint, json_safe
 from .naming import Claims, check_output_folder, output_stems, slugify, unique_slugs
@@ -248,12 +249,22 @@ def make_progress(console: Console, quiet: bool) -> Progress:
 @dataclass
 class RunOptions:
     output: Path
-    batch_size: int = 4
+    batch_size: int | None = 4  # None: auto — run_folder's ``auto_batch``, halved on OOM
     overwrite: bool = False
     quiet: bool = False
     workers: int = 0
     report: Path | None = None
     prepare: PrepareOptions = field(default_factory=PrepareOptions)
+    ext: str = "png"  # output images: png, jpg or webp
+    png_level: int = 1  # zlib level of PNG outputs (no effect on pixels)
+    launch: Launch = field(default_factory=Launch)  # under torchrun: this process's shard
+
+    def image_path(self, stem: Path | str) -> Path:
+        """Where an output image of ``stem`` (relative to the output folder) goes."""
+        return self.output / f"{stem}.{self.ext}"
+
+    def save(self, image: Image.Image, path: Path) -> None:
+        imaging.save_image(image, path, png_level=self.png_level)
 
     @property
     def report_path(self) -> Path:
@@ -270,7 +281,8 @@ def run_folder(command: str, inputs: Path, opts: RunOptions, params: dict,
                outputs_for: OutputsFor, process: ProcessBatch,
                console: Console | None = None, meta: Callable[[], dict] | None = None,
                settings: dict | None = None,
-               setup: Callable[[Report], None] | None = None) -> Report:
+               setup: Callable[[Report], None] | None = None,
+               auto_batch: Callable[[], int] | None = None) -> Report:
     """Drive one command over a file or folder.
 
     ``outputs_for(crop)`` lists the files a crop will produce (used to skip finished work);
@@ -281,12 +293,28 @@ def run_folder(command: str, inputs: Path, opts: RunOptions, params: dict,
     the models) runs after every check that can refuse the run, so a refusal costs nothing.
     A batch that raises is retried one image at a time (a CUDA out-of-memory at batch 16 then
     still finishes, and one image that breaks the model does not fail its batch-mates); what
-    still fails is reported per input.  Only weights/usage errors end the run.
+    still fails is reported per input.  Only weights/usage errors end the run.  With
+    ``opts.batch_size`` None (``--batch-size auto``) the batch is ``auto_batch()`` (asked once
+    the models are loaded; 1 without it), and an out-of-memory error halves it for the rest of
+    the run instead (one warning line; the report's ``batch_size`` says what was used).
     """
-    if opts.batch_size < 1:
+    if opts.batch_size is not None and opts.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
+    # Under torchrun: gloo, whatever the model's device, for the final gather of the records.
+    with process_group(opts.launch, None, what=command, backend="gloo"):
+        return _run_folder(command, inputs, opts, params, outputs_for, process, console, meta,
+                           settings, setup, auto_batch)
+
+
+def _run_folder(command: str, inputs: Path, opts: RunOptions, params: dict,
+                outputs_for: OutputsFor, process: ProcessBatch, console: Console | None,
+                meta: Callable[[], dict] | None, settings: dict | None,
+                setup: Callable[[Report], None] | None,
+                auto_batch: Callable[[], int] | None) -> Report:
+    launch = opts.launch
     console = console or Console(stderr=True)
-    report = Report(command, params, console, opts.quiet)
+    # Under torchrun only rank 0 shows progress and the summary; every rank prints its failures.
+    report = Report(command, params, console, opts.quiet or not launch.is_main)
     out = opts.output
     check_output_folder(out, inputs)
     notes: list[str] = []
@@ -301,7 +329,7 @@ def run_folder(command: str, inputs: Path, opts: RunOptions, params: dict,
                 "prepare": {"align": prep.align, "size": prep.size, "all_faces": prep.all_faces,
                             "paste_back": prep.keep_original}}
     fp = fingerprint(settings)
-    manifest = Manifest.load(out)
+    manifest = Manifest.load(out, part=launch.rank if launch.distributed else None)
     if not opts.overwrite and (conflicts := manifest.conflicts(fp)):
         rel, other = conflicts[0]
         diff = describe_difference(manifest.settings.get(other, {}), settings)
@@ -331,29 +359,37 @@ def run_folder(command: str, inputs: Path, opts: RunOptions, params: dict,
     renamed: dict[Path, str] = {}
     todo: list[tuple[Path, Path]] = []
     blocking: list[Path] = []
-    for (src, rel), stem in zip(sources, stems, strict=True):
+    # Every rank names and checks every input (the same answers everywhere, so a refusal is
+    # the same on all); each then takes its share, input k going to rank k mod N.
+    for k, ((src, rel), stem) in enumerate(zip(sources, stems, strict=True)):
+        mine = k % launch.world_size == launch.rank
         name, why = claims.claim(stem, str(src), outs_of)
-        if why is not None:
+        if why is not None and launch.is_main:
             report.warn(f"{src}: output renamed to {name.as_posix()} ({why})")
         if name != rel.with_suffix(""):
             renamed[src] = name.as_posix()
         if not opts.overwrite:
             outs = outs_of(name)
             if not prep.align and finished(outs):
-                report.skipped(src, outs, **_named(renamed, src))
+                if mine:
+                    report.skipped(src, outs, **_named(renamed, src))
                 continue
             blocking += foreign(outs)
-        todo.append((src, name))
+        if mine:
+            todo.append((src, name))
     if blocking:
         raise UsageError(f"{len(blocking)} output file(s) already exist that this command did "
                          f"not make with these settings (e.g. {blocking[0]}): choose another -o "
                          "or pass --overwrite to replace them")
     if setup is not None and todo:
         setup(report)
+    auto = opts.batch_size is None
+    batch = opts.batch_size or (auto_batch() if auto_batch is not None and todo else 1)
+    report.meta["batch_size"] = {"asked": "auto" if auto else batch, "start": batch}
 
     pending: list[Crop] = []
     owners: list[Prepared] = []
-    progress = make_progress(console, opts.quiet)
+    progress = make_progress(console, report.quiet)
     interrupted = False
     with progress:
         task = progress.add_task(command, total=len(todo))
@@ -369,6 +405,7 @@ def run_folder(command: str, inputs: Path, opts: RunOptions, params: dict,
                 progress.advance(task)
 
         def run_batch(crops: list[Crop], batch_owners: list[Prepared]) -> None:
+            nonlocal batch  # --batch-size auto: halved for the rest of the run on OOM
             # Recorded before writing: outputs appear whole or not at all, so an output that
             # exists and is recorded was finished with these settings, whatever happens next.
             manifest.begin(settings)
@@ -394,8 +431,13 @@ def run_folder(command: str, inputs: Path, opts: RunOptions, params: dict,
                 return
             if len(crops) > 1:
                 _free_accelerator_memory()
-                for crop, owner in zip(crops, batch_owners, strict=True):
-                    run_batch([crop], [owner])
+                step = 1
+                if auto and is_out_of_memory(error):
+                    batch = step = max(1, len(crops) // 2)
+                    report.warn(f"a batch of {len(crops)} ran out of memory: going on with "
+                                f"batches of {batch}")
+                for i in range(0, len(crops), step):
+                    run_batch(crops[i:i + step], batch_owners[i:i + step])
                 return
             text = str(error).splitlines()[0] if str(error) else ""
             reason = str(error) if isinstance(error, ClipInvertError) else \
@@ -410,7 +452,7 @@ def run_folder(command: str, inputs: Path, opts: RunOptions, params: dict,
 
         try:
             for item in prepared_stream(todo, opts.prepare, opts.workers,
-                                        window=opts.batch_size * 2):
+                                        window=batch * 2):
                 progress.advance(prep_task)
                 if item.error:
                     report.failed(item.src, item.error, **_named(renamed, item.src))
@@ -438,19 +480,35 @@ def run_folder(command: str, inputs: Path, opts: RunOptions, params: dict,
                 for crop in crops:
                     pending.append(crop)
                     owners.append(item)
-                    if len(pending) >= opts.batch_size:
+                    if len(pending) >= batch:
                         flush()
             flush()
         except KeyboardInterrupt:
             interrupted = True
         finally:
-            with contextlib.suppress(OSError):
-                manifest.compact()
+            if not launch.distributed:
+                with contextlib.suppress(OSError):
+                    manifest.compact()
+    report.meta["batch_size"]["used"] = batch
     if meta:
         report.meta.update(meta())
     if interrupted:
         report.meta["interrupted"] = True
-    report.write(opts.report_path)
+    if launch.distributed:
+        if interrupted:  # the others are stopping too: no gather; a rerun resumes every shard
+            raise KeyboardInterrupt
+        _merge_ranks(report, launch, [src for src, _ in sources])
+        if launch.is_main:
+            with contextlib.suppress(OSError):
+                Manifest.load(out).compact()  # every process is done: fold their parts
+            report.write(opts.report_path)
+        # torchrun ends every process as soon as one exits with an error (a bad input is
+        # exit 1): nobody leaves before rank 0 has written the report.
+        barrier(launch)
+        if not launch.is_main:
+            return report
+    else:
+        report.write(opts.report_path)
     if not opts.quiet:
         console.print(report.summary() + f" — report: {opts.report_path}", highlight=False,
                       soft_wrap=True)
@@ -462,9 +520,39 @@ def run_folder(command: str, inputs: Path, opts: RunOptions, params: dict,
 _PLACEHOLDER = Image.new("RGB", (1, 1))  # stands for a crop when only its name matters
 
 
+def _merge_ranks(report: Report, launch: Launch, order: list[Path]) -> None:
+    """Every process's records, marked with its rank, into rank 0's report in input order (the
+    gather also waits for every process to finish)."""
+    for rec in report.records:
+        rec["rank"] = launch.rank
+    parts = gather(launch, {"records": report.records, "images_done": report.images_done,
+                            "warnings": report.warnings,
+                            "batch_size": report.meta.get("batch_size"),
+                            "device": report.meta.get("device")})
+    if not launch.is_main:
+        return
+    position = {str(src): k for k, src in enumerate(order)}
+    records = [r for part in parts for r in part["records"]]  # type: ignore[index]
+    report.records = sorted(records, key=lambda r: position.get(r["input"], len(position)))
+    report.images_done = sum(part["images_done"] for part in parts)  # type: ignore[index]
+    report.warnings = list(dict.fromkeys(
+        w for part in parts for w in part["warnings"]))  # type: ignore[index]
+    report.meta["ranks"] = [{"rank": r, "batch_size": part["batch_size"],  # type: ignore[index]
+                             "device": part["device"]} for r, part in enumerate(parts)]
+
+
 def _named(renamed: dict[Path, str], src: Path) -> dict[str, str]:
     """The ``output_name`` field of a record whose outputs do not use the input's own name."""
     return {"output_name": renamed[src]} if src in renamed else {}
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """A device (or host) allocation failure, which a smaller batch may avoid."""
+    import torch
+
+    if isinstance(error, torch.cuda.OutOfMemoryError | MemoryError):
+        return True
+    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
 
 
 def _free_accelerator_memory() -> None:

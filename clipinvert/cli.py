@@ -32,9 +32,11 @@ from .cli_options import (
     Strength,
     existing_file,
     finite,
+    fixed_batch,
     print_version,
     shared,
     within,
+    worker_count,
 )
 from .errors import EXIT_FAILED, EXIT_USAGE, ClipInvertError, UsageError
 from .manifest import json_safe
@@ -86,12 +88,31 @@ def _prepare(registry, domain, *, aligned: bool, all_faces: bool, size: int,
                           keep_original=paste_back, predictor=predictor)
 
 
-def _run_options(opts: Common, prepare, batch_size: int | None = None):
+def _run_options(opts: Common, prepare, batch_size: int | None = None,
+                 device: str | None = None, launch=None):
+    """The folder-run options; ``device`` (a model command's resolved device) sets the thread
+    budget: the model's PyTorch threads and the decode workers share the cores
+    (:func:`clipinvert.runtime.thread_budget`)."""
     from .batch import RunOptions
+    from .cli_options import default_workers
+    from .runtime import thread_budget, tune_allocator
 
-    return RunOptions(output=opts.output, batch_size=batch_size or opts.batch_size,
-                      overwrite=opts.overwrite, quiet=opts.quiet, workers=opts.workers,
-                      report=opts.report, prepare=prepare)
+    asked = None if opts.workers == "auto" else int(opts.workers)
+    if device is None:  # align: the workers are the work
+        workers = default_workers() if asked is None else asked
+    else:
+        import torch
+
+        tune_allocator()
+        threads, workers = thread_budget(asked, device=device)
+        torch.set_num_threads(threads)
+    batch = batch_size or (None if opts.batch_size == "auto" else int(opts.batch_size))
+    from .distributed import launch_from_env
+
+    return RunOptions(output=opts.output, batch_size=batch, overwrite=opts.overwrite,
+                      quiet=opts.quiet, workers=workers, report=opts.report, prepare=prepare,
+                      ext=opts.ext, png_level=opts.png_level,
+                      launch=launch or launch_from_env())
 
 
 def _load(opts: Common, paste_back: bool = False):
@@ -103,12 +124,19 @@ def _load(opts: Common, paste_back: bool = False):
     # Inference itself draws no random numbers (stored noise buffers); seeding keeps anything
     # a future option might sample reproducible and is recorded in the report.
     torch.manual_seed(opts.seed)
-    editor = Editor(opts.domain, models=opts.models, device=opts.device, dtype=opts.dtype,
+    from .distributed import launch_from_env, process_device
+    from .pipeline import resolve_device
+
+    # Under torchrun each process edits its share of the inputs on its own device
+    # (cuda:LOCAL_RANK on GPUs; docs/batch-runs.md#torchrun).
+    launch = launch_from_env()
+    device = process_device(launch, resolve_device(opts.device))
+    editor = Editor(opts.domain, models=opts.models, device=device, dtype=opts.dtype,
                     download=opts.download, offline=opts.offline or None,
                     trust_checkpoint=opts.trust_checkpoint)
     prep = _prepare(editor.registry, editor.domain, aligned=opts.aligned,
                     all_faces=opts.all_faces, size=editor.input_size, paste_back=paste_back)
-    return editor, _run_options(opts, prep)
+    return editor, _run_options(opts, prep, device=editor.device.type, launch=launch)
 
 
 def _finish(report) -> None:
@@ -297,10 +325,11 @@ def train(
                "cycle": cycle}
     flags = dict(
         max_steps=max_steps, lr=lr, domain=opts.domain, data=str(data),
-        batch_size=opts.batch_size, init=str(init) if init else None, match_prob=match_prob,
+        batch_size=fixed_batch(opts.batch_size, "train"), init=str(init) if init else None,
+        match_prob=match_prob,
         seed=opts.seed, val_data=str(val_data) if val_data else None, val_fraction=val_fraction,
         data_format=data_format, flip=flip, val_every=val_every, save_every=save_every,
-        log_every=log_every, image_every=image_every, workers=opts.workers, amp=amp,
+        log_every=log_every, image_every=image_every, workers=worker_count(opts.workers), amp=amp,
         clip_preprocess=clip_preprocess, models=str(opts.models) if opts.models else None,
         device=opts.device)
     if resume:

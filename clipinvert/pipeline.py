@@ -43,6 +43,18 @@ ImagesIn = Sequence[Image.Image] | torch.Tensor
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
+#: ``--batch-size auto`` on the CPU.  Measured (benchmarks/bench_edit.py, docs/performance.md):
+#: with the generator decoding one sample at a time there (:attr:`Generator.micro_batch`),
+#: per-image time no longer grows with the batch, and a batch of 4 lets the encoder and adapter
+#: share their weight reads across images without a large memory peak.
+CPU_AUTO_BATCH = 4
+#: Decoding micro-batch on the CPU (see :attr:`Generator.micro_batch`).
+CPU_DECODE_MICRO_BATCH = 1
+#: GPU memory one image needs through the whole edit at 1024 px in float32, a deliberately high
+#: estimate for ``--batch-size auto``'s first batch; an out-of-memory error halves it anyway.
+CUDA_BYTES_PER_IMAGE_1024 = 1.5 * 2**30
+CUDA_AUTO_MAX = 64
+
 
 def resolve_device(spec: str | torch.device = "auto") -> torch.device:
     """``auto`` = CUDA when present, else CPU; an unavailable device is a usage error."""
@@ -111,6 +123,7 @@ class Editor:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self._text_cache: dict[str, torch.Tensor] = {}
+        self._tokens: dict[str, tuple[int, int]] = {}  # prompt -> (tokens, CLIP's context)
         self.loaded: dict[str, Path] = {}  # role -> file actually loaded (for run reports)
 
     @classmethod
@@ -137,7 +150,22 @@ class Editor:
         return path
 
     def _to(self, module: torch.nn.Module) -> torch.nn.Module:
-        return module.to(device=self.device, dtype=self.dtype)
+        module = module.to(device=self.device, dtype=self.dtype)
+        if isinstance(module, Generator) and self.device.type == "cpu":
+            module.micro_batch = CPU_DECODE_MICRO_BATCH
+        return module
+
+    def auto_batch_size(self) -> int:
+        """``--batch-size auto``: the fastest per image on the CPU (a measured constant), on a
+        GPU as many images as the free memory holds by a generous estimate (capped at
+        :data:`CUDA_AUTO_MAX`; the folder run halves it on out-of-memory)."""
+        if self.device.type != "cuda":
+            return CPU_AUTO_BATCH
+        free, _ = torch.cuda.mem_get_info(self.device)
+        size = self.domain.resolution or 1024
+        per_image = CUDA_BYTES_PER_IMAGE_1024 * (size / 1024) ** 2 * (
+            torch.finfo(self.dtype).bits / 32)
+        return int(max(1, min(CUDA_AUTO_MAX, 0.8 * free // per_image)))
 
     @cached_property
     def e4e(self) -> E4EWeights:
@@ -224,14 +252,42 @@ class Editor:
         """Run the IR-SE50 body once; returns the inversion and the features edits reuse."""
         return self.model.encode(self.preprocess(images))
 
+    @cached_property
+    def text_store(self):  # -> TextCache
+        """Embeddings of prompts seen before, on disk (:mod:`clipinvert.text_cache`): a run
+        whose prompts are all there never imports or loads CLIP."""
+        from .text_cache import TextCache
+
+        return TextCache(self._locate("clip"), self.domain.clip_arch, self.device,
+                         torch.float32)
+
     @torch.no_grad()
     def embed_text(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Raw CLIP text embeddings ``(N, D)``, computed once per distinct prompt."""
-        todo = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
+        """Raw CLIP text embeddings ``(N, D)``, computed once per distinct prompt (and kept on
+        disk for later runs)."""
+        todo = []
+        for p in dict.fromkeys(prompts):
+            if p in self._text_cache:
+                continue
+            if (hit := self.text_store.get(p)) is not None:
+                self._text_cache[p] = hit.embedding.to(self.device)
+                self._tokens[p] = (hit.tokens, hit.context_length)
+            else:
+                todo.append(p)
         if todo:
-            for p, e in zip(todo, self.clip.encode_text(todo), strict=True):
+            clip = self.clip
+            for p, e in zip(todo, clip.encode_text(todo), strict=True):
                 self._text_cache[p] = e.float()
+                self._tokens[p] = (clip.token_count(p), clip.context_length)
+                self.text_store.put(p, e, *self._tokens[p])
         return torch.stack([self._text_cache[p] for p in prompts])
+
+    def prompt_tokens(self, prompt: str) -> tuple[int, int]:
+        """``(tokens, context_length)``: how many tokens ``prompt`` takes and how many CLIP
+        reads (more than that and the end is ignored)."""
+        if prompt not in self._tokens:
+            self.embed_text([prompt])
+        return self._tokens[prompt]
 
     @torch.no_grad()
     def embed_images(self, references: Sequence[Image.Image]) -> torch.Tensor:
@@ -339,4 +395,5 @@ class Editor:
         self.locate_all(edit=edit)
         _ = self.e4e, self.generator
         if edit:
-            _ = self.inverter, self.clip
+            # CLIP itself loads on the first prompt not in the text cache (or reference image)
+            _ = self.inverter

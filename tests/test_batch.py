@@ -106,3 +106,31 @@ def test_slugs() -> None:
     assert slugify("She has WAVY blond hair!") == "she-has-wavy-blond-hair"
     assert slugify("!!!") == "prompt"
     assert unique_slugs(["a b", "A-B", "c"]) == ["a-b", "a-b-2", "c"]
+
+
+def test_auto_batch_halves_on_out_of_memory_and_says_so(folder: Path, tmp_path: Path,
+                                                         capsys) -> None:
+    """--batch-size auto: an injected out-of-memory at more than 2 images halves the batch for
+    the rest of the run (one warning), instead of falling back to single images."""
+    import torch
+
+    out, seen = tmp_path / "out", []
+
+    def oom(crops: list[Crop]) -> bool:
+        if len(crops) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9 GiB")
+        return False
+
+    opts = RunOptions(output=out, batch_size=None, quiet=True)
+    rep = run_folder("t", folder, opts, {}, _outputs(out), _writer(out, seen, fail_if=oom),
+                     auto_batch=lambda: 4)
+    assert rep.count("done") == 5 and rep.exit_code == 0
+    assert seen == [4, 2, 2, 1]  # 4 failed → its halves; then batches of 2; the last one
+    assert rep.meta["batch_size"] == {"asked": "auto", "start": 4, "used": 2}
+    assert rep.warnings == ["a batch of 4 ran out of memory: going on with batches of 2"]
+    # A fixed --batch-size is what the user asked: an OOM falls back to single images, as
+    # before, and the batch is not changed for the rest.
+    out2, seen2 = tmp_path / "out2", []
+    rep = run_folder("t", folder, RunOptions(output=out2, batch_size=4, quiet=True), {},
+                     _outputs(out2), _writer(out2, seen2, fail_if=oom))
+    assert seen2 == [4, 1, 1, 1, 1, 1] and rep.meta["batch_size"]["used"] == 4

@@ -175,3 +175,39 @@ def test_help_lists_commands(capsys) -> None:
     out = capsys.readouterr().out
     for cmd in ("invert", "edit", "interpolate"):
         assert cmd in out
+
+
+def test_output_format_png_level_and_auto_batch(photos: Path, tiny_models: Path,
+                                                tmp_path: Path, capsys) -> None:
+    """--ext picks the format (recorded in the report), --png-level only the compression, and
+    --batch-size auto (the default) says what it used."""
+    good = tmp_path / "good"
+    good.mkdir()
+    shutil.copy(photos / "a_rgb.png", good / "a.png")
+    shutil.copy(photos / "b_grey.png", good / "b.png")
+    jpg = tmp_path / "jpg"
+    rc, _ = run(["edit", str(good), "blond hair", "-o", str(jpg), "--ext", "jpeg",
+                 "--compare"], tiny_models, capsys)
+    assert rc == 0
+    assert sorted(p.relative_to(jpg).as_posix() for p in jpg.rglob("*.jpg")) == [
+        "a.jpg", "b.jpg", "compare/a.jpg", "compare/b.jpg"]
+    assert Image.open(jpg / "a.jpg").format == "JPEG" and not list(jpg.rglob("*.png"))
+    rep = report(jpg)
+    assert rep["params"]["ext"] == "jpg" and rep["params"]["batch_size"] == "auto"
+    assert rep["batch_size"] == {"asked": "auto", "start": 4, "used": 4}
+    levels = {}
+    for level in (0, 9):
+        out = tmp_path / f"png{level}"
+        rc, _ = run(["invert", str(good), "-o", str(out), "--png-level", str(level), "-b", "1"],
+                    tiny_models, capsys)
+        assert rc == 0 and report(out)["params"]["png_level"] == level
+        assert report(out)["batch_size"] == {"asked": 1, "start": 1, "used": 1}
+        levels[level] = out / "a.png"
+    assert np.array_equal(np.asarray(Image.open(levels[0])), np.asarray(Image.open(levels[9])))
+    assert levels[0].stat().st_size > levels[9].stat().st_size
+    rc, err = run(["invert", str(good), "-o", str(tmp_path / "x"), "--ext", "tiff"],
+                  tiny_models, capsys)
+    assert rc == 2 and "'tiff' is not one of png, jpg, webp" in err
+    rc, err = run(["invert", str(good), "-o", str(tmp_path / "x"), "-b", "many"],
+                  tiny_models, capsys)
+    assert rc == 2 and "'many' is neither auto nor a whole number" in err

@@ -63,6 +63,7 @@ def test_report_params_are_what_the_command_received(tiny_models: Path, tmp_path
     assert list(params) == [p.name for p in command.params if p.name != "help"]
     assert params["input"] == str(img) and params["output"] == str(out)
     assert params["models"] == str(tiny_models) and params["batch_size"] == 2
+    assert params["workers"] == 0 and params["ext"] == "png" and params["png_level"] == 1
     assert params["latents"] is True and params["trust_checkpoint"] is False
     assert params["report"] is None and params["seed"] == 0
 

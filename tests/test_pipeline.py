@@ -185,3 +185,21 @@ def test_adapter_of_another_encoder_is_a_weights_error(tiny_models: Path, face_c
                            device="cpu")
     with pytest.raises(WeightsError, match="belong to different models"):
         ed.invert([face_crop])
+
+
+def test_text_embeddings_are_kept_on_disk_and_skip_clip(tiny_models: Path, monkeypatch) -> None:
+    """A prompt seen before is read back bit for bit, without building CLIP; the token count
+    comes with it.  CLIPINVERT_NO_TEXT_CACHE=1 turns the store off."""
+    from clipinvert import Editor
+
+    prompt = "a person with a text-cache test moustache"
+    first = Editor("tiny", models=tiny_models, device="cpu")
+    made = first.embed_text([prompt])
+    assert "clip" in first.__dict__  # computed: CLIP was built
+    again = Editor("tiny", models=tiny_models, device="cpu")
+    assert torch.equal(again.embed_text([prompt]), made)
+    assert again.prompt_tokens(prompt) == first.prompt_tokens(prompt)
+    assert "clip" not in again.__dict__  # read back: CLIP never built
+    monkeypatch.setenv("CLIPINVERT_NO_TEXT_CACHE", "1")
+    off = Editor("tiny", models=tiny_models, device="cpu")
+    assert torch.equal(off.embed_text([prompt]), made) and "clip" in off.__dict__

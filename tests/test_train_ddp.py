@@ -135,8 +135,8 @@ def test_python_m_clipinvert_is_the_command_line() -> None:
 
 
 def test_torchrun_environment_is_read_and_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    from clipinvert.distributed import Launch, _timeout, launch_from_env, process_device
     from clipinvert.errors import UsageError
-    from clipinvert.training.run import Launch, _timeout, launch_from_env, process_device
 
     assert launch_from_env({}) == Launch() and launch_from_env({"WORLD_SIZE": "1"}) == Launch()
     full = {"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",

@@ -150,7 +150,7 @@ def pairs_from_report(path: Path) -> PairSet:
         outputs = [Path(p) for p in rec.get("outputs", [])]
         transforms = {p.with_suffix("") for p in outputs if p.suffix == ".json"}
         for image in outputs:
-            if image.suffix.lower() != ".png":
+            if image.suffix.lower() not in (".png", ".jpg", ".webp"):  # `--ext`; not .pt/.json
                 continue
             rel = _relative(image, out)
             if rel is None or rel.parts[0] == "compare":

@@ -1,0 +1,40 @@
+"""Process settings for CPU throughput: the allocator and the thread budget."""
+
+from __future__ import annotations
+
+import pytest
+
+from clipinvert import runtime
+
+
+@pytest.mark.parametrize(("cores", "asked", "device", "expect"), [
+    (2, None, "cpu", (2, 0)),  # decoding inline: the model keeps both cores
+    (4, None, "cpu", (4, 0)),
+    (8, None, "cpu", (7, 1)),
+    (16, None, "cpu", (13, 3)),
+    (2, 1, "cpu", (1, 1)),  # asked for: honoured, the model gets what is left
+    (2, 4, "cpu", (1, 4)),
+    (8, None, "cuda", (4, 4)),
+    (2, None, "cuda", (1, 1)),
+])
+def test_thread_budget_fits_the_cores(monkeypatch: pytest.MonkeyPatch, cores: int,
+                                      asked: int | None, device: str,
+                                      expect: tuple[int, int]) -> None:
+    monkeypatch.setattr(runtime, "cpu_count", lambda: cores)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert runtime.thread_budget(asked, device=device) == expect
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's own setting fixes torch's share
+    assert runtime.thread_budget(asked, device=device)[0] == 3
+
+
+def test_allocator_tuning_can_be_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runtime, "_TUNED", None)
+    monkeypatch.setenv("CLIPINVERT_MALLOC", "system")
+    assert runtime.tune_allocator() is False
+    monkeypatch.setattr(runtime, "_TUNED", None)
+    monkeypatch.delenv("CLIPINVERT_MALLOC")
+    import sys
+
+    # glibc on Linux (this machine): mallopt accepts both settings
+    assert runtime.tune_allocator() is sys.platform.startswith("linux")
+    assert runtime.tune_allocator() is runtime._TUNED  # idempotent
