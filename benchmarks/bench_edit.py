@@ -284,11 +284,12 @@ def time_loads(make_editor: Callable[[], Editor], paths: dict[str, Path],
 
 
 def time_text(editor: Editor, clock: Clock, repeats: int) -> list[float]:
-    """One uncached prompt per call (fresh text each time, so the cache never answers)."""
-    editor.embed_text([f"{PROMPT} (warm-up)"])
+    """One prompt through CLIP per call: the text tower itself, past both of the editor's
+    caches (in memory, and on disk — which a second benchmark run would otherwise answer)."""
+    editor.clip.encode_text([f"{PROMPT} (warm-up)"])
     times = []
     for i in range(repeats):
-        seconds, _ = clock.time(lambda i=i: editor.embed_text([f"{PROMPT} ({i})"]))
+        seconds, _ = clock.time(lambda i=i: editor.clip.encode_text([f"{PROMPT} ({i})"]))
         times.append(seconds)
     return times
 
@@ -452,15 +453,24 @@ def report(meta: dict[str, Any], loads: dict[str, dict[str, float]], text_s: lis
 # --------------------------------------------------------------------------------------------
 
 
-def parse_batch_sizes(text: str) -> tuple[int, ...]:
+def parse_batch_sizes(text: str) -> tuple[int | str, ...]:
+    """``1,8`` or ``1,auto``: ``auto`` is what ``--batch-size auto`` picks on the device."""
     try:
-        sizes = tuple(int(s) for s in text.split(",") if s.strip())
+        sizes = tuple(s.strip() if s.strip() == "auto" else int(s)
+                      for s in text.split(",") if s.strip())
     except ValueError:
-        msg = f"not a comma-separated list of integers: {text!r}"
+        msg = f"not a comma-separated list of integers (or auto): {text!r}"
         raise argparse.ArgumentTypeError(msg) from None
-    if not sizes or min(sizes) < 1:
+    if not sizes or any(isinstance(s, int) and s < 1 for s in sizes):
         raise argparse.ArgumentTypeError(f"batch sizes must be positive integers: {text!r}")
     return sizes
+
+
+def counts(text: str) -> tuple[int, ...]:
+    sizes = parse_batch_sizes(text)
+    if any(not isinstance(s, int) for s in sizes) or len(sizes) < 2:
+        raise argparse.ArgumentTypeError(f"give two or more photo counts: {text!r}")
+    return tuple(int(s) for s in sizes)
 
 
 def count(text: str) -> int:
@@ -479,7 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=list(DTYPES),
                    help="weights/activations dtype; float16 is CUDA only (default: float32)")
     p.add_argument("--batch-sizes", type=parse_batch_sizes, default=None,
-                   help="comma-separated batch sizes (default: 1,8; 1,2 with --quick)")
+                   help="comma-separated batch sizes, `auto` for what --batch-size auto picks "
+                        "(default: 1,8, and auto on CUDA; 1,2 with --quick)")
     p.add_argument("--size", type=int, choices=(256, 512, 1024), default=None,
                    help="generator resolution (default: 1024; 256 with --quick)")
     p.add_argument("--repeats", type=positive_int, default=None,
@@ -495,7 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "and start-up beside the stage figures")
     p.add_argument("--cli-only", action="store_true",
                    help="time only the command (skips the stage figures)")
-    p.add_argument("--cli-counts", type=parse_batch_sizes, default=(2, 10),
+    p.add_argument("--cli-counts", type=counts, default=(2, 10),
                    help="photo counts of the timed command runs (default: 2,10)")
     p.add_argument("--cli-batch-sizes", default="auto,1,8",
                    help="--batch-size values of the timed command runs (default: auto,1,8)")
@@ -544,7 +555,8 @@ def benchmark(args: argparse.Namespace, device: torch.device, dtype: torch.dtype
     """The measured run; every file it writes goes under ``workdir``."""
     preset = QUICK if args.quick else DEFAULTS
     size = args.size or preset["size"]
-    batch_sizes = args.batch_sizes or preset["batch_sizes"]
+    asked = args.batch_sizes or (*preset["batch_sizes"], *(
+        ("auto",) if device.type == "cuda" and not args.quick else ()))
     repeats = args.repeats or preset["repeats"]
     warmup: int = args.warmup
 
@@ -552,7 +564,6 @@ def benchmark(args: argparse.Namespace, device: torch.device, dtype: torch.dtype
     loadavg = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     t0 = time.perf_counter()
     paths, wrote = write_checkpoints(workdir, size)
-    photos = write_photos(workdir / "photos", max(batch_sizes))
     print(f"{'wrote' if wrote else 'reused'} random checkpoints in {workdir} "
           f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
 
@@ -566,9 +577,15 @@ def benchmark(args: argparse.Namespace, device: torch.device, dtype: torch.dtype
     results: dict[int, dict[str, StageResult]] = {}
     loads: dict[str, dict[str, float]] = {}
     text_s: list[float] = []
+    batch_sizes: list[int] = []
     if not args.cli_only:
         loads = time_loads(make_editor, paths, clock, workdir)
         editor = make_editor()
+        auto = editor.auto_batch_size() if "auto" in asked else None
+        batch_sizes = list(dict.fromkeys(auto if b == "auto" else b for b in asked))
+        if auto is not None:
+            print(f"--batch-size auto picks {auto} here", file=sys.stderr)
+        photos = write_photos(workdir / "photos", max(batch_sizes))
         text_s = time_text(editor, clock, repeats)
         for b in batch_sizes:
             print(f"timing B={b} ...", file=sys.stderr)

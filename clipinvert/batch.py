@@ -20,7 +20,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -246,6 +246,36 @@ def make_progress(console: Console, quiet: bool) -> Progress:
 # ---------------------------------------------------------------------------------------------
 # The generic loop
 # ---------------------------------------------------------------------------------------------
+class OutputWriter:
+    """Encodes and writes output images on background threads, so the model can compute the
+    next batch meanwhile (PIL releases the GIL while it compresses).  With no threads — the
+    default on a CPU of up to 4 cores, where the model's threads need every core — it writes
+    at once, in the caller's thread.  :func:`run_folder` settles each batch's writes before
+    calling it done, one batch later."""
+
+    def __init__(self, threads: int = 0) -> None:
+        self.threads = threads
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="clipinvert-write") \
+            if threads > 0 else None
+        self._pending: list[tuple[Path, Future[None]]] = []
+
+    def save(self, image: Image.Image, path: Path, png_level: int) -> None:
+        if self._pool is None:
+            imaging.save_image(image, path, png_level=png_level)
+            return
+        self._pending.append((Path(path), self._pool.submit(
+            imaging.save_image, image, Path(path), png_level=png_level)))
+
+    def take(self) -> list[tuple[Path, Future[None]]]:
+        """The writes started since the last call."""
+        out, self._pending = self._pending, []
+        return out
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+
 @dataclass
 class RunOptions:
     output: Path
@@ -258,13 +288,14 @@ class RunOptions:
     ext: str = "png"  # output images: png, jpg or webp
     png_level: int = 1  # zlib level of PNG outputs (no effect on pixels)
     launch: Launch = field(default_factory=Launch)  # under torchrun: this process's shard
+    writer: OutputWriter = field(default_factory=OutputWriter)  # output images, maybe threaded
 
     def image_path(self, stem: Path | str) -> Path:
         """Where an output image of ``stem`` (relative to the output folder) goes."""
         return self.output / f"{stem}.{self.ext}"
 
     def save(self, image: Image.Image, path: Path) -> None:
-        imaging.save_image(image, path, png_level=self.png_level)
+        self.writer.save(image, path, self.png_level)
 
     @property
     def report_path(self) -> Path:
@@ -404,6 +435,30 @@ def _run_folder(command: str, inputs: Path, opts: RunOptions, params: dict,
                 report.failed(owner.src, reason, **_named(renamed, owner.src))
                 progress.advance(task)
 
+        inflight: deque[tuple[list[Prepared], list[list[Path]],
+                              list[tuple[Path, Future[None]]]]] = deque()
+
+        def settle(keep: int) -> None:
+            """Finish the batches whose writes are done, all but the newest ``keep``: an input
+            is done when every file of it is on disk, failed when one could not be written."""
+            while len(inflight) > keep:
+                batch_owners, written, writes = inflight.popleft()
+                errors: dict[Path, BaseException] = {}
+                for path, future in writes:
+                    try:
+                        future.result()
+                    except Exception as exc:  # noqa: BLE001 - that input fails, the run goes on
+                        errors[path] = exc
+                for owner, paths in zip(batch_owners, written, strict=True):
+                    if bad := [p for p in paths if p in errors]:
+                        fail(owner, f"cannot write {bad[0]}: {errors[bad[0]]}")
+                        continue
+                    owner.outputs.extend(paths)
+                    owner.remaining -= 1
+                    if owner.remaining == 0 and not owner.failed:
+                        report.done(owner.src, owner.outputs, **_named(renamed, owner.src))
+                        progress.advance(task)
+
         def run_batch(crops: list[Crop], batch_owners: list[Prepared]) -> None:
             nonlocal batch  # --batch-size auto: halved for the rest of the run on OOM
             # Recorded before writing: outputs appear whole or not at all, so an output that
@@ -422,13 +477,12 @@ def _run_folder(command: str, inputs: Path, opts: RunOptions, params: dict,
                 error = exc
             else:
                 report.images_done += len(crops)
-                for owner, paths in zip(batch_owners, written, strict=True):
-                    owner.outputs.extend(paths)
-                    owner.remaining -= 1
-                    if owner.remaining == 0 and not owner.failed:
-                        report.done(owner.src, owner.outputs, **_named(renamed, owner.src))
-                        progress.advance(task)
+                inflight.append((batch_owners, written, opts.writer.take()))
+                settle(keep=1)  # the previous batch's files are written by now, or failed
                 return
+            for _, pending_write in opts.writer.take():  # a failed batch's partial writes
+                with contextlib.suppress(Exception):
+                    pending_write.result()
             if len(crops) > 1:
                 _free_accelerator_memory()
                 step = 1
@@ -486,6 +540,11 @@ def _run_folder(command: str, inputs: Path, opts: RunOptions, params: dict,
         except KeyboardInterrupt:
             interrupted = True
         finally:
+            try:
+                settle(keep=0)  # writes in flight finish (whole files) before the report
+            except KeyboardInterrupt:
+                interrupted = True
+            opts.writer.close()
             if not launch.distributed:
                 with contextlib.suppress(OSError):
                     manifest.compact()

@@ -93,11 +93,12 @@ def _run_options(opts: Common, prepare, batch_size: int | None = None,
     """The folder-run options; ``device`` (a model command's resolved device) sets the thread
     budget: the model's PyTorch threads and the decode workers share the cores
     (:func:`clipinvert.runtime.thread_budget`)."""
-    from .batch import RunOptions
+    from .batch import OutputWriter, RunOptions
     from .cli_options import default_workers
-    from .runtime import thread_budget, tune_allocator
+    from .runtime import thread_budget, tune_allocator, writer_threads
 
     asked = None if opts.workers == "auto" else int(opts.workers)
+    writer = OutputWriter(0)
     if device is None:  # align: the workers are the work
         workers = default_workers() if asked is None else asked
     else:
@@ -106,13 +107,14 @@ def _run_options(opts: Common, prepare, batch_size: int | None = None,
         tune_allocator()
         threads, workers = thread_budget(asked, device=device)
         torch.set_num_threads(threads)
+        writer = OutputWriter(writer_threads(device))
     batch = batch_size or (None if opts.batch_size == "auto" else int(opts.batch_size))
     from .distributed import launch_from_env
 
     return RunOptions(output=opts.output, batch_size=batch, overwrite=opts.overwrite,
                       quiet=opts.quiet, workers=workers, report=opts.report, prepare=prepare,
                       ext=opts.ext, png_level=opts.png_level,
-                      launch=launch or launch_from_env())
+                      launch=launch or launch_from_env(), writer=writer)
 
 
 def _load(opts: Common, paste_back: bool = False):

@@ -20,7 +20,7 @@ import ctypes.util
 import os
 import sys
 
-__all__ = ["cpu_count", "thread_budget", "tune_allocator"]
+__all__ = ["cpu_count", "thread_budget", "tune_allocator", "writer_threads"]
 
 # <malloc.h> mallopt parameters
 _M_TRIM_THRESHOLD = -1
@@ -64,6 +64,21 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+def _local_cores() -> int:
+    """This process's share of the cores: torchrun starts LOCAL_WORLD_SIZE on a machine."""
+    local = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    return max(1, cpu_count() // (int(local) if local.isdigit() and int(local) > 0 else 1))
+
+
+def writer_threads(device: str) -> int:
+    """Threads encoding output images beside the model: 2 on a GPU (the CPU is free), 1 on a
+    CPU of more than 4 cores, none (write inline) below — a PNG at level 1 is about 2 % of an
+    edit there, not worth a core taken from the model."""
+    if device != "cpu":
+        return 2
+    return 1 if _local_cores() > 4 else 0
+
+
 def thread_budget(workers: int | None, *, device: str) -> tuple[int, int]:
     """``(torch_threads, workers)`` for an image command, so that together they fit the cores.
 
@@ -74,9 +89,7 @@ def thread_budget(workers: int | None, *, device: str) -> tuple[int, int]:
     one thread); ``OMP_NUM_THREADS`` set by the user fixes PyTorch's share.  On a GPU the
     workers feed the device (default ``min(4, cores − 1)``) and PyTorch keeps the rest.
     """
-    # torchrun starts LOCAL_WORLD_SIZE processes on this machine: each gets its share
-    local = os.environ.get("LOCAL_WORLD_SIZE", "1")
-    cores = max(1, cpu_count() // (int(local) if local.isdigit() and int(local) > 0 else 1))
+    cores = _local_cores()
     if workers is None:
         workers = (cores - 1) // 4 if device == "cpu" else max(1, min(4, cores - 1))
     env = os.environ.get("OMP_NUM_THREADS", "").strip()

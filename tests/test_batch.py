@@ -134,3 +134,41 @@ def test_auto_batch_halves_on_out_of_memory_and_says_so(folder: Path, tmp_path: 
     rep = run_folder("t", folder, RunOptions(output=out2, batch_size=4, quiet=True), {},
                      _outputs(out2), _writer(out2, seen2, fail_if=oom))
     assert seen2 == [4, 1, 1, 1, 1, 1] and rep.meta["batch_size"]["used"] == 4
+
+
+def test_threaded_writes_finish_before_done_and_a_failed_write_fails_its_input(
+        folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With writer threads the model goes on while PNGs are written; an input is reported done
+    only once its files are on disk, and a write that fails fails that input alone."""
+    import threading
+
+    from clipinvert import imaging
+    from clipinvert.batch import OutputWriter
+
+    real_save = imaging.save_image
+    threads: set[str] = set()
+
+    def save(image: Image.Image, path: Path, **kwargs: object) -> None:
+        threads.add(threading.current_thread().name)
+        if path.stem == "3":
+            raise OSError(28, "No space left on device")
+        real_save(image, path, **kwargs)
+
+    monkeypatch.setattr(imaging, "save_image", save)
+    out = tmp_path / "out"
+    opts = RunOptions(output=out, batch_size=2, quiet=True, writer=OutputWriter(2))
+
+    def process(crops: list[Crop], owners: list[Prepared]) -> list[list[Path]]:
+        paths = [opts.image_path(c.rel) for c in crops]
+        for c, p in zip(crops, paths, strict=True):
+            opts.save(c.image, p)
+        return [[p] for p in paths]
+
+    rep = run_folder("t", folder, opts, {}, lambda c: [opts.image_path(c.rel)], process)
+    assert rep.count("done") == 4 and rep.count("failed") == 1
+    (failed,) = [r for r in rep.records if r["status"] == "failed"]
+    assert failed["input"].endswith("3.png") and "No space left on device" in failed["reason"]
+    for r in rep.records:
+        if r["status"] == "done":
+            assert all(Path(p).is_file() for p in r["outputs"])
+    assert threads and all(t.startswith("clipinvert-write") for t in threads)

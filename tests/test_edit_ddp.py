@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from test_train_ddp import TORCHRUN, _env, _no_clipinvert_traceback, _run_all
+from test_train_ddp import TORCHRUN, _env, _free_port, _no_clipinvert_traceback, _run_all
 
 from clipinvert.cli import main
 from clipinvert.imaging import list_inputs
@@ -86,3 +86,19 @@ def test_invert_under_torchrun_with_more_processes_than_inputs(
     assert report["counts"] == {"done": 1, "skipped": 0, "failed": 0}
     assert (out / "f1.png").exists() and (out / "f1.pt").exists()
     assert report["inputs"][0]["rank"] == 0 and len(report["ranks"]) == 2
+
+
+@pytest.mark.slow  # two launchers rendezvous over c10d, as two machines would: ~15 s
+def test_two_nodes_over_a_shared_output_folder(tiny_models: Path, faces: Path,
+                                               tmp_path: Path) -> None:
+    out = tmp_path / "nodes"
+    port = _free_port()
+    launch = [*TORCHRUN, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+              "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"e{port}"]
+    results = _run_all([[*launch, *_edit(tiny_models, faces, out)]] * 2, tmp_path, _env())
+    assert [rc for rc, _, _ in results] == [1, 1]  # the bad input fails on its node's rank
+    report = json.loads((out / "clipinvert-report.json").read_text())
+    assert report["counts"] == {"done": 7, "skipped": 0, "failed": 1}
+    assert {r["rank"] for r in report["inputs"]} == {0, 1}
+    assert len(list(out.rglob("f*.png"))) == 7
+    assert not list(out.glob(".clipinvert-manifest.rank*.jsonl"))

@@ -38,3 +38,14 @@ def test_allocator_tuning_can_be_refused(monkeypatch: pytest.MonkeyPatch) -> Non
     # glibc on Linux (this machine): mallopt accepts both settings
     assert runtime.tune_allocator() is sys.platform.startswith("linux")
     assert runtime.tune_allocator() is runtime._TUNED  # idempotent
+
+
+@pytest.mark.parametrize(("cores", "local", "device", "expect"), [
+    (2, "1", "cpu", 0), (4, "1", "cpu", 0), (8, "1", "cpu", 1), (8, "2", "cpu", 0),
+    (2, "1", "cuda", 2),
+])
+def test_output_writer_threads(monkeypatch: pytest.MonkeyPatch, cores: int, local: str,
+                               device: str, expect: int) -> None:
+    monkeypatch.setattr(runtime, "cpu_count", lambda: cores)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", local)  # torchrun: this process's share of cores
+    assert runtime.writer_threads(device) == expect

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,12 +18,17 @@ from torch import nn
 SQRT2 = math.sqrt(2.0)
 
 
-def make_kernel(k: Sequence[float]) -> torch.Tensor:
-    """A separable FIR kernel as a 2-D tensor normalised to sum 1 (``[1,3,3,1]`` → 4×4)."""
-    t = torch.tensor(k, dtype=torch.float32)
-    if t.ndim == 1:
-        t = t[None, :] * t[:, None]
-    return t / t.sum()
+def make_kernel(k: Sequence[float], gain: float = 1.0) -> torch.Tensor:
+    """A separable FIR kernel as a 2-D tensor normalised to sum ``gain`` (``[1,3,3,1]`` → 4×4).
+
+    Computed in numpy and only then made a tensor: modules are built on the meta device before
+    their weights are assigned, and arithmetic on meta tensors makes PyTorch import its
+    compiler stack (1.3 s of start-up).  For StyleGAN's kernels every step is exact.
+    """
+    a = np.asarray(k, dtype=np.float64)
+    if a.ndim == 1:
+        a = a[None, :] * a[:, None]
+    return torch.tensor(a / a.sum() * gain, dtype=torch.float32)
 
 
 def upfirdn2d(
@@ -82,7 +88,9 @@ class EqualLinear(nn.Module):
         activation: bool = False,
     ) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(out_dim, in_dim) / lr_mul)
+        w = torch.randn(out_dim, in_dim)
+        # (no arithmetic on a meta tensor: see make_kernel; its values are assigned anyway)
+        self.weight = nn.Parameter(w if w.is_meta else w / lr_mul)
         self.bias = nn.Parameter(torch.full((out_dim,), float(bias_init))) if bias else None
         self.scale = lr_mul / math.sqrt(in_dim)
         self.lr_mul = lr_mul

@@ -26,7 +26,7 @@ def fir_buffer() -> torch.Tensor:
     """The value of every FIR-kernel buffer of the generator (``*.blur.kernel`` of upsampling
     convs and ``to_rgbs.*.upsample.kernel``): [1,3,3,1] ⊗ [1,3,3,1] normalised, ×4 (factor²).
     Some circulating checkpoints lack these constants; loaders fill them in from here."""
-    return make_kernel(BLUR_KERNEL) * 4
+    return make_kernel(BLUR_KERNEL, gain=4)
 
 
 def default_channels(size: int, channel_multiplier: int = 2) -> dict[int, int]:
@@ -100,9 +100,7 @@ class GeneratorConfig:
 class Blur(nn.Module):
     def __init__(self, kernel: Sequence[int], pad: tuple[int, int], upsample_factor: int = 1):
         super().__init__()
-        k = make_kernel(kernel)
-        if upsample_factor > 1:
-            k = k * upsample_factor**2
+        k = make_kernel(kernel, gain=upsample_factor**2 if upsample_factor > 1 else 1)
         self.register_buffer("kernel", k)
         self.pad = pad
 
@@ -116,7 +114,7 @@ class Upsample(nn.Module):
     def __init__(self, kernel: Sequence[int], factor: int = 2):
         super().__init__()
         self.factor = factor
-        self.register_buffer("kernel", make_kernel(kernel) * factor**2)
+        self.register_buffer("kernel", make_kernel(kernel, gain=factor**2))
         p = self.kernel.shape[0] - factor
         self.pad = ((p + 1) // 2 + factor - 1, p // 2)
 
