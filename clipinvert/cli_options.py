@@ -125,7 +125,8 @@ Ext = Annotated[str, typer.Option(
     help="Output image format: png (lossless), jpg or webp (quality 95).")]
 PngLevel = Annotated[int, typer.Option(
     "--png-level", callback=within(0, 9),
-    help="PNG compression 0..9: 1 writes ~4x faster than PIL's 6 for files ~10 % larger.")]
+    help="PNG compression 0..9 (zlib effort; the pixels are the same at every level): 1 "
+         "writes a 1024² photo ~5x faster than PIL's default 6, for a file ~13 % larger.")]
 
 
 def _one_of(value: str, names: tuple[str, ...]) -> str:

@@ -527,8 +527,9 @@ def _format_for(path: Path) -> str:
 
 
 PNG_LEVEL = 1
-"""Default zlib level of PNG outputs: at 1024 px level 1 writes several times faster than PIL's
-default 6 for files slightly larger (docs/performance.md); pixels are the same at every level."""
+"""Default zlib level of PNG outputs: a 1024² photo took 0.08 s at level 1 against 0.39 s at
+PIL's default 6, for a file 13 % larger (docs/performance.md); pixels are the same at every
+level."""
 
 
 def save_image(image: Image.Image, path: Path, *, png_level: int = PNG_LEVEL) -> None:
