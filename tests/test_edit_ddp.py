@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from test_train_ddp import TORCHRUN, _env, _free_port, _no_clipinvert_traceback, _run_all
+from torchrun_helpers import TORCHRUN, _env, _free_port, _no_clipinvert_traceback, _run_all
 
 from clipinvert.cli import main
 from clipinvert.imaging import list_inputs
