@@ -374,7 +374,10 @@ def time_cli(command: Sequence[str], workdir: Path, photos: Sequence[Path], coun
                     "--device", str(device), "--batch-size", batch, "-o", str(out), "--quiet",
                     *extra]
             t0 = time.perf_counter()
-            done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+            # cwd: the work folder, so that `-m clipinvert` imports the installed package and
+            # never a checkout that happens to be the current folder
+            done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False,
+                                  cwd=workdir)
             wall = time.perf_counter() - t0
             if done.returncode != 0:
                 raise RuntimeError(f"{' '.join(argv)} failed ({done.returncode}): "
@@ -384,7 +387,8 @@ def time_cli(command: Sequence[str], workdir: Path, photos: Sequence[Path], coun
     lo, hi = min(counts), max(counts)
     per_image = (walls[hi] - walls[lo]) / (hi - lo)
     t0 = time.perf_counter()
-    subprocess.run([*command, "--version"], env=env, capture_output=True, check=True)
+    subprocess.run([*command, "--version"], env=env, capture_output=True, check=True,
+                   cwd=workdir)
     version_s = time.perf_counter() - t0
     return {"command": " ".join(command), "batch": batch, "extra": list(extra),
             "walls_s": {str(n): w for n, w in walls.items()}, "per_image_s": per_image,
