@@ -254,7 +254,6 @@ class OutputWriter:
     calling it done, one batch later."""
 
     def __init__(self, threads: int = 0) -> None:
-        self.threads = threads
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="clipinvert-write") \
             if threads > 0 else None
         self._pending: list[tuple[Path, Future[None]]] = []

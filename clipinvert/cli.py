@@ -95,6 +95,7 @@ def _run_options(opts: Common, prepare, batch_size: int | None = None,
     (:func:`clipinvert.runtime.thread_budget`)."""
     from .batch import OutputWriter, RunOptions
     from .cli_options import default_workers
+    from .distributed import launch_from_env
     from .runtime import thread_budget, tune_allocator, writer_threads
 
     asked = None if opts.workers == "auto" else int(opts.workers)
@@ -109,8 +110,6 @@ def _run_options(opts: Common, prepare, batch_size: int | None = None,
         torch.set_num_threads(threads)
         writer = OutputWriter(writer_threads(device))
     batch = batch_size or (None if opts.batch_size == "auto" else int(opts.batch_size))
-    from .distributed import launch_from_env
-
     return RunOptions(output=opts.output, batch_size=batch, overwrite=opts.overwrite,
                       quiet=opts.quiet, workers=workers, report=opts.report, prepare=prepare,
                       ext=opts.ext, png_level=opts.png_level,

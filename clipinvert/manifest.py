@@ -83,7 +83,6 @@ class Manifest:
     def __init__(self, folder: Path, part: int | None = None) -> None:
         self.folder = Path(folder)
         self.path = self.folder / MANIFEST_NAME
-        self.part = part
         # where this process appends: its own part under torchrun
         self.append_path = self.path if part is None else \
             self.folder / f".clipinvert-manifest.rank{part}.jsonl"
@@ -94,7 +93,7 @@ class Manifest:
     def load(cls, folder: Path, part: int | None = None) -> Manifest:
         """The record of ``folder``: the main file and every process's part."""
         man = cls(folder, part)
-        for path in [man.path, *sorted(man.folder.glob(PART_GLOB))]:
+        for path in [man.path, *man.part_files()]:
             man._read(path)
         return man
 
@@ -108,7 +107,6 @@ class Manifest:
             return
         except OSError as exc:
             raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
-        man = self
         for line in lines:
             try:
                 rec = json.loads(line)
@@ -118,10 +116,10 @@ class Manifest:
                 continue
             fp = rec["fingerprint"]
             if isinstance(rec.get("settings"), dict):
-                man.settings[fp] = rec["settings"]
+                self.settings[fp] = rec["settings"]
             for rel in rec.get("outputs", ()):
                 if isinstance(rel, str):
-                    man.outputs[rel] = fp
+                    self.outputs[rel] = fp
 
     def key(self, path: Path) -> str:
         """The manifest's name for an output path (relative to the folder when inside it)."""

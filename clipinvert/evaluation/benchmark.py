@@ -28,8 +28,6 @@ from ..manifest import fingerprint
 from . import protocol
 
 CELEBA_ANNOTATIONS = "CelebAMask-HQ-attribute-anno.txt"
-#: Image folders of a CelebA-HQ root: ours, then the CelebAMask-HQ download's own name.
-CELEBA_IMAGES = ("images", "CelebA-HQ-img")
 
 
 @dataclass(frozen=True)
@@ -92,7 +90,9 @@ def read_test_list(path: Path) -> set[str]:
 
 
 def _read_celeba(root: Path) -> list[Labelled]:
-    images = next((root / d for d in CELEBA_IMAGES if (root / d).is_dir()), root / "images")
+    from ..training.data import CELEBA_IMAGE_FOLDERS, find_dir
+
+    images = find_dir(root, CELEBA_IMAGE_FOLDERS) or root / "images"
     try:
         lines = (root / CELEBA_ANNOTATIONS).read_text(encoding="utf-8").split("\n")
         names = lines[1].split()

@@ -100,7 +100,7 @@ class GeneratorConfig:
 class Blur(nn.Module):
     def __init__(self, kernel: Sequence[int], pad: tuple[int, int], upsample_factor: int = 1):
         super().__init__()
-        k = make_kernel(kernel, gain=upsample_factor**2 if upsample_factor > 1 else 1)
+        k = make_kernel(kernel, gain=upsample_factor**2)
         self.register_buffer("kernel", k)
         self.pad = pad
 

@@ -62,7 +62,8 @@ DATA_FORMATS: tuple[str, ...] = ("auto", "celeba", "cub", "sidecar", "jsonl")
 MANIFEST_NAME = "captions.jsonl"
 
 # Folder names of the two tree layouts: (image folders accepted, caption folder).
-_CELEBA_IMAGES = ("images", "CelebA-HQ-img")
+#: Image folders of a CelebA-HQ root: ours, then the CelebAMask-HQ download's own name.
+CELEBA_IMAGE_FOLDERS = ("images", "CelebA-HQ-img")
 _CELEBA_CAPTIONS = "celeba-caption"
 _CUB_IMAGES = ("images",)
 _CUB_CAPTIONS = "text_c10"
@@ -286,7 +287,8 @@ def _scan_jsonl(manifest: Path, scan: _Scan) -> None:
         scan.add(resolved, resolved, captions, f'no "captions" ({where})')
 
 
-def _find_dir(root: Path, names: Sequence[str]) -> Path | None:
+def find_dir(root: Path, names: Sequence[str]) -> Path | None:
+    """The first of the folders ``names`` that exists under ``root``."""
     for name in names:
         if (root / name).is_dir():
             return root / name
@@ -319,9 +321,9 @@ def detect_format(root: Path | str) -> str:
     _check_root(root)
     if root.is_file() or (root / MANIFEST_NAME).is_file():
         return "jsonl"
-    if _find_dir(root, _CELEBA_IMAGES) and (root / _CELEBA_CAPTIONS).is_dir():
+    if find_dir(root, CELEBA_IMAGE_FOLDERS) and (root / _CELEBA_CAPTIONS).is_dir():
         return "celeba"
-    if _find_dir(root, _CUB_IMAGES) and (root / _CUB_CAPTIONS).is_dir():
+    if find_dir(root, _CUB_IMAGES) and (root / _CUB_CAPTIONS).is_dir():
         return "cub"
     if _has_text_file(root):
         return "sidecar"
@@ -344,10 +346,10 @@ def _scan(root: Path, data_format: str, scan: _Scan) -> None:
         _scan_sidecar(root, scan)
         return
     if data_format == "celeba":
-        names, captions = _CELEBA_IMAGES, _CELEBA_CAPTIONS
+        names, captions = CELEBA_IMAGE_FOLDERS, _CELEBA_CAPTIONS
     else:
         names, captions = _CUB_IMAGES, _CUB_CAPTIONS
-    images_dir = _find_dir(root, names)
+    images_dir = find_dir(root, names)
     if images_dir is None or not (root / captions).is_dir():
         wanted = f"{names[0]}/ and {captions}/"
         raise UsageError(f"{root} is not a {_FORMAT_NAMES[data_format]} folder: needs {wanted}")
