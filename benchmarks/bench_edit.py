@@ -58,7 +58,7 @@ import torch
 from benchcommon import (
     add_workdir_arguments,
     clean_workdir,
-    cpu_name,
+    device_meta,
     format_table,
     open_workdir,
     positive_int,
@@ -330,6 +330,28 @@ def run_batch(editor: Editor, photos: Sequence[Path], out_dir: Path, batch: int,
     return res
 
 
+def precision_psnr(make_editor: Callable[[torch.dtype], Editor], dtype: torch.dtype,
+                   size: int) -> dict[str, float]:
+    """PSNR in dB of ``dtype``'s edits against float32's, per test photo (scikit-image's
+    astronaut and chelsea): what lower precision costs in the saved 8-bit pictures."""
+    from skimage import data
+
+    photos = {"astronaut": data.astronaut(), "chelsea": data.chelsea()}
+    images = [Image.fromarray(a).resize((size, size), Image.Resampling.LANCZOS)
+              for a in photos.values()]
+    pictures = {}
+    for dt in (torch.float32, dtype):
+        editor = make_editor(dt)
+        result = editor.edit(images, PROMPT).images
+        pictures[dt] = [np.asarray(im, dtype=np.float64) for im in imaging.to_pil(result)]
+        del editor
+    psnr = {}
+    for name, ref, out in zip(photos, pictures[torch.float32], pictures[dtype], strict=True):
+        mse = float(np.mean((ref - out) ** 2))
+        psnr[name] = math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
+    return psnr
+
+
 # --------------------------------------------------------------------------------------------
 # The command users run
 # --------------------------------------------------------------------------------------------
@@ -425,12 +447,11 @@ def report(meta: dict[str, Any], loads: dict[str, dict[str, float]], text_s: lis
         f"{meta['warmup']} warm-up + {meta['repeats']} timed repeat(s), median; "
         f"load average at start {meta['loadavg_1min']}",
         "",
-        format_table(
+        *([format_table(
             ["weights (first use)", "file MiB", "pickle s", "first (convert) s",
-             "cached s"],
+              "cached s"],
             [[role, f"{d['file_mib']:.0f}", *(f"{d[m + '_s']:.2f}" for m in LOAD_MODES)]
-             for role, d in loads.items()]),
-        "",
+             for role, d in loads.items()]), ""] if loads else []),
         f"text embedding, 1 prompt uncached: {statistics.median(text_s):.3f} s",
         "",
     ]
@@ -504,6 +525,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_workdir_arguments(p, "random checkpoints, photos, outputs")
     p.add_argument("--quick", action="store_true",
                    help="size 256, batch sizes 1,2, 1 repeat: a smoke test for CI")
+    p.add_argument("--skip-loads", action="store_true",
+                   help="skip the first-use load timings (three loads of every file; they do "
+                        "not depend on --dtype or the batch)")
+    p.add_argument("--compare-float32", action="store_true",
+                   help="with a --dtype below float32: also edit the test photos in both "
+                        "and print the PSNR of --dtype's pictures against float32's")
     p.add_argument("--cli", action="store_true",
                    help="also time the real command, `clipinvert edit`, as whole processes on "
                         "the --cli-counts photo counts, at --cli-batch-sizes: per-edit cost "
@@ -573,17 +600,18 @@ def benchmark(args: argparse.Namespace, device: torch.device, dtype: torch.dtype
 
     clock = Clock(device)
     memory = PeakMemory(device)
-    def make_editor() -> Editor:
+    def make_editor(at: torch.dtype = dtype) -> Editor:
         return Editor.from_files(e4e=paths["e4e"], clipinverter=paths["clipinverter"],
                                  clip=paths["clip"], clip_arch=CLIP_ARCH, device=device,
-                                 dtype=dtype)
+                                 dtype=at)
 
     results: dict[int, dict[str, StageResult]] = {}
     loads: dict[str, dict[str, float]] = {}
     text_s: list[float] = []
     batch_sizes: list[int] = []
     if not args.cli_only:
-        loads = time_loads(make_editor, paths, clock, workdir)
+        if not args.skip_loads:
+            loads = time_loads(make_editor, paths, clock, workdir)
         editor = make_editor()
         auto = editor.auto_batch_size() if "auto" in asked else None
         batch_sizes = list(dict.fromkeys(auto if b == "auto" else b for b in asked))
@@ -596,6 +624,9 @@ def benchmark(args: argparse.Namespace, device: torch.device, dtype: torch.dtype
             results[b] = run_batch(editor, photos, workdir / "out", b, clock, memory, warmup,
                                    repeats)
         del editor
+    psnr: dict[str, float] = {}
+    if args.compare_float32 and dtype != torch.float32:
+        psnr = precision_psnr(make_editor, dtype, size)
     cli_runs: list[dict[str, Any]] = []
     if args.cli or args.cli_only:
         write_domain(workdir, paths, size)
@@ -608,14 +639,10 @@ def benchmark(args: argparse.Namespace, device: torch.device, dtype: torch.dtype
                                      device, shlex.split(args.cli_args), args.cli_repeats))
 
     meta = {
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
-        else cpu_name(),
+        **device_meta(device),
         "dtype": str(dtype).removeprefix("torch."),
-        "torch": torch.__version__,
         "python": platform.python_version(),
         "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
         "size": size,
         "batch_sizes": list(batch_sizes),
         "warmup": warmup,
@@ -627,6 +654,9 @@ def benchmark(args: argparse.Namespace, device: torch.device, dtype: torch.dtype
     }
     if results:
         print(report(meta, loads, text_s, results, memory.label))
+    if psnr:
+        print(f"\n{meta['dtype']} against float32, edits of the test photos: " + ", ".join(
+            f"{name} {db:.1f} dB" for name, db in psnr.items()))
     if cli_runs:
         sums = {b: sum(res[k].median_s for k in STAGES) / b for b, res in results.items()}
         print(("\n" if results else "") + cli_report(cli_runs, sums))
@@ -637,6 +667,7 @@ def benchmark(args: argparse.Namespace, device: torch.device, dtype: torch.dtype
             "text_s": text_s,
             "stages": {str(b): {k: vars(r) for k, r in res.items()} for b, res in results.items()},
             "cli": cli_runs,
+            "psnr_vs_float32_db": psnr,
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")

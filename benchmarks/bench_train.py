@@ -70,7 +70,7 @@ from typing import Any
 from benchcommon import (
     add_workdir_arguments,
     clean_workdir,
-    cpu_name,
+    device_meta,
     format_table,
     open_workdir,
     positive_int,
@@ -139,7 +139,6 @@ def prepare(spec: dict[str, Any]) -> dict[str, Any]:
     """Write every file the configurations need (reusing those present: the writers are
     seeded, so an existing file is the same file) and ``models.toml`` with one domain per
     resolution; resolve the device.  Runs in a subprocess of its own."""
-    import torch
 
     from clipinvert.nets import GeneratorConfig
     from clipinvert.pipeline import resolve_device
@@ -194,11 +193,7 @@ def prepare(spec: dict[str, Any]) -> dict[str, Any]:
                     f"lpips = \"alexnet.pt\"\n{ident} = \"{ident}.pt\"\n")
     (workdir / "models.toml").write_text("\n".join(toml), encoding="utf-8")
     return {
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
-        else cpu_name(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        **device_meta(device),
         "wrote": wrote,
         "prepare_s": round(time.perf_counter() - t0, 1),
     }

@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 
 def write_once(path: Path, write: Callable[[Path], Path]) -> bool:
@@ -34,6 +35,20 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def device_meta(device: Any) -> dict[str, Any]:
+    """What a figure was measured on: the device, its name (GPU or CPU model), torch's version
+    and its thread count."""
+    import torch
+
+    return {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+        else cpu_name(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[str]], *,

@@ -74,7 +74,7 @@ Dtype = Annotated[str, typer.Option(help="float32, bfloat16 or float16 (CUDA onl
 BatchSize = Annotated[str, typer.Option(
     "--batch-size", "-b", callback=lambda v: batch_or_auto(v),
     help="Images per forward pass: 1..4096, or auto (edit, invert, interpolate: the fastest per "
-         "image on the CPU, the largest that fits on a GPU, halved on out-of-memory).")]
+         "image on the CPU (4), on a GPU what fits up to 8, halved on out-of-memory).")]
 Workers = Annotated[str, typer.Option(
     callback=lambda v: auto_or_count(v),
     help=f"Processes decoding/aligning images ahead of the model: 0 = in-process, up to "

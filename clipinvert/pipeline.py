@@ -13,6 +13,7 @@ Decoding uses the generator's stored noise buffers: the same input always gives 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -33,6 +34,7 @@ from .checkpoints import (
 from .errors import UsageError, WeightsError
 from .model import RESIDUAL_SCALE, CLIPInverter, EditOutput, Encoded
 from .nets import Encoder4Editing, Generator
+from .nets.stylegan2 import FORMULATIONS
 from .registry import Domain, Registry
 
 __all__ = ["RESIDUAL_SCALE", "DTYPES", "Editor", "Encoded", "Result", "resolve_device",
@@ -50,10 +52,43 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 CPU_AUTO_BATCH = 4
 #: Decoding micro-batch on the CPU (see :attr:`Generator.micro_batch`).
 CPU_DECODE_MICRO_BATCH = 1
-#: GPU memory one image needs through the whole edit at 1024 px in float32, a deliberately high
-#: estimate for ``--batch-size auto``'s first batch; an out-of-memory error halves it anyway.
-CUDA_BYTES_PER_IMAGE_1024 = 1.5 * 2**30
-CUDA_AUTO_MAX = 64
+#: GPU memory one more image needs through the whole edit at 1024 px in float32, for
+#: ``--batch-size auto``.  Measured on an H200: the edit's peak grows by 0.51 GiB per image
+#: (5.9 GiB at B = 8, 34.2 GiB at B = 64; float16 half that); 0.75 GiB leaves room for
+#: another program's memory.  An out-of-memory error halves the batch anyway.
+CUDA_BYTES_PER_IMAGE_1024 = 0.75 * 2**30
+#: ``--batch-size auto`` on a GPU never goes past 8.  Measured on an H200 at 1024 px
+#: (docs/performance.md#batch-size-auto): per image, B = 8 decodes 2.2× (float32) to 3.5×
+#: (float16) faster than B = 1, but float32 at B = 32 took 3.6× longer than at B = 8 with
+#: PyTorch's default cuDNN choices, and at B = 64 the last layers pass 2³¹ elements and took 10×
+#: longer.  cuDNN's autotuner fixes B = 32 but costs seconds per new batch shape, more than it
+#: saves in a run that is bound by writing images.
+CUDA_AUTO_MAX = 8
+#: How the generator runs its modulated convolutions, per device type (one of
+#: :data:`~clipinvert.nets.stylegan2.FORMULATIONS`; benchmarks/bench_generator.py measures
+#: them, docs/performance.md#the-generators-formulation).  ``CLIPINVERT_DECODE`` overrides.
+#: On the GPU too the released fused form is as fast or faster from B = 8 on (an H200, float32
+#: and float16), and the channels-last unfused form is 1.8× slower there.
+DECODE_FORMULATION = {"cpu": "fused", "cuda": "fused"}
+
+
+def cuda_auto_batch(free_bytes: int, size: int, dtype: torch.dtype) -> int:
+    """``--batch-size auto`` on a GPU with ``free_bytes`` free: as many images as 80 % of it
+    holds at the measured cost per image (scaled by resolution² and dtype width), at most
+    :data:`CUDA_AUTO_MAX`."""
+    per_image = CUDA_BYTES_PER_IMAGE_1024 * (size / 1024) ** 2 * (torch.finfo(dtype).bits / 32)
+    return int(max(1, min(CUDA_AUTO_MAX, 0.8 * free_bytes // per_image)))
+
+
+def decode_formulation(device: torch.device) -> str:
+    """The generator's formulation on ``device``: ``CLIPINVERT_DECODE`` when set (fused,
+    unfused or unfused-cl), else the measured choice in :data:`DECODE_FORMULATION`."""
+    form = os.environ.get("CLIPINVERT_DECODE", "").strip().lower()
+    if not form:
+        return DECODE_FORMULATION.get(device.type, "fused")
+    if form not in FORMULATIONS:
+        raise UsageError(f"CLIPINVERT_DECODE={form!r}: choose from {', '.join(FORMULATIONS)}")
+    return form
 
 
 def resolve_device(spec: str | torch.device = "auto") -> torch.device:
@@ -151,8 +186,10 @@ class Editor:
 
     def _to(self, module: torch.nn.Module) -> torch.nn.Module:
         module = module.to(device=self.device, dtype=self.dtype)
-        if isinstance(module, Generator) and self.device.type == "cpu":
-            module.micro_batch = CPU_DECODE_MICRO_BATCH
+        if isinstance(module, Generator):
+            module.set_formulation(decode_formulation(self.device))
+            if self.device.type == "cpu":
+                module.micro_batch = CPU_DECODE_MICRO_BATCH
         return module
 
     def auto_batch_size(self) -> int:
@@ -162,10 +199,7 @@ class Editor:
         if self.device.type != "cuda":
             return CPU_AUTO_BATCH
         free, _ = torch.cuda.mem_get_info(self.device)
-        size = self.domain.resolution or 1024
-        per_image = CUDA_BYTES_PER_IMAGE_1024 * (size / 1024) ** 2 * (
-            torch.finfo(self.dtype).bits / 32)
-        return int(max(1, min(CUDA_AUTO_MAX, 0.8 * free // per_image)))
+        return cuda_auto_batch(free, self.domain.resolution or 1024, self.dtype)
 
     @cached_property
     def e4e(self) -> E4EWeights:

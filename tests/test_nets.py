@@ -256,6 +256,10 @@ def test_modulated_conv_equals_activation_modulation(upsample: bool, demodulate:
         demod = torch.rsqrt((s[:, None, :, None, None] * w[None]).pow(2).sum([2, 3, 4]) + 1e-8)
         ref = ref * demod[:, :, None, None]
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    # the library's own unfused path is that formulation, in either memory format
+    for channels_last in (False, True):
+        conv.fused, conv.channels_last = False, channels_last
+        torch.testing.assert_close(conv(x, style), ref, atol=1e-5, rtol=1e-4)
 
 
 def test_styled_conv_is_conv_noise_bias_activation() -> None:
@@ -314,3 +318,29 @@ def test_decoding_in_micro_batches_gives_the_same_images() -> None:
     calls.clear()
     g(w)  # autograd on: one pass (training back-propagates through the whole batch)
     assert calls == [5]
+
+
+@pytest.mark.parametrize("form", ["unfused", "unfused-cl"])
+def test_unfused_generator_gives_the_same_images(form: str) -> None:
+    """Generator.set_formulation("unfused") is the same picture as the released grouped
+    form, the float32 reference: within 1 grey level at B = 1 and over a batch, in float32, and
+    under the half-precision pre-normalisation (bfloat16 against bfloat16)."""
+    from clipinvert.testing.models import make_generator
+
+    g = make_generator(tiny_config(size=32, text_dim=16)).eval()
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(3, g.n_latent, g.style_dim, generator=gen)
+    text = torch.randn(3, 16, generator=gen)
+    with torch.no_grad():
+        for batch in (1, 3):
+            ref = g.set_formulation("fused")(w[:batch], text[:batch])
+            out = g.set_formulation(form)(w[:batch], text[:batch])
+            assert (out - ref).abs().max() * 127.5 < 1
+            torch.testing.assert_close(out, ref, rtol=0, atol=1e-4)
+        g16 = g.to(torch.bfloat16)
+        ref16 = g16.set_formulation("fused")(w.bfloat16(), text.bfloat16()).float()
+        out16 = g16.set_formulation(form)(w.bfloat16(), text.bfloat16()).float()
+    with pytest.raises(ValueError, match="unknown formulation"):
+        g.set_formulation("grouped")
+    assert torch.isfinite(out16).all()
+    torch.testing.assert_close(out16, ref16, rtol=0, atol=0.1)

@@ -159,6 +159,42 @@ def test_bfloat16_runs_on_cpu(tiny_models: Path, face_crop) -> None:
     assert psnr >= 40, f"bfloat16 vs float32: PSNR {psnr:.1f} dB"
 
 
+def test_cuda_auto_batch_fits_memory_and_measured_cap() -> None:
+    """Measured per-image memory (0.75 GiB at 1024 px float32, half in float16, a quarter at
+    512 px), never past the measured cap of 8, never 0."""
+    from clipinvert.pipeline import CUDA_AUTO_MAX, cuda_auto_batch
+
+    gib = 2**30
+    assert CUDA_AUTO_MAX == 8
+    assert cuda_auto_batch(3 * gib, 1024, torch.float32) == 3  # 0.8 · 3 / 0.75 = 3.2
+    assert cuda_auto_batch(3 * gib, 1024, torch.float16) == 6
+    assert cuda_auto_batch(gib, 512, torch.float32) == 4
+    assert cuda_auto_batch(130 * gib, 1024, torch.float32) == 8  # the cap, not the memory
+    assert cuda_auto_batch(gib // 4, 1024, torch.float32) == 1
+
+
+def test_decode_formulation_override(tiny_models: Path, face_crop, monkeypatch) -> None:
+    """CLIPINVERT_DECODE picks the generator's formulation (the measured per-device default
+    otherwise); the edit is the same picture within a grey level, and a wrong name is a usage
+    error naming the choices."""
+    from clipinvert.nets.stylegan2 import ModulatedConv2d
+
+    def edit() -> tuple[Editor, torch.Tensor]:
+        ed = Editor("tiny", models=tiny_models, device="cpu")
+        return ed, ed.edit([face_crop], "blond hair").images
+
+    default, ref = edit()
+    assert all(m.fused for m in default.generator.modules() if isinstance(m, ModulatedConv2d))
+    monkeypatch.setenv("CLIPINVERT_DECODE", "unfused-cl")
+    ed, out = edit()
+    convs = [m for m in ed.inverter.decoder.modules() if isinstance(m, ModulatedConv2d)]
+    assert convs and all(not m.fused and m.channels_last for m in convs)
+    assert (out - ref).abs().max() * 127.5 < 1
+    monkeypatch.setenv("CLIPINVERT_DECODE", "grouped")
+    with pytest.raises(UsageError, match="fused, unfused, unfused-cl"):
+        edit()
+
+
 GOLDEN = Path(__file__).parent / "golden" / "tiny_edit.pt"
 
 

@@ -14,7 +14,8 @@ from clipinvert import runtime
     (16, None, "cpu", (13, 3)),
     (2, 1, "cpu", (1, 1)),  # asked for: honoured, the model gets what is left
     (2, 4, "cpu", (1, 4)),
-    (8, None, "cuda", (4, 4)),
+    (16, None, "cuda", (4, 4)),  # 4 decode workers, 8 output writers, 4 torch threads
+    (8, None, "cuda", (1, 4)),
     (2, None, "cuda", (1, 1)),
 ])
 def test_thread_budget_fits_the_cores(monkeypatch: pytest.MonkeyPatch, cores: int,
@@ -42,10 +43,12 @@ def test_allocator_tuning_can_be_refused(monkeypatch: pytest.MonkeyPatch) -> Non
 
 @pytest.mark.parametrize(("cores", "local", "device", "expect"), [
     (2, "1", "cpu", 0), (4, "1", "cpu", 0), (8, "1", "cpu", 1), (8, "2", "cpu", 0),
-    (2, "1", "cuda", 2),
+    (2, "1", "cuda", 2), (16, "1", "cuda", 8), (16, "2", "cuda", 4), (64, "1", "cuda", 8),
 ])
 def test_output_writer_threads(monkeypatch: pytest.MonkeyPatch, cores: int, local: str,
                                device: str, expect: int) -> None:
     monkeypatch.setattr(runtime, "cpu_count", lambda: cores)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", local)  # torchrun: this process's share of cores
     assert runtime.writer_threads(device) == expect
+    monkeypatch.setenv("CLIPINVERT_WRITER_THREADS", "3")
+    assert runtime.writer_threads(device) == 3

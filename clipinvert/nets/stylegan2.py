@@ -122,12 +122,31 @@ class Upsample(nn.Module):
         return upfirdn2d(x, self.kernel, up=self.factor, pad=self.pad)
 
 
-class ModulatedConv2d(nn.Module):
-    """Style-modulated convolution: per-sample weights ``w·s``, demodulated, as a grouped conv.
+#: The ways to run a modulated convolution (:class:`ModulatedConv2d`):
+#: name → (fused, channels_last).
+FORMULATIONS: dict[str, tuple[bool, bool]] = {
+    "fused": (True, False), "unfused": (False, False), "unfused-cl": (False, True)}
 
-    This is the released formulation and, measured on CPU at 1024 px, 1.3–1.5× faster than
-    modulating the activations instead (one pass less over the largest tensors).
+
+class ModulatedConv2d(nn.Module):
+    """Style-modulated convolution ``conv(x, w·s)``, demodulated per output channel.
+
+    Two formulations of the same maths (docs/performance.md#the-generators-formulation):
+
+    * ``fused`` (the default, as released): per-sample weights ``w·s`` and one grouped
+      convolution over the batch.  On the CPU at 1024 px it is 1.3–1.5× faster than the other,
+      since it makes one pass less over the largest tensors.
+    * not ``fused``: scale the activations by ``s``, one ordinary convolution with the shared
+      weight over the whole batch, then scale the output by the demodulation coefficients.
+      Ordinary convolutions are what GPU libraries tune best (batched, tensor cores,
+      ``channels_last``), so the editor measures and picks per device.
+
+    ``channels_last`` (unfused only) runs the convolution on channels-last activations.
     """
+
+    #: Which formulation runs; set through :meth:`Generator.set_formulation`.
+    fused: bool = True
+    channels_last: bool = False
 
     def __init__(self, in_ch: int, out_ch: int, kernel_size: int, style_dim: int,
                  demodulate: bool = True, upsample: bool = False,
@@ -157,6 +176,8 @@ class ModulatedConv2d(nn.Module):
             # (Exact maths; only done where rounding needs it.)
             s = s / s.abs().amax(dim=1, keepdim=True).clamp_min(1e-8)
             w = w / w.abs().amax(dim=(2, 3, 4), keepdim=True).clamp_min(1e-8)
+        if not self.fused:
+            return self._modulate_activations(x, s, w[0])
         w = w * s.view(b, 1, c, 1, 1)  # (B, out, in, k, k)
         if self.demodulate:
             w = w * torch.rsqrt(w.square().sum([2, 3, 4]) + 1e-8).view(b, out_c, 1, 1, 1)
@@ -167,6 +188,24 @@ class ModulatedConv2d(nn.Module):
             return self.blur(out.reshape(b, out_c, *out.shape[-2:]))
         out = F.conv2d(x, w.reshape(b * out_c, c, k, k), padding=self.padding, groups=b)
         return out.reshape(b, out_c, h, w_)
+
+    def _modulate_activations(self, x: torch.Tensor, s: torch.Tensor,
+                              w: torch.Tensor) -> torch.Tensor:
+        """``conv(x·s, w)·d``: the unfused formulation; ``w`` is the shared (out, in, k, k)."""
+        b, c = s.shape
+        x = x * s.view(b, c, 1, 1)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+            w = w.contiguous(memory_format=torch.channels_last)
+        if self.upsample:
+            out = self.blur(F.conv_transpose2d(x, w.transpose(0, 1), stride=2))
+        else:
+            out = F.conv2d(x, w, padding=self.padding)
+        if self.demodulate:
+            # Σ_{i,k} (w[o,i,k]·s[i])² = Σ_i s[i]² · Σ_k w[o,i,k]²: a (B, in) × (in, out) product
+            d = torch.rsqrt(s.square() @ w.square().sum([2, 3]).t() + 1e-8)  # (B, out)
+            out = out * d.view(b, -1, 1, 1).to(out.dtype)
+        return out
 
 
 class NoiseInjection(nn.Module):
@@ -284,6 +323,17 @@ class Generator(nn.Module):
                 [_remap_block(cfg.text_dim, cfg.remap_hidden, sd) for _ in range(cfg.num_remap)])
             self.lambdas = nn.ParameterList(
                 [nn.Parameter(torch.tensor(0.05)) for _ in range(cfg.num_remap)])
+
+    def set_formulation(self, form: str = "fused") -> Generator:
+        """Choose how every modulated convolution runs, one of :data:`FORMULATIONS` (see
+        :class:`ModulatedConv2d`); the images are the same either way, within rounding."""
+        if form not in FORMULATIONS:
+            raise ValueError(f"unknown formulation {form!r}; choose from {list(FORMULATIONS)}")
+        fused, channels_last = FORMULATIONS[form]
+        for m in self.modules():
+            if isinstance(m, ModulatedConv2d):
+                m.fused, m.channels_last = fused, channels_last
+        return self
 
     @classmethod
     def from_state_dict(cls, sd: Mapping[str, torch.Tensor]) -> Generator:
