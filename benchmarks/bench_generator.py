@@ -9,7 +9,8 @@ never guessed.  It times the full-width generator with the CLIPRemapper (random 
 released shapes) decoding random latents, and prints per formulation:
 
 * milliseconds per batch and images per second (CUDA events on a GPU, median of the repeats);
-* peak memory per batch (CUDA) — what ``--batch-size auto`` budgets per image;
+* peak memory per batch (CUDA; with ``--cudnn-benchmark`` it includes the autotuner's
+  trial workspaces, so read the memory from a run without it);
 * the largest difference from the float32 fused decode of the same latents, in 8-bit grey
   levels, and the PSNR in dB against it (lower precisions must stay ≥ 40 dB);
 * with ``--graphs``, the same decode replayed from a captured CUDA graph (launch overhead);
@@ -101,7 +102,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.device)
     dtypes = [resolve_dtype(d, device) for d in args.dtypes.split(",")]
     if device.type == "cuda":
-        # autotuning pays when the same shapes repeat, as in a batch run; measured both ways
+        # off unless asked, as in the editor (docs/performance.md#batch-size-auto)
         torch.backends.cudnn.benchmark = args.cudnn_benchmark
     base = make_generator(GeneratorConfig(size=args.size, text_dim=TEXT_DIM), seed=0)
     ref_batch = max(args.batch_sizes)
@@ -258,8 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", type=batch_sizes, default=(1, 8, 32))
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=positive_int, default=5)
-    p.add_argument("--no-cudnn-benchmark", dest="cudnn_benchmark", action="store_false",
-                   help="leave cuDNN's autotuner off (torch's default) instead of on")
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="turn cuDNN's autotuner on (off by default, as in the editor)")
     p.add_argument("--graphs", action="store_true", help="also time CUDA-graph replay")
     p.add_argument("--compile", action="store_true", help="also time torch.compile")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")

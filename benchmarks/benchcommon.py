@@ -48,6 +48,7 @@ def device_meta(device: Any) -> dict[str, Any]:
         else cpu_name(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
     }
 
 

@@ -54,13 +54,13 @@ CPU_AUTO_BATCH = 4
 CPU_DECODE_MICRO_BATCH = 1
 #: GPU memory one more image needs through the whole edit at 1024 px in float32, for
 #: ``--batch-size auto``.  Measured on an H200: the edit's peak grows by 0.51 GiB per image
-#: (5.9 GiB at B = 8, 34.2 GiB at B = 64; float16 half that); 0.75 GiB leaves room for
+#: (5.8 GiB at B = 8, 34.2 GiB at B = 64; float16 half that); 0.75 GiB leaves room for
 #: another program's memory.  An out-of-memory error halves the batch anyway.
 CUDA_BYTES_PER_IMAGE_1024 = 0.75 * 2**30
 #: ``--batch-size auto`` on a GPU never goes past 8.  Measured on an H200 at 1024 px
-#: (docs/performance.md#batch-size-auto): per image, B = 8 decodes 2.2× (float32) to 3.5×
+#: (docs/performance.md#batch-size-auto): per image, B = 8 decodes 2.2× (float32) to 3.6×
 #: (float16) faster than B = 1, but float32 at B = 32 took 3.6× longer than at B = 8 with
-#: PyTorch's default cuDNN choices, and at B = 64 the last layers pass 2³¹ elements and took 10×
+#: PyTorch's default cuDNN choices, and at B = 64 the last layers pass 2³¹ elements and took 9×
 #: longer.  cuDNN's autotuner fixes B = 32 but costs seconds per new batch shape, more than it
 #: saves in a run that is bound by writing images.
 CUDA_AUTO_MAX = 8
@@ -68,13 +68,14 @@ CUDA_AUTO_MAX = 8
 #: :data:`~clipinvert.nets.stylegan2.FORMULATIONS`; benchmarks/bench_generator.py measures
 #: them, docs/performance.md#the-generators-formulation).  ``CLIPINVERT_DECODE`` overrides.
 #: On the GPU too the released fused form is as fast or faster from B = 8 on (an H200, float32
-#: and float16), and the channels-last unfused form is 1.8× slower there.
+#: and float16), and the channels-last unfused form is 1.6–1.9× slower there.
 DECODE_FORMULATION = {"cpu": "fused", "cuda": "fused"}
 
 
 def cuda_auto_batch(free_bytes: int, size: int, dtype: torch.dtype) -> int:
     """``--batch-size auto`` on a GPU with ``free_bytes`` free: as many images as 80 % of it
-    holds at the measured cost per image (scaled by resolution² and dtype width), at most
+    holds at :data:`CUDA_BYTES_PER_IMAGE_1024` per image (scaled by resolution² and dtype
+    width), at most
     :data:`CUDA_AUTO_MAX`."""
     per_image = CUDA_BYTES_PER_IMAGE_1024 * (size / 1024) ** 2 * (torch.finfo(dtype).bits / 32)
     return int(max(1, min(CUDA_AUTO_MAX, 0.8 * free_bytes // per_image)))
@@ -194,7 +195,7 @@ class Editor:
 
     def auto_batch_size(self) -> int:
         """``--batch-size auto``: the fastest per image on the CPU (a measured constant), on a
-        GPU as many images as the free memory holds by a generous estimate (capped at
+        GPU as many images as the free memory holds by the calibrated estimate (capped at
         :data:`CUDA_AUTO_MAX`; the folder run halves it on out-of-memory)."""
         if self.device.type != "cuda":
             return CPU_AUTO_BATCH

@@ -20,6 +20,8 @@ import ctypes.util
 import os
 import sys
 
+from .errors import UsageError
+
 __all__ = ["cpu_count", "thread_budget", "tune_allocator", "writer_threads"]
 
 # <malloc.h> mallopt parameters
@@ -73,17 +75,19 @@ def _local_cores() -> int:
 def writer_threads(device: str) -> int:
     """Threads encoding output images beside the model.
 
-    On a GPU the model is the smaller part (about 5 ms per 1024 px decode on an H200, against
-    about 65 ms to encode one PNG at level 1), so the writers get half of this process's cores,
-    2 to 8.  On a CPU of more than 4 cores, 1; below that none (write inline): a PNG is about
-    2 % of an edit there, not worth a core taken from the model.  ``CLIPINVERT_WRITER_THREADS``
-    sets the number (0 = inline).
+    On a GPU the model is the smaller part (about 6 ms per 1024 px decode at B = 8 on an H200,
+    against about 65 ms to encode one PNG at level 1), so the writers get half of this
+    process's cores, at most 8.  On a CPU of more than 4 cores, 1; below that none (write
+    inline): a PNG is about 2 % of an edit there, not worth a core taken from the model.
+    ``CLIPINVERT_WRITER_THREADS=N`` sets the number (0 = inline).
     """
     env = os.environ.get("CLIPINVERT_WRITER_THREADS", "").strip()
-    if env.isdigit():
+    if env:
+        if not env.isdigit():
+            raise UsageError(f"CLIPINVERT_WRITER_THREADS={env!r}: give a number, 0 or more")
         return int(env)
     if device != "cpu":
-        return max(2, min(8, _local_cores() // 2))
+        return max(1, min(8, _local_cores() // 2))
     return 1 if _local_cores() > 4 else 0
 
 
@@ -95,14 +99,14 @@ def thread_budget(workers: int | None, *, device: str) -> tuple[int, int]:
     cores, where decoding inline costs less than taking a core from the model — and PyTorch the
     rest.  Workers asked for explicitly are honoured and PyTorch gets what they leave (at least
     one thread); ``OMP_NUM_THREADS`` set by the user fixes PyTorch's share.  On a GPU the
-    workers feed the device (default ``min(4, cores − 1)``), the output writers
-    (:func:`writer_threads`) take their share, and PyTorch, which computes little there, keeps
-    the rest.
+    output writers (:func:`writer_threads`) take their share first, the workers feed the
+    device (default ``min(4, cores − 1 − writers)``, at least 1), and PyTorch, which computes
+    little there, keeps the rest.
     """
     cores = _local_cores()
-    if workers is None:
-        workers = (cores - 1) // 4 if device == "cpu" else max(1, min(4, cores - 1))
     writers = 0 if device == "cpu" else writer_threads(device)
+    if workers is None:
+        workers = (cores - 1) // 4 if device == "cpu" else max(1, min(4, cores - 1 - writers))
     env = os.environ.get("OMP_NUM_THREADS", "").strip()
     threads = int(env) if env.isdigit() and int(env) > 0 else max(1, cores - workers - writers)
     return threads, workers

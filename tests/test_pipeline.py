@@ -183,6 +183,7 @@ def test_decode_formulation_override(tiny_models: Path, face_crop, monkeypatch) 
         ed = Editor("tiny", models=tiny_models, device="cpu")
         return ed, ed.edit([face_crop], "blond hair").images
 
+    monkeypatch.delenv("CLIPINVERT_DECODE", raising=False)
     default, ref = edit()
     assert all(m.fused for m in default.generator.modules() if isinstance(m, ModulatedConv2d))
     monkeypatch.setenv("CLIPINVERT_DECODE", "unfused-cl")

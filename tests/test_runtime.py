@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from clipinvert import runtime
+from clipinvert.errors import UsageError
 
 
 @pytest.mark.parametrize(("cores", "asked", "device", "expect"), [
@@ -15,7 +16,7 @@ from clipinvert import runtime
     (2, 1, "cpu", (1, 1)),  # asked for: honoured, the model gets what is left
     (2, 4, "cpu", (1, 4)),
     (16, None, "cuda", (4, 4)),  # 4 decode workers, 8 output writers, 4 torch threads
-    (8, None, "cuda", (1, 4)),
+    (8, None, "cuda", (1, 3)),  # 4 writers + 3 workers + 1 thread: the 8 cores
     (2, None, "cuda", (1, 1)),
 ])
 def test_thread_budget_fits_the_cores(monkeypatch: pytest.MonkeyPatch, cores: int,
@@ -23,6 +24,7 @@ def test_thread_budget_fits_the_cores(monkeypatch: pytest.MonkeyPatch, cores: in
                                       expect: tuple[int, int]) -> None:
     monkeypatch.setattr(runtime, "cpu_count", lambda: cores)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("CLIPINVERT_WRITER_THREADS", raising=False)
     assert runtime.thread_budget(asked, device=device) == expect
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's own setting fixes torch's share
     assert runtime.thread_budget(asked, device=device)[0] == 3
@@ -43,12 +45,16 @@ def test_allocator_tuning_can_be_refused(monkeypatch: pytest.MonkeyPatch) -> Non
 
 @pytest.mark.parametrize(("cores", "local", "device", "expect"), [
     (2, "1", "cpu", 0), (4, "1", "cpu", 0), (8, "1", "cpu", 1), (8, "2", "cpu", 0),
-    (2, "1", "cuda", 2), (16, "1", "cuda", 8), (16, "2", "cuda", 4), (64, "1", "cuda", 8),
+    (2, "1", "cuda", 1), (16, "1", "cuda", 8), (16, "2", "cuda", 4), (64, "1", "cuda", 8),
 ])
 def test_output_writer_threads(monkeypatch: pytest.MonkeyPatch, cores: int, local: str,
                                device: str, expect: int) -> None:
     monkeypatch.setattr(runtime, "cpu_count", lambda: cores)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", local)  # torchrun: this process's share of cores
+    monkeypatch.delenv("CLIPINVERT_WRITER_THREADS", raising=False)
     assert runtime.writer_threads(device) == expect
     monkeypatch.setenv("CLIPINVERT_WRITER_THREADS", "3")
     assert runtime.writer_threads(device) == 3
+    monkeypatch.setenv("CLIPINVERT_WRITER_THREADS", "four")
+    with pytest.raises(UsageError, match="CLIPINVERT_WRITER_THREADS"):
+        runtime.writer_threads(device)
