@@ -71,23 +71,32 @@ Output = Annotated[Path, typer.Option("-o", "--output", help="Output folder.")]
 Domain = Annotated[str, typer.Option(help="Domain from models.toml (faces, cats, birds, …).")]
 Device = Annotated[str, typer.Option(help="auto (CUDA if present, else CPU), cpu, cuda[:N], mps.")]
 Dtype = Annotated[str, typer.Option(help="float32, bfloat16 or float16 (CUDA only).")]
+
+
+def auto_or(lo: int, hi: int):
+    """A callback taking ``auto`` or a whole number ``lo..hi`` (the value the command
+    receives); its message names the value given."""
+    def check(value: str | int) -> str | int:
+        text = str(value).strip().lower()
+        if text == "auto":
+            return "auto"
+        if not text.lstrip("-").isdigit():
+            raise typer.BadParameter(f"{value!r} is neither auto nor a whole number in {lo}..{hi}")
+        if not lo <= int(text) <= hi:
+            raise typer.BadParameter(f"{int(text)} is not in the range {lo}..{hi}")
+        return int(text)
+    return check
+
+
 BatchSize = Annotated[str, typer.Option(
-    "--batch-size", "-b", callback=lambda v: batch_or_auto(v),
+    "--batch-size", "-b", callback=auto_or(1, 4096),
     help="Images per forward pass: 1..4096, or auto (edit, invert, interpolate: the fastest per "
          "image on the CPU (4), on a GPU what fits up to 8, halved on out-of-memory).")]
 Workers = Annotated[str, typer.Option(
-    callback=lambda v: auto_or_count(v),
+    callback=auto_or(0, MAX_WORKERS),
     help=f"Processes decoding/aligning images ahead of the model: 0 = in-process, up to "
          f"{MAX_WORKERS} (twice the cores), or auto (image commands: on the CPU none up to 4 "
          "cores, so the model keeps them; on a GPU up to 4).")]
-
-
-def batch_or_auto(value: str | int) -> str | int:
-    """``auto`` or a whole number 1..4096 (the value the command receives)."""
-    text = str(value).strip().lower()
-    if text == "auto":
-        return "auto"
-    return _count_in(text, value, 1, 4096)
 
 
 def fixed_batch(value: str | int, command: str) -> int:
@@ -102,22 +111,6 @@ def worker_count(value: str | int) -> int:
     """``--workers`` of a command that feeds a data loader: ``auto`` = one per core but one,
     at most 4."""
     return default_workers() if value == "auto" else int(value)
-
-
-def auto_or_count(value: str | int) -> str | int:
-    """``auto`` or a whole number 0..MAX_WORKERS."""
-    text = str(value).strip().lower()
-    if text == "auto":
-        return "auto"
-    return _count_in(text, value, 0, MAX_WORKERS)
-
-
-def _count_in(text: str, value: object, lo: int, hi: int) -> int:
-    if not text.lstrip("-").isdigit():
-        raise typer.BadParameter(f"{value!r} is neither auto nor a whole number in {lo}..{hi}")
-    if not lo <= int(text) <= hi:
-        raise typer.BadParameter(f"{int(text)} is not in the range {lo}..{hi}")
-    return int(text)
 
 
 Ext = Annotated[str, typer.Option(
@@ -135,6 +128,8 @@ def _one_of(value: str, names: tuple[str, ...]) -> str:
     if text not in names:
         raise typer.BadParameter(f"{value!r} is not one of {', '.join(names)}")
     return text
+
+
 Strength = Annotated[float, typer.Option(
     callback=finite,
     help="Edit strength: 0 = inversion, 1 = as trained, >1 exaggerates, <0 reverses.")]
