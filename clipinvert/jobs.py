@@ -156,8 +156,9 @@ def run_align(inputs: Path, opts: RunOptions, params: dict | None = None) -> Rep
     def process(crops: list[Crop], owners: list[Prepared]) -> list[list[Path]]:
         written = []
         for crop in crops:
-            opts.save(crop.image, opts.image_path(crop.rel))
-            written.append([opts.image_path(crop.rel), *_transform_outputs(crop, out)])
+            path = opts.image_path(crop.rel)
+            opts.save(crop.image, path)
+            written.append([path, *_transform_outputs(crop, out)])
         return written
 
     return run_folder("align", inputs, opts, params or {}, outputs_for, process,
@@ -283,9 +284,11 @@ def run_interpolate(editor: Editor, inputs: Path, condition: EditCondition, opts
 
     digits = max(3, len(str(steps - 1)))
 
+    def frame_path(crop: Crop, k: int) -> Path:
+        return opts.image_path(crop.rel / f"{crop.rel.name}_{k:0{digits}d}")
+
     def frame_paths(crop: Crop) -> list[Path]:
-        folder = out / crop.rel
-        return [folder / f"{crop.rel.name}_{k:0{digits}d}.{opts.ext}" for k in range(steps)]
+        return [frame_path(crop, k) for k in range(steps)]
 
     def animations(crop: Crop) -> list[Path]:
         return [out / f"{crop.rel}.{f}" for f in formats]
@@ -300,7 +303,7 @@ def run_interpolate(editor: Editor, inputs: Path, condition: EditCondition, opts
             for i, (crop, owner, img) in enumerate(zip(crops, owners, res.pil(), strict=True)):
                 k = len(frames[i])
                 img = _paste(owner, crop, img) if paste_back else img
-                opts.save(img, frame_paths(crop)[k])
+                opts.save(img, frame_path(crop, k))
                 frames[i].append(img)
         written = []
         for i, crop in enumerate(crops):

@@ -38,7 +38,7 @@ from .errors import UsageError
 from .fileio import atomic_write_text
 
 MANIFEST_NAME = ".clipinvert-manifest.jsonl"
-PART_GLOB = ".clipinvert-manifest.rank*.jsonl"
+PART_NAME = ".clipinvert-manifest.rank{}.jsonl"  # one process's part under torchrun
 
 
 def json_safe(value: object) -> object:
@@ -85,7 +85,7 @@ class Manifest:
         self.path = self.folder / MANIFEST_NAME
         # where this process appends: its own part under torchrun
         self.append_path = self.path if part is None else \
-            self.folder / f".clipinvert-manifest.rank{part}.jsonl"
+            self.folder / PART_NAME.format(part)
         self.settings: dict[str, dict] = {}  # fingerprint -> settings
         self.outputs: dict[str, str] = {}  # posix path relative to folder -> fingerprint
 
@@ -98,7 +98,7 @@ class Manifest:
         return man
 
     def part_files(self) -> list[Path]:
-        return sorted(self.folder.glob(PART_GLOB))
+        return sorted(self.folder.glob(PART_NAME.format("*")))
 
     def _read(self, path: Path) -> None:
         try:
