@@ -56,12 +56,14 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 from benchcommon import (
+    Clock,
     add_workdir_arguments,
     clean_workdir,
     device_meta,
     format_table,
     open_workdir,
     positive_int,
+    psnr_8bit,
     write_once,
 )
 from PIL import Image
@@ -90,25 +92,6 @@ QUICK = {"size": 256, "batch_sizes": (1, 2), "repeats": 1}
 # --------------------------------------------------------------------------------------------
 # Measuring
 # --------------------------------------------------------------------------------------------
-
-
-class Clock:
-    """Wall-clock timing that waits for queued CUDA work, so a stage is charged its own kernels
-    rather than the next stage's (CUDA launches return before the work is done)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def time(self, fn: Callable[[], T]) -> tuple[float, T]:
-        self.sync()
-        start = time.perf_counter()
-        out = fn()
-        self.sync()
-        return time.perf_counter() - start, out
 
 
 class PeakMemory:
@@ -347,8 +330,7 @@ def precision_psnr(make_editor: Callable[[torch.dtype], Editor], dtype: torch.dt
         del editor
     psnr = {}
     for name, ref, out in zip(photos, pictures[torch.float32], pictures[dtype], strict=True):
-        mse = float(np.mean((ref - out) ** 2))
-        psnr[name] = math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
+        psnr[name] = psnr_8bit(float(np.mean((ref - out) ** 2)))
     return psnr
 
 

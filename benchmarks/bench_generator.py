@@ -8,7 +8,8 @@ dtype and the batch, so the choice is made from this script's figures (docs/perf
 never guessed.  It times the full-width generator with the CLIPRemapper (random weights, the
 released shapes) decoding random latents, and prints per formulation:
 
-* milliseconds per batch and images per second (CUDA events on a GPU, median of the repeats);
+* milliseconds per batch and images per second (synchronised wall clock, median of the
+  repeats);
 * peak memory per batch (CUDA; with ``--cudnn-benchmark`` it includes the autotuner's
   trial workspaces, so read the memory from a run without it);
 * the largest difference from the float32 fused decode of the same latents, in 8-bit grey
@@ -28,7 +29,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import statistics
 import sys
 import time
@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from benchcommon import device_meta, format_table, positive_int
+from benchcommon import Clock, device_meta, format_table, positive_int, psnr_8bit
 
 from clipinvert.nets import Generator, GeneratorConfig
 from clipinvert.nets.stylegan2 import FORMULATIONS as FORMS
@@ -48,31 +48,11 @@ from clipinvert.testing.models import make_generator
 TEXT_DIM = 512
 
 
-def timer(device: torch.device) -> Callable[[Callable[[], Any]], float]:
-    """Seconds one call takes: CUDA events around it on a GPU (the launches return before the
-    kernels finish), the wall clock elsewhere."""
-    if device.type == "cuda":
-        def cuda_time(fn: Callable[[], Any]) -> float:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1000
-        return cuda_time
-
-    def wall_time(fn: Callable[[], Any]) -> float:
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
-    return wall_time
-
-
 def median_time(device: torch.device, fn: Callable[[], Any], warmup: int, repeats: int) -> float:
     for _ in range(warmup):
         fn()
-    clock = timer(device)
-    return statistics.median(clock(fn) for _ in range(repeats))
+    clock = Clock(device)
+    return statistics.median(clock.time(fn)[0] for _ in range(repeats))
 
 
 def latents(g: Generator, batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,9 +70,7 @@ def grey_levels(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     as the saved pictures are: clamped and quantised."""
     a = ((out.float().clamp(-1, 1) + 1) * 127.5).round()
     b = ((ref.float().clamp(-1, 1) + 1) * 127.5).round()
-    mse = float((a - b).square().mean())
-    psnr = math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
-    return float((a - b).abs().max()), psnr
+    return float((a - b).abs().max()), psnr_8bit(float((a - b).square().mean()))
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -7,13 +7,43 @@ import this module by its plain name.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class Clock:
+    """Wall-clock timing that waits for queued CUDA work, so a stage is charged its own kernels
+    rather than the next stage's (CUDA launches return before the work is done)."""
+
+    def __init__(self, device: Any) -> None:
+        self.device = device
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            import torch  # not at the top: bench_train's parent process never imports torch
+
+            torch.cuda.synchronize(self.device)
+
+    def time(self, fn: Callable[[], T]) -> tuple[float, T]:
+        self.sync()
+        start = time.perf_counter()
+        out = fn()
+        self.sync()
+        return time.perf_counter() - start, out
+
+
+def psnr_8bit(mse: float) -> float:
+    """PSNR in dB of 8-bit pictures whose mean squared difference is ``mse`` (grey levels²)."""
+    return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
 
 
 def write_once(path: Path, write: Callable[[Path], Path]) -> bool:
