@@ -75,8 +75,7 @@ DECODE_FORMULATION = {"cpu": "fused", "cuda": "fused"}
 def cuda_auto_batch(free_bytes: int, size: int, dtype: torch.dtype) -> int:
     """``--batch-size auto`` on a GPU with ``free_bytes`` free: as many images as 80 % of it
     holds at :data:`CUDA_BYTES_PER_IMAGE_1024` per image (scaled by resolution² and dtype
-    width), at most
-    :data:`CUDA_AUTO_MAX`."""
+    width), at most :data:`CUDA_AUTO_MAX`."""
     per_image = CUDA_BYTES_PER_IMAGE_1024 * (size / 1024) ** 2 * (torch.finfo(dtype).bits / 32)
     return int(max(1, min(CUDA_AUTO_MAX, 0.8 * free_bytes // per_image)))
 
