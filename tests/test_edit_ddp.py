@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from torchrun_helpers import TORCHRUN, _env, _free_port, _no_clipinvert_traceback, _run_all
+from torchrun_helpers import TORCHRUN, free_port, launch_env, no_clipinvert_traceback, run_all
 
 from clipinvert.cli import main
 from clipinvert.imaging import list_inputs
@@ -35,10 +35,10 @@ def _edit(models: Path, src: Path, out: Path, *extra: str) -> list[str]:
 def test_two_processes_share_the_inputs_and_merge_one_report(
         tiny_models: Path, faces: Path, tmp_path: Path) -> None:
     out = tmp_path / "dist"
-    [(rc, _, err)] = _run_all([[*TORCHRUN, "--standalone", "--nproc-per-node", "2",
-                               *_edit(tiny_models, faces, out)]], tmp_path, _env())
+    [(rc, _, err)] = run_all([[*TORCHRUN, "--standalone", "--nproc-per-node", "2",
+                               *_edit(tiny_models, faces, out)]], tmp_path, launch_env())
     assert rc == 1, err  # torchrun: the bad input failed on its rank
-    assert _no_clipinvert_traceback(err)
+    assert no_clipinvert_traceback(err)
     assert sum("zz_broken.png" in ln for ln in err.splitlines()) == 1, err  # one line, once
     report = json.loads((out / "clipinvert-report.json").read_text())
     assert report["counts"] == {"done": 7, "skipped": 0, "failed": 1}
@@ -64,8 +64,8 @@ def test_two_processes_share_the_inputs_and_merge_one_report(
     # resume: a lost output is made again by whichever rank owns it; the rest is skipped
     victim = sorted(out.rglob("f*.png"))[0]
     victim.unlink()
-    [(rc, _, err)] = _run_all([[*TORCHRUN, "--standalone", "--nproc-per-node", "2",
-                               *_edit(tiny_models, faces, out)]], tmp_path, _env())
+    [(rc, _, err)] = run_all([[*TORCHRUN, "--standalone", "--nproc-per-node", "2",
+                               *_edit(tiny_models, faces, out)]], tmp_path, launch_env())
     report = json.loads((out / "clipinvert-report.json").read_text())
     assert report["counts"] == {"done": 1, "skipped": 6, "failed": 1} and victim.exists()
 
@@ -80,7 +80,7 @@ def test_invert_under_torchrun_with_more_processes_than_inputs(
     cmd = [*TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "clipinvert", "invert",
            str(one), "-o", str(out), "--models", str(tiny_models), "--domain", "tiny",
            "--device", "cpu", "--aligned"]
-    [(rc, _, err)] = _run_all([cmd], tmp_path, _env())
+    [(rc, _, err)] = run_all([cmd], tmp_path, launch_env())
     assert rc == 0, err
     report = json.loads((out / "clipinvert-report.json").read_text())
     assert report["counts"] == {"done": 1, "skipped": 0, "failed": 0}
@@ -92,10 +92,10 @@ def test_invert_under_torchrun_with_more_processes_than_inputs(
 def test_two_nodes_over_a_shared_output_folder(tiny_models: Path, faces: Path,
                                                tmp_path: Path) -> None:
     out = tmp_path / "nodes"
-    port = _free_port()
+    port = free_port()
     launch = [*TORCHRUN, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
               "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"e{port}"]
-    results = _run_all([[*launch, *_edit(tiny_models, faces, out)]] * 2, tmp_path, _env())
+    results = run_all([[*launch, *_edit(tiny_models, faces, out)]] * 2, tmp_path, launch_env())
     assert [rc for rc, _, _ in results] == [1, 1]  # the bad input fails on its node's rank
     report = json.loads((out / "clipinvert-report.json").read_text())
     assert report["counts"] == {"done": 7, "skipped": 0, "failed": 1}

@@ -18,13 +18,13 @@ import torch
 from torchrun_helpers import (
     TORCHRUN,
     WAIT,
-    _clipinvert_lines,
-    _env,
-    _free_port,
-    _kill,
-    _no_clipinvert_traceback,
-    _run_all,
-    _start,
+    clipinvert_lines,
+    free_port,
+    kill_tree,
+    launch_env,
+    no_clipinvert_traceback,
+    run_all,
+    start_process,
 )
 
 from clipinvert.cli import main
@@ -61,7 +61,7 @@ def _state(run: Path) -> dict[str, torch.Tensor]:
 def test_python_m_clipinvert_is_the_command_line() -> None:
     for args, expect in ((["--help"], "Usage: clipinvert"), (["--version"], "clipinvert ")):
         done = subprocess.run([sys.executable, "-m", "clipinvert", *args], capture_output=True,
-                              text=True, timeout=60, env=_env())
+                              text=True, timeout=60, env=launch_env())
         assert done.returncode == 0 and expect in done.stdout, done.stderr
 
 
@@ -94,9 +94,9 @@ def test_torchrun_environment_is_read_and_checked(monkeypatch: pytest.MonkeyPatc
 def test_two_processes_train_write_once_and_the_checkpoint_edits(
         domain: Path, data: Path, tmp_path: Path) -> None:
     run = tmp_path / "ddp"
-    [(rc, out, err)] = _run_all(
+    [(rc, out, err)] = run_all(
         [[*TORCHRUN, "--standalone", "--nproc-per-node", "2", *_train_args(domain, data, run)]],
-        tmp_path, _env())
+        tmp_path, launch_env())
     assert rc == 0, err
     # Rank 0 alone prints and writes: one summary, one log line per step, one metric line each.
     assert out.count("trained: clipinvert edit") == 1, out
@@ -128,7 +128,7 @@ def _single(domain: Path, data: Path, run: Path, *extra: str) -> None:
     """The same training in one process (one thread, as each rank), with the batch of both."""
     args = _train_args(domain, data, run, *extra)
     args[args.index("-b") + 1] = "4"
-    [(rc, _, err)] = _run_all([[sys.executable, *args]], run.parent, _env())
+    [(rc, _, err)] = run_all([[sys.executable, *args]], run.parent, launch_env())
     assert rc == 0, err
 
 
@@ -153,11 +153,11 @@ def test_two_nodes_train_like_one_process_with_both_batches(domain: Path, data: 
     (rank r takes samples r, r+2, …: together the 4 a -b 4 run takes): the weights agree with a
     one-process run of -b 4, to rounding."""
     run = tmp_path / "nodes"
-    port = _free_port()
+    port = free_port()
     launch = [*TORCHRUN, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
               "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"t{port}"]
-    results = _run_all([[*launch, *_train_args(domain, data, run, "--match-prob", "1")]] * 2,
-                       tmp_path, _env())
+    results = run_all([[*launch, *_train_args(domain, data, run, "--match-prob", "1")]] * 2,
+                       tmp_path, launch_env())
     for rc, _, err in results:
         assert rc == 0, err
     # c10d gives rank 0 to either launcher: exactly one of them printed and wrote.
@@ -190,9 +190,9 @@ def test_stage2_two_processes_train_the_remapper_like_one(domain: Path, data: Pa
     init = s1 / "checkpoints" / "latest.pt"
     run = tmp_path / "s2ddp"
     extra = ("--stage", "2", "--init", str(init), "--match-prob", "1")
-    [(rc, out, err)] = _run_all(
+    [(rc, out, err)] = run_all(
         [[*TORCHRUN, "--standalone", "--nproc-per-node", "2",
-          *_train_args(domain, data, run, *extra)]], tmp_path, _env())
+          *_train_args(domain, data, run, *extra)]], tmp_path, launch_env())
     assert rc == 0, err
     assert out.count("trained: clipinvert edit") == 1 and _train_steps(run) == [1, 2]
     before, ddp = torch.load(init, weights_only=True)["state_dict"], _state(run)
@@ -280,8 +280,8 @@ def test_ranks_skip_a_spoilt_batch_and_stop_together(tmp_path: Path) -> None:
     reaches rank 1 alone during step 3: both finish step 3, save it, and stop."""
     script = tmp_path / "agree.py"
     script.write_text(AGREE)
-    [(rc, _, err)] = _run_all([[*TORCHRUN, "--standalone", "--nproc-per-node", "2",
-                                str(script), str(tmp_path)]], tmp_path, _env())
+    [(rc, _, err)] = run_all([[*TORCHRUN, "--standalone", "--nproc-per-node", "2",
+                                str(script), str(tmp_path)]], tmp_path, launch_env())
     assert rc == 0, err
     for rank in (0, 1):
         r = json.loads((tmp_path / f"rank{rank}.json").read_text())
@@ -299,24 +299,24 @@ def _static(port: int, node: int) -> list[str]:
 def test_a_failing_rank_ends_every_process_with_one_line(domain: Path, data: Path,
                                                          tmp_path: Path) -> None:
     small = write_caption_set(tmp_path / "small", n=3)  # too few images for a batch
-    env = _env(CLIPINVERT_DIST_TIMEOUT="5")
+    env = launch_env(CLIPINVERT_DIST_TIMEOUT="5")
     # Node 1 fails once training has started (its data has no batch): rank 0 hears of it at
     # the next collective.  Then node 1 fails before joining (-b 1): rank 0 waits 5 s.
     for case, node1_args in (("started", ["--data", str(small)]), ("joining", ["-b", "1"])):
         run = tmp_path / case
-        port = _free_port()
-        results = _run_all(
+        port = free_port()
+        results = run_all(
             [[*_static(port, 0), *_train_args(domain, data, run)],
              [*_static(port, 1), *_train_args(domain, data, run), *node1_args]],
             tmp_path, env)
         for rc, _, err in results:
             assert rc == 1, err  # torchrun's code for a failed worker, whatever the worker's
             assert "clipinvert FAILED" in err  # torchrun's own report
-            assert _no_clipinvert_traceback(err), err
+            assert no_clipinvert_traceback(err), err
         (_, _, err0), (_, _, err1) = results
-        [line1] = _clipinvert_lines(err1)
+        [line1] = clipinvert_lines(err1)
         assert ("fewer than one batch" if case == "started" else "at least 2") in line1
-        [line0] = _clipinvert_lines(err0)
+        [line0] = clipinvert_lines(err0)
         assert line0.startswith("clipinvert: error: rank 0 of 2: lost contact with the other "
                                 "training processes"), line0
 
@@ -329,7 +329,8 @@ def test_sigterm_to_torchrun_stops_both_ranks_after_the_same_step(domain: Path, 
     args[args.index("--max-steps") + 1] = "1000"
     for flag in ("--val-every", "--save-every", "--image-every"):
         args[args.index(flag) + 1] = "1000"
-    proc = _start([*TORCHRUN, "--standalone", "--nproc-per-node", "2", *args], tmp_path, _env())
+    proc = start_process([*TORCHRUN, "--standalone", "--nproc-per-node", "2", *args], tmp_path,
+                         launch_env())
     try:
         deadline = time.monotonic() + WAIT
         metrics = run / "metrics.jsonl"
@@ -339,10 +340,10 @@ def test_sigterm_to_torchrun_stops_both_ranks_after_the_same_step(domain: Path, 
         proc.send_signal(signal.SIGTERM)  # torchrun passes it on to every worker
         out, err = proc.communicate(timeout=120)
     finally:
-        _kill(proc)
+        kill_tree(proc)
     assert proc.returncode == 1, err  # torchrun: SignalException
-    assert "SignalException" in err and _no_clipinvert_traceback(err)
-    lines = _clipinvert_lines(err)
+    assert "SignalException" in err and no_clipinvert_traceback(err)
+    lines = clipinvert_lines(err)
     resume = f"clipinvert: terminated — continue with: clipinvert train -o {run} --resume"
     assert lines == [resume] * 2, err
     state = torch.load(run / "checkpoints" / "resume.pt", weights_only=True)
@@ -357,8 +358,8 @@ def test_two_processes_resume_exactly(domain: Path, data: Path, tmp_path: Path) 
     full, part = tmp_path / "full", tmp_path / "part"
     for run, extra in ((full, ("--max-steps", "4")), (part, ()),
                        (part, ("--resume", "--max-steps", "4"))):
-        [(rc, _, err)] = _run_all([[*launch, *_train_args(domain, data, run, *extra)]],
-                                  tmp_path, _env())
+        [(rc, _, err)] = run_all([[*launch, *_train_args(domain, data, run, *extra)]],
+                                  tmp_path, launch_env())
         assert rc == 0, err
     a, b = _state(full), _state(part)
     assert a.keys() == b.keys()

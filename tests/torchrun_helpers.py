@@ -23,7 +23,7 @@ LAUNCH_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RA
                "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
 
 
-def _env(**extra: str) -> dict[str, str]:
+def launch_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
     env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
                CLIPINVERT_HOME=os.environ["CLIPINVERT_HOME"],
@@ -33,7 +33,7 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -52,7 +52,7 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _kill(proc: subprocess.Popen) -> None:
+def kill_tree(proc: subprocess.Popen) -> None:
     """A launcher and its workers: torchrun starts each worker in a session of its own."""
     if proc.poll() is None:
         for child in _children(proc.pid):
@@ -63,16 +63,16 @@ def _kill(proc: subprocess.Popen) -> None:
         proc.wait(timeout=30)
 
 
-def _start(cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen:
+def start_process(cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
-def _run_all(commands: list[list[str]], cwd: Path, env: dict[str, str],
+def run_all(commands: list[list[str]], cwd: Path, env: dict[str, str],
              timeout: float = WAIT) -> list[tuple[int, str, str]]:
     """Start the commands together; (exit code, stdout, stderr) of each, all within
     ``timeout``; anything left running is killed, workers included."""
-    procs = [_start(cmd, cwd, env) for cmd in commands]
+    procs = [start_process(cmd, cwd, env) for cmd in commands]
     try:
         deadline = time.monotonic() + timeout
         results = []
@@ -82,13 +82,13 @@ def _run_all(commands: list[list[str]], cwd: Path, env: dict[str, str],
         return results
     finally:
         for p in procs:
-            _kill(p)
+            kill_tree(p)
 
 
-def _clipinvert_lines(err: str) -> list[str]:
+def clipinvert_lines(err: str) -> list[str]:
     return [ln for ln in err.splitlines() if ln.startswith("clipinvert:")]
 
 
-def _no_clipinvert_traceback(err: str) -> bool:
+def no_clipinvert_traceback(err: str) -> bool:
     """torchrun prints its own traceback on a failure; none may come from clipinvert's code."""
     return f"{os.sep}clipinvert{os.sep}" not in err.replace("torch/distributed", "")
