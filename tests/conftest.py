@@ -31,6 +31,17 @@ os.environ.pop("CLIPINVERT_MODELS", None)
 
 
 @pytest.fixture(scope="session")
+def torchrun() -> list[str]:
+    """``python -m torch.distributed.run`` through an interpreter at
+    ``…/clipinvert/.venv/bin/python3``: every torchrun the tests start runs in CI's layout
+    (a clone named ``clipinvert`` with its ``.venv`` inside), wherever this checkout lies
+    (see ``torchrun_helpers.venv_python``)."""
+    from torchrun_helpers import torchrun_command, venv_python
+
+    return torchrun_command(venv_python(_ISOLATED / "clipinvert"))
+
+
+@pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """models.toml of a complete tiny domain named "tiny" (32px generator, 8 W+ styles, a narrow
     IR-SE encoder with one unit per stage: milliseconds per image).

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 from torchrun_helpers import (
-    TORCHRUN,
     WAIT,
     clipinvert_lines,
     free_port,
@@ -92,10 +91,10 @@ def test_torchrun_environment_is_read_and_checked(monkeypatch: pytest.MonkeyPatc
 
 
 def test_two_processes_train_write_once_and_the_checkpoint_edits(
-        domain: Path, data: Path, tmp_path: Path) -> None:
+        torchrun: list[str], domain: Path, data: Path, tmp_path: Path) -> None:
     run = tmp_path / "ddp"
     [(rc, out, err)] = run_all(
-        [[*TORCHRUN, "--standalone", "--nproc-per-node", "2", *_train_args(domain, data, run)]],
+        [[*torchrun, "--standalone", "--nproc-per-node", "2", *_train_args(domain, data, run)]],
         tmp_path, launch_env())
     assert rc == 0, err
     # Rank 0 alone prints and writes: one summary, one log line per step, one metric line each.
@@ -145,8 +144,8 @@ def _assert_same_training(ddp: dict[str, torch.Tensor], one: dict[str, torch.Ten
 
 
 @pytest.mark.slow  # two launchers plus a single-process twin: ~30 s
-def test_two_nodes_train_like_one_process_with_both_batches(domain: Path, data: Path,
-                                                             tmp_path: Path) -> None:
+def test_two_nodes_train_like_one_process_with_both_batches(
+        torchrun: list[str], domain: Path, data: Path, tmp_path: Path) -> None:
     """Two "nodes" on localhost (two torchrun launchers, c10d rendezvous), one process each.
     With the true captions only (no roll within a batch) a step's loss is a mean over samples, so
     DDP's averaged gradient of 2 × 2 images is the single-process gradient of the same 4 images
@@ -154,7 +153,7 @@ def test_two_nodes_train_like_one_process_with_both_batches(domain: Path, data: 
     one-process run of -b 4, to rounding."""
     run = tmp_path / "nodes"
     port = free_port()
-    launch = [*TORCHRUN, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+    launch = [*torchrun, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
               "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"t{port}"]
     results = run_all([[*launch, *_train_args(domain, data, run, "--match-prob", "1")]] * 2,
                        tmp_path, launch_env())
@@ -180,8 +179,8 @@ def test_two_nodes_train_like_one_process_with_both_batches(domain: Path, data: 
 
 
 @pytest.mark.slow  # a stage-1 run to start from, then stage 2 on two processes and one: ~40 s
-def test_stage2_two_processes_train_the_remapper_like_one(domain: Path, data: Path,
-                                                          tmp_path: Path) -> None:
+def test_stage2_two_processes_train_the_remapper_like_one(
+        torchrun: list[str], domain: Path, data: Path, tmp_path: Path) -> None:
     from clipinvert.checkpoints import load_clipinverter
     from clipinvert.training.build import with_remapper
 
@@ -191,7 +190,7 @@ def test_stage2_two_processes_train_the_remapper_like_one(domain: Path, data: Pa
     run = tmp_path / "s2ddp"
     extra = ("--stage", "2", "--init", str(init), "--match-prob", "1")
     [(rc, out, err)] = run_all(
-        [[*TORCHRUN, "--standalone", "--nproc-per-node", "2",
+        [[*torchrun, "--standalone", "--nproc-per-node", "2",
           *_train_args(domain, data, run, *extra)]], tmp_path, launch_env())
     assert rc == 0, err
     assert out.count("trained: clipinvert edit") == 1 and _train_steps(run) == [1, 2]
@@ -275,12 +274,13 @@ dist.destroy_process_group()
 
 
 @pytest.mark.slow  # two processes, no model: ~6 s
-def test_ranks_skip_a_spoilt_batch_and_stop_together(tmp_path: Path) -> None:
+def test_ranks_skip_a_spoilt_batch_and_stop_together(torchrun: list[str],
+                                                     tmp_path: Path) -> None:
     """Rank 1's second batch lost its images: both ranks skip their second batch.  SIGTERM
     reaches rank 1 alone during step 3: both finish step 3, save it, and stop."""
     script = tmp_path / "agree.py"
     script.write_text(AGREE)
-    [(rc, _, err)] = run_all([[*TORCHRUN, "--standalone", "--nproc-per-node", "2",
+    [(rc, _, err)] = run_all([[*torchrun, "--standalone", "--nproc-per-node", "2",
                                 str(script), str(tmp_path)]], tmp_path, launch_env())
     assert rc == 0, err
     for rank in (0, 1):
@@ -290,14 +290,14 @@ def test_ranks_skip_a_spoilt_batch_and_stop_together(tmp_path: Path) -> None:
         assert r["trained"] == [order[0:2], order[4:6], order[6:8]], r
 
 
-def _static(port: int, node: int) -> list[str]:
-    return [*TORCHRUN, "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node),
+def _static(torchrun: list[str], port: int, node: int) -> list[str]:
+    return [*torchrun, "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node),
             "--master-addr", "127.0.0.1", "--master-port", str(port)]
 
 
 @pytest.mark.slow  # two failing two-node launches, one of them waiting out a 5 s timeout: ~35 s
-def test_a_failing_rank_ends_every_process_with_one_line(domain: Path, data: Path,
-                                                         tmp_path: Path) -> None:
+def test_a_failing_rank_ends_every_process_with_one_line(
+        torchrun: list[str], domain: Path, data: Path, tmp_path: Path) -> None:
     small = write_caption_set(tmp_path / "small", n=3)  # too few images for a batch
     env = launch_env(CLIPINVERT_DIST_TIMEOUT="5")
     # Node 1 fails once training has started (its data has no batch): rank 0 hears of it at
@@ -306,8 +306,8 @@ def test_a_failing_rank_ends_every_process_with_one_line(domain: Path, data: Pat
         run = tmp_path / case
         port = free_port()
         results = run_all(
-            [[*_static(port, 0), *_train_args(domain, data, run)],
-             [*_static(port, 1), *_train_args(domain, data, run), *node1_args]],
+            [[*_static(torchrun, port, 0), *_train_args(domain, data, run)],
+             [*_static(torchrun, port, 1), *_train_args(domain, data, run), *node1_args]],
             tmp_path, env)
         for rc, _, err in results:
             assert rc == 1, err  # torchrun's code for a failed worker, whatever the worker's
@@ -322,14 +322,14 @@ def test_a_failing_rank_ends_every_process_with_one_line(domain: Path, data: Pat
 
 
 @pytest.mark.slow  # a real signal to torchrun while two processes train (~20 s)
-def test_sigterm_to_torchrun_stops_both_ranks_after_the_same_step(domain: Path, data: Path,
-                                                                  tmp_path: Path) -> None:
+def test_sigterm_to_torchrun_stops_both_ranks_after_the_same_step(
+        torchrun: list[str], domain: Path, data: Path, tmp_path: Path) -> None:
     run = tmp_path / "stopped"
     args = _train_args(domain, data, run)
     args[args.index("--max-steps") + 1] = "1000"
     for flag in ("--val-every", "--save-every", "--image-every"):
         args[args.index(flag) + 1] = "1000"
-    proc = start_process([*TORCHRUN, "--standalone", "--nproc-per-node", "2", *args], tmp_path,
+    proc = start_process([*torchrun, "--standalone", "--nproc-per-node", "2", *args], tmp_path,
                          launch_env())
     try:
         deadline = time.monotonic() + WAIT
@@ -352,9 +352,10 @@ def test_sigterm_to_torchrun_stops_both_ranks_after_the_same_step(domain: Path, 
 
 
 @pytest.mark.slow  # three two-process launches: ~50 s
-def test_two_processes_resume_exactly(domain: Path, data: Path, tmp_path: Path) -> None:
+def test_two_processes_resume_exactly(torchrun: list[str], domain: Path, data: Path,
+                                      tmp_path: Path) -> None:
     """4 steps on two processes = 2 steps, then --resume to 4 on two processes, bit for bit."""
-    launch = [*TORCHRUN, "--standalone", "--nproc-per-node", "2"]
+    launch = [*torchrun, "--standalone", "--nproc-per-node", "2"]
     full, part = tmp_path / "full", tmp_path / "part"
     for run, extra in ((full, ("--max-steps", "4")), (part, ()),
                        (part, ("--resume", "--max-steps", "4"))):
