@@ -183,6 +183,48 @@ def test_celebahq_with_a_multimodal_test_pickle(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="names no image"):
         read_labelled(root, test_list=tmp_path / "empty.txt")
 
+
+def test_benchmark_with_relative_paths_scores_what_it_edits(
+        tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--data, -o and --edits relative to the current folder: the manifest and the selection
+    name images the way `eval metrics` reads them (relative to their own folder, or absolute),
+    so every edit is scored, and the output folder can move with its edits."""
+    from clipinvert.cli import main
+
+    work = tmp_path / "work"
+    monkeypatch.chdir(_png(work / "set" / "img" / "a.png", (200, 40, 40)).parent.parent.parent)
+    _png(work / "set" / "img" / "b.png", (40, 200, 40))
+    (work / "set" / "labels.jsonl").write_text("".join(
+        json.dumps({"image": f"img/{n}.png", "attributes": attrs}) + "\n"
+        for n, attrs in (("a", ["Smiling"]), ("b", []))))
+    common = ["--per-target", "1", "--metrics", "mse", "--models", str(tiny_models),
+              "--domain", "tiny", "--device", "cpu", "--quiet", "--no-summary"]
+    assert main(["eval", "benchmark", "--data", "set/labels.jsonl", "-o", "bench",
+                 *common]) == 0
+    report = json.loads((work / "bench" / "clipinvert-report.json").read_text())
+    pairs = report["counts"]["pairs"]
+    assert pairs == 22 == report["counts"]["scored"]  # 15 attributes + 7 combinations, 1 each
+    lines = [json.loads(ln) for ln in (work / "bench" / "pairs.jsonl").read_text().splitlines()]
+    assert {Path(ln["input"]) for ln in lines} == {work / "set" / "img" / "a.png",
+                                                  work / "set" / "img" / "b.png"}
+    assert all(ln["output"].startswith("edits/") for ln in lines)  # inside OUT: relative to it
+    selection = json.loads((work / "bench" / "selection.json").read_text())
+    assert all(Path(e["input"]).is_absolute() for e in selection["edits"])
+    # the folder moves with its edits, and `eval metrics` scores it from anywhere
+    (work / "bench").rename(work / "moved")
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", "metrics", "work/moved/pairs.jsonl", "-o", "work/scored",
+                 *common[2:]]) == 0
+    scored = json.loads((work / "scored" / "clipinvert-report.json").read_text())
+    assert scored["metrics"]["mse"] == pytest.approx(report["metrics"]["mse"])
+    # edits made elsewhere, named relative to the current folder
+    monkeypatch.chdir(work)
+    assert main(["eval", "benchmark", "--data", "set/labels.jsonl", "-o", "theirs",
+                 "--edits", "moved/edits", *common]) == 0
+    given = json.loads((work / "theirs" / "clipinvert-report.json").read_text())
+    assert given["counts"]["scored"] == pairs
+    assert given["benchmark"]["folder"] == str(work / "moved" / "edits")
+
 # ---- metrics by hand ----------------------------------------------------------------------
 class _Classifier:
     """A stand-in attribute classifier that reads colour: the probability of attribute k is the

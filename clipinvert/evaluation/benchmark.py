@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -186,10 +187,20 @@ def run_benchmark(data: Path, output: Path, *, domain: str = "faces", registry: 
                   strength: float = 1.0, metrics: str | None = None,
                   evaluate: Callable[..., dict[str, Any]] | None = None,
                   log: Callable[[str], None] = print, **eval_kwargs: Any) -> dict[str, Any]:
-    """Run the protocol; returns the report (``OUT/clipinvert-report.json``)."""
+    """Run the protocol; returns the report (``OUT/clipinvert-report.json``).
+
+    Paths given relative to the current folder are made absolute first: ``selection.json``
+    and ``pairs.jsonl`` name images absolute or relative to their own folder (the manifest
+    rule, :func:`~clipinvert.evaluation.pairs.manifest_path`), never relative to wherever this
+    command happened to be started.
+    """
     from ..registry import Registry
+    from .pairs import manifest_path
     from .run import check_eval_output, evaluate_pairs
 
+    data, output = Path(os.path.abspath(data)), Path(os.path.abspath(output))
+    edits = Path(os.path.abspath(edits)) if edits is not None else None
+    test_list = Path(os.path.abspath(test_list)) if test_list is not None else None
     registry = registry or Registry.load()
     check_eval_output(output, eval_kwargs.get("report_path"))
     items = read_labelled(data, test_list=test_list)
@@ -203,16 +214,19 @@ def run_benchmark(data: Path, output: Path, *, domain: str = "faces", registry: 
     selection_file = output / "selection.json"
     atomic_write_json(selection_file, sel)
     root = edits if edits is not None else output / "edits"
+    manifest = output / "pairs.jsonl"
     lines = []
     for e in sel["edits"]:
         e["output"] = str(root / e["target"] / f"{Path(e['input']).stem}.png")
-        lines.append(json.dumps({k: e[k] for k in ("input", "output", "prompt", "attributes")}))
+        line = {k: e[k] for k in ("input", "output", "prompt", "attributes")}
+        for k in ("input", "output"):
+            line[k] = manifest_path(Path(line[k]), manifest.parent)
+        lines.append(json.dumps(line))
     if edits is None:
         made = _edit_all(sel, root, registry, domain, device=device, batch_size=batch_size,
                          strength=strength, log=log, quiet=eval_kwargs.get("quiet", False))
     else:
         made = {"edits": "given", "folder": str(edits)}
-    manifest = output / "pairs.jsonl"
     atomic_write_text(manifest, "\n".join(lines) + "\n")
     return (evaluate or evaluate_pairs)(
         manifest, output, domain=domain, registry=registry, metrics=metrics, device=device,

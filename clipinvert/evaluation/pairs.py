@@ -22,6 +22,7 @@ when scored, and an unreadable one is skipped and counted there.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,6 +125,15 @@ def _check_record(rec: object) -> str | None:
 def _resolve(base: Path, value: str) -> Path:
     p = Path(value).expanduser()
     return p if p.is_absolute() else base / p
+
+
+def manifest_path(target: Path, base: Path) -> str:
+    """How a manifest (or any file of ``base``'s folder that names images) writes ``target``,
+    so that :func:`_resolve` finds it again wherever the command was started: relative to
+    ``base`` when it lies inside it, so that the folder can move with its images, else
+    absolute.  Both sides of the rule live here (docs/evaluation.md#pairs)."""
+    target, base = Path(os.path.abspath(target)), Path(os.path.abspath(base))
+    return target.relative_to(base).as_posix() if target.is_relative_to(base) else str(target)
 
 
 def pairs_from_report(path: Path) -> PairSet:
