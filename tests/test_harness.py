@@ -8,6 +8,7 @@ inside, and no other), or leaves gigabytes in the temporary folder without a wor
 
 from __future__ import annotations
 
+import getpass
 import os
 import shutil
 import subprocess
@@ -81,6 +82,67 @@ def test_the_launch_interpreter_lies_in_a_clipinvert_venv_with_these_packages(
         assert Path(torch_file).is_relative_to(prefix), torch_file
     # the workers import the package under test, whatever else is installed
     assert Path(package_file).resolve().parent == PACKAGE
+
+
+INNER_TESTS = '''
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def shared(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("shared-weights")
+    (folder / "weights.bin").write_bytes(bytes(1000))
+    return folder
+
+
+def test_one_thread_here_and_in_children():
+    assert torch.get_num_threads() == 1
+    assert os.environ["OMP_NUM_THREADS"] == os.environ["MKL_NUM_THREADS"] == "1"
+
+
+def test_a_child_leaves_a_temporary_folder(tmp_path):
+    # as torchrun does (torchelastic_*): it goes in the TMPDIR the child inherits
+    subprocess.run([sys.executable, "-c", "import tempfile; tempfile.mkdtemp(prefix='left-')"],
+                   check=True)
+
+
+def test_passes(shared, tmp_path):
+    (tmp_path / "gone-when-passed.txt").write_text("x")
+
+
+def test_fails(shared, tmp_path):
+    (tmp_path / "evidence.txt").write_text("what went wrong")
+    assert False
+'''
+
+
+def test_a_failing_session_leaves_only_its_failed_tests_folders(tmp_path: Path) -> None:
+    """A session of this suite's conftest, in a subprocess with its own TMPDIR and no thread
+    setting: it leaves there only the failed test's tmp_path — not the fixtures' shared folders,
+    nor what its children left in their temporary folder, nor its own isolated folder."""
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    shutil.copy(TESTS / "conftest.py", suite / "conftest.py")
+    (suite / "test_inner.py").write_text(INNER_TESTS)
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "PYTEST_ADDOPTS")}
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-c",
+         str(ROOT / "pyproject.toml"), "--rootdir", str(suite), str(suite)],
+        capture_output=True, text=True, timeout=300, env={**env, "TMPDIR": str(temp)},
+        cwd=suite, check=False)
+    assert "1 failed, 3 passed" in done.stdout, done.stdout[-3000:] + done.stderr[-2000:]
+    assert [p.name for p in temp.iterdir()] == [f"pytest-of-{getpass.getuser()}"]
+    left = [p.relative_to(temp).parts[2:] for p in temp.rglob("*")
+            if p.is_file() and not p.is_symlink()]
+    assert left == [("test_fails0", "evidence.txt")]
 
 
 def copy_checkout(source: Path, target: Path) -> None:
