@@ -33,6 +33,15 @@ Examples::
     python benchmarks/bench_edit.py --device cpu --json cpu.json
     python benchmarks/bench_edit.py --quick                 # 256 px, B=1,2: a CI smoke test
     python benchmarks/bench_edit.py --workdir ~/bench --keep   # reuse the files next time
+    python benchmarks/bench_edit.py --device cpu --threads-sweep   # 1 and 2 threads, idle/loaded
+
+Threads on a busy machine: ``--threads N`` runs PyTorch on N threads (and the timed command
+with ``OMP_NUM_THREADS=N``), ``--load K`` keeps K busy-loop processes running for the whole
+measurement (a machine whose cores other work also wants), and ``--threads-sweep 1,2`` times
+only whole edits (B = 1) at each thread count, first idle and then beside ``--load`` busy
+processes (default: one per CPU), and prints the seconds per edit of each.  Run it on a
+machine that is otherwise quiet: the figures are only as idle as the machine is (the load
+average at the start is printed with them).
 """
 
 from __future__ import annotations
@@ -56,6 +65,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 from benchcommon import (
+    BusyLoad,
     Clock,
     add_workdir_arguments,
     clean_workdir,
@@ -277,14 +287,14 @@ def time_text(editor: Editor, clock: Clock, repeats: int) -> list[float]:
     return times
 
 
-def run_batch(editor: Editor, photos: Sequence[Path], out_dir: Path, batch: int, clock: Clock,
-              memory: PeakMemory, warmup: int, repeats: int) -> dict[str, StageResult]:
-    """Every stage at one batch size, each fed the previous stage's real output."""
+def batch_io(editor: Editor, photos: Sequence[Path], out_dir: Path, batch: int
+             ) -> tuple[Callable[[], torch.Tensor], Callable[[torch.Tensor], None]]:
+    """The decode of ``batch`` photos and the save of their edits, as a batch run does them
+    (the prompt's embedding is cached here, as in a batch run over many photos)."""
     files = list(photos[:batch])
     out_dir.mkdir(parents=True, exist_ok=True)
     outputs = [out_dir / f"b{batch}-{i}.png" for i in range(batch)]
-    editor.embed_text([PROMPT])  # cached from here on, as in a batch run over many photos
-    res: dict[str, StageResult] = {}
+    editor.embed_text([PROMPT])
 
     def decode() -> torch.Tensor:
         return imaging.to_tensor([imaging.load_image(p) for p in files], editor.input_size)
@@ -292,6 +302,15 @@ def run_batch(editor: Editor, photos: Sequence[Path], out_dir: Path, batch: int,
     def save(images: torch.Tensor) -> None:
         for image, path in zip(imaging.to_pil(images), outputs, strict=True):
             imaging.save_image(image, path)
+
+    return decode, save
+
+
+def run_batch(editor: Editor, photos: Sequence[Path], out_dir: Path, batch: int, clock: Clock,
+              memory: PeakMemory, warmup: int, repeats: int) -> dict[str, StageResult]:
+    """Every stage at one batch size, each fed the previous stage's real output."""
+    decode, save = batch_io(editor, photos, out_dir, batch)
+    res: dict[str, StageResult] = {}
 
     def stage(fn: Callable[[], T]) -> tuple[StageResult, T]:
         return measure(clock, memory, batch, warmup, repeats, fn)
@@ -311,6 +330,48 @@ def run_batch(editor: Editor, photos: Sequence[Path], out_dir: Path, batch: int,
 
     res[WHOLE], _ = stage(whole)
     return res
+
+
+def threads_sweep(editor: Editor, photos: Sequence[Path], out_dir: Path, clock: Clock,
+                  memory: PeakMemory, threads: Sequence[int], loads: Sequence[int], warmup: int,
+                  repeats: int) -> list[dict[str, Any]]:
+    """Whole edits (B = 1) at each PyTorch thread count, beside each number of busy-loop
+    processes: what a thread count costs when other processes want the cores too.  PyTorch's
+    own thread count is restored at the end."""
+    decode, save = batch_io(editor, photos, out_dir, 1)
+
+    def whole() -> None:
+        save(editor.edit(decode(), PROMPT).images)
+
+    rows = []
+    before = torch.get_num_threads()
+    try:
+        for busy in loads:
+            with BusyLoad(busy) as load:
+                for n in threads:
+                    print(f"timing {n} thread(s) beside {busy} busy process(es) ...",
+                          file=sys.stderr)
+                    torch.set_num_threads(n)
+                    result, _ = measure(clock, memory, 1, warmup, repeats, whole)
+                    if load.running != busy:
+                        raise RuntimeError("a busy-loop process stopped during the timing")
+                    rows.append({"threads": n, "load": busy, "s_per_edit": result.median_s,
+                                 "times_s": result.times_s})
+    finally:
+        torch.set_num_threads(before)
+    return rows
+
+
+def sweep_report(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
+    return "\n".join([
+        f"whole edits, B=1, {meta['size']} px, {meta['device_name']}, {meta['cpu_count']} CPUs, "
+        f"{meta['warmup']} warm-up + {meta['repeats']} timed, median; load average at start "
+        f"{meta['loadavg_1min']}",
+        "",
+        format_table(["torch threads", "busy processes", "s per edit", "runs s"],
+                     [[str(r["threads"]), str(r["load"]), f"{r['s_per_edit']:.3f}",
+                       ", ".join(f"{t:.2f}" for t in r["times_s"])] for r in rows],
+                     text_last=True)])
 
 
 def precision_psnr(make_editor: Callable[[torch.dtype], Editor], dtype: torch.dtype,
@@ -350,8 +411,8 @@ def write_domain(workdir: Path, paths: dict[str, Path], size: int) -> Path:
 
 
 def time_cli(command: Sequence[str], workdir: Path, photos: Sequence[Path], counts: Sequence[int],
-             batch: str, device: torch.device, extra: Sequence[str], repeats: int
-             ) -> dict[str, Any]:
+             batch: str, device: torch.device, extra: Sequence[str], repeats: int,
+             threads: int | None = None) -> dict[str, Any]:
     """Whole ``clipinvert edit`` processes on ``counts`` photos each (best of ``repeats``).
 
     The marginal cost of an edit is the slope between the smallest and the largest count, and
@@ -362,7 +423,9 @@ def time_cli(command: Sequence[str], workdir: Path, photos: Sequence[Path], coun
     import subprocess
 
     env = {**os.environ, "CLIPINVERT_HOME": str(workdir / "cache"),
-           "CLIPINVERT_MODELS": str(workdir / "models.toml")}
+           "CLIPINVERT_MODELS": str(workdir / "models.toml"),
+           # the command's thread budget (clipinvert.runtime) takes PyTorch's share from it
+           **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     walls: dict[int, float] = {}
     for n in counts:
         src = workdir / f"cli-in-{n}"
@@ -530,7 +593,25 @@ def build_parser() -> argparse.ArgumentParser:
                         "another checkout's `.venv/bin/python -m clipinvert` for a before/after")
     p.add_argument("--cli-args", default="",
                    help="extra arguments for every timed command, e.g. '--workers 0'")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="PyTorch threads for the run (torch.set_num_threads), and "
+                        "OMP_NUM_THREADS for the timed command (default: PyTorch's own)")
+    p.add_argument("--load", type=count, default=None,
+                   help="busy-loop processes kept running while the figures are measured: a "
+                        "machine other work also uses (default: none; with --threads-sweep, "
+                        "the loaded half uses this many, default one per CPU)")
+    p.add_argument("--threads-sweep", type=thread_counts, nargs="?", const=(1, 2), default=None,
+                   metavar="N,N",
+                   help="time only whole edits (B=1) at each thread count (default 1,2), idle "
+                        "and beside --load busy processes, and print the seconds per edit")
     return p
+
+
+def thread_counts(text: str) -> tuple[int, ...]:
+    sizes = parse_batch_sizes(text)
+    if any(not isinstance(s, int) for s in sizes):
+        raise argparse.ArgumentTypeError(f"thread counts are integers: {text!r}")
+    return tuple(int(s) for s in sizes)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -545,12 +626,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # As the CLI does: large freed blocks stay in the process (clipinvert.runtime).
     allocator_tuned = tune_allocator()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     # Set before anything is loaded: the loaders' safetensors copies land in the work folder,
     # never in the user's own cache.
     saved_home = os.environ.get("CLIPINVERT_HOME")
     os.environ["CLIPINVERT_HOME"] = str(workdir / "cache")
     try:
-        benchmark(args, device, dtype, workdir, allocator_tuned)
+        # the sweep starts its own busy loops, idle first
+        with BusyLoad(0 if args.threads_sweep else args.load or 0):
+            benchmark(args, device, dtype, workdir, allocator_tuned)
     finally:
         if saved_home is None:
             os.environ.pop("CLIPINVERT_HOME", None)
@@ -591,7 +676,13 @@ def benchmark(args: argparse.Namespace, device: torch.device, dtype: torch.dtype
     loads: dict[str, dict[str, float]] = {}
     text_s: list[float] = []
     batch_sizes: list[int] = []
-    if not args.cli_only:
+    sweep: list[dict[str, Any]] = []
+    if args.threads_sweep:
+        busy = args.load if args.load is not None else os.cpu_count() or 1
+        sweep = threads_sweep(make_editor(), write_photos(workdir / "photos", 1),
+                              workdir / "out", clock, memory, args.threads_sweep,
+                              list(dict.fromkeys((0, busy))), warmup, repeats)
+    elif not args.cli_only:
         if not args.skip_loads:
             loads = time_loads(make_editor, paths, clock, workdir)
         editor = make_editor()
@@ -618,7 +709,8 @@ def benchmark(args: argparse.Namespace, device: torch.device, dtype: torch.dtype
         for b in args.cli_batch_sizes.split(","):
             print(f"timing the command at --batch-size {b} ...", file=sys.stderr)
             cli_runs.append(time_cli(command, workdir, cli_photos, args.cli_counts, b.strip(),
-                                     device, shlex.split(args.cli_args), args.cli_repeats))
+                                     device, shlex.split(args.cli_args), args.cli_repeats,
+                                     args.threads))
 
     meta = {
         **device_meta(device),
@@ -633,7 +725,10 @@ def benchmark(args: argparse.Namespace, device: torch.device, dtype: torch.dtype
         "clip_arch": CLIP_ARCH,
         "loadavg_1min": loadavg,
         "allocator_tuned": allocator_tuned,
+        "load_processes": 0 if args.threads_sweep else args.load or 0,
     }
+    if sweep:
+        print(sweep_report(sweep, meta))
     if results:
         print(report(meta, loads, text_s, results, memory.label))
     if psnr:
@@ -650,6 +745,7 @@ def benchmark(args: argparse.Namespace, device: torch.device, dtype: torch.dtype
             "stages": {str(b): {k: vars(r) for k, r in res.items()} for b, res in results.items()},
             "cli": cli_runs,
             "psnr_vs_float32_db": psnr,
+            "threads_sweep": sweep,
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")

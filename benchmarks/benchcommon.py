@@ -11,6 +11,8 @@ import math
 import os
 import platform
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -39,6 +41,35 @@ class Clock:
         out = fn()
         self.sync()
         return time.perf_counter() - start, out
+
+
+class BusyLoad:
+    """``processes`` busy loops, each as hungry for a core as any other process, for as long as
+    the ``with`` block runs: a loaded machine (CI, a shared box, a build beside the run) on
+    demand, so that thread counts can be judged where they are used and not only on an idle
+    machine.  Every loop is stopped at the end of the block, whatever happens in it."""
+
+    def __init__(self, processes: int) -> None:
+        self.processes = processes
+        self._procs: list[subprocess.Popen[bytes]] = []
+
+    def __enter__(self) -> BusyLoad:
+        for _ in range(self.processes):
+            self._procs.append(subprocess.Popen(
+                [sys.executable, "-c", "while True: pass"], stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for proc in self._procs:
+            proc.kill()
+        for proc in self._procs:
+            proc.wait()
+        self._procs.clear()
+
+    @property
+    def running(self) -> int:
+        return sum(proc.poll() is None for proc in self._procs)
 
 
 def psnr_8bit(mse: float) -> float:

@@ -52,3 +52,34 @@ def test_bench_edit_quick_with_the_command(tmp_path: Path) -> None:
     assert run["per_image_s"] == pytest.approx(walls["2"] - walls["1"])
     assert run["startup_s"] == pytest.approx(walls["1"] - run["per_image_s"])
     assert not (tmp_path / "w").exists()  # the run made the folder, so the run removed it
+
+
+def test_busy_load_runs_its_processes_only_inside_the_block() -> None:
+    from benchcommon import BusyLoad
+
+    with BusyLoad(2) as load:
+        assert load.running == 2
+        procs = list(load._procs)
+    assert all(p.poll() is not None for p in procs) and load.running == 0
+    with pytest.raises(RuntimeError), BusyLoad(1) as load:
+        procs = list(load._procs)
+        raise RuntimeError("a failed timing")
+    assert all(p.poll() is not None for p in procs)  # stopped on the way out of a failure too
+
+
+@pytest.mark.slow
+def test_bench_edit_threads_sweep_idle_and_loaded(tmp_path: Path, capsys) -> None:
+    import bench_edit
+
+    out = tmp_path / "threads.json"
+    assert bench_edit.main(["--quick", "--device", "cpu", "--threads-sweep", "1,2", "--load",
+                            "1", "--warmup", "0", "--workdir", str(tmp_path / "w"),
+                            "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    rows = figures["threads_sweep"]
+    assert [(r["threads"], r["load"]) for r in rows] == [(1, 0), (2, 0), (1, 1), (2, 1)]
+    assert all(r["s_per_edit"] > 0 and len(r["times_s"]) == 1 for r in rows)
+    assert not figures["stages"] and figures["meta"]["size"] == 256
+    assert "busy processes" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench_edit.main(["--threads-sweep", "1,auto"])
