@@ -192,8 +192,9 @@ def test_benchmark_with_relative_paths_scores_what_it_edits(
     from clipinvert.cli import main
 
     work = tmp_path / "work"
-    monkeypatch.chdir(_png(work / "set" / "img" / "a.png", (200, 40, 40)).parent.parent.parent)
+    _png(work / "set" / "img" / "a.png", (200, 40, 40))
     _png(work / "set" / "img" / "b.png", (40, 200, 40))
+    monkeypatch.chdir(work)
     (work / "set" / "labels.jsonl").write_text("".join(
         json.dumps({"image": f"img/{n}.png", "attributes": attrs}) + "\n"
         for n, attrs in (("a", ["Smiling"]), ("b", []))))
