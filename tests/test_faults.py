@@ -368,3 +368,74 @@ def test_failed_lines_name_the_input_as_given(tmp_path: Path, monkeypatch: pytes
     assert "failed photos/bad.jpg: " in err and str(tmp_path) not in err
     (record,) = [r for r in rep.records if r["status"] == "failed"]
     assert record["input"] == str(tmp_path / "photos" / "bad.jpg")  # scripts get it absolute
+
+
+# ---------------------------------------------------------------------------------------------
+# A full disk in train and eval
+# ---------------------------------------------------------------------------------------------
+def test_disk_full_in_training_keeps_the_last_checkpoint_and_resume_goes_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from clipinvert.cli import main
+    from clipinvert.testing.training import write_caption_set, write_training_domain
+
+    domain = write_training_domain(tmp_path / "domain")
+    data = write_caption_set(tmp_path / "set", n=6)
+    run = tmp_path / "run"
+    args = ["train", "--data", str(data), "-o", str(run), "--models", str(domain), "--domain",
+            "trainable", "--device", "cpu", "--workers", "0", "-b", "2", "--val-fraction",
+            "0.34", "--log-every", "1", "--val-every", "100", "--save-every", "2",
+            "--image-every", "100", "--quiet", "--max-steps", "4"]
+    real_save = torch.save
+    resume_saves = []
+
+    def save(obj: object, f: object, *a: object, **k: object) -> None:
+        if Path(str(f)).name.startswith(".resume.pt."):
+            resume_saves.append(1)
+            if len(resume_saves) == 2:  # step 4's state: the disk is full by now
+                Path(str(f)).write_bytes(b"PK half a zip")
+                raise ENOSPC
+        real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save)
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [
+        f"clipinvert: error: disk full writing {run / 'checkpoints' / 'resume.pt'} (No space "
+        "left on device): training stopped at step 4; the checkpoints of step 2 are intact; "
+        f"free space and continue with: clipinvert train -o {run} --resume"]
+    assert not [p for p in run.rglob("*") if ".partial" in p.name]
+    assert torch.load(run / "checkpoints" / "resume.pt", weights_only=True)["step"] == 2
+    monkeypatch.undo()
+    assert main([*args, "--resume"]) == 0
+    assert torch.load(run / "checkpoints" / "resume.pt", weights_only=True)["step"] == 4
+
+
+def test_disk_full_writing_an_eval_report_is_one_line(
+        tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from clipinvert.cli import main
+
+    for name in ("a", "b"):
+        _noise(ord(name), 32).save(tmp_path / f"{name}.png")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"input": str(tmp_path / "a.png"),
+                                         "output": str(tmp_path / n)}) + "\n"
+                             for n in ("a.png", "b.png")))
+    real_write = Path.write_text
+
+    def write_text(self: Path, *args: object, **kwargs: object) -> int:
+        if self.name.startswith(".clipinvert-report.json."):
+            raise ENOSPC
+        return real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+    out = tmp_path / "scores"
+    rc = main(["eval", "metrics", str(pairs), "-o", str(out), "--metrics", "mse", "--models",
+               str(tiny_models), "--domain", "tiny", "--device", "cpu", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.strip().splitlines() == [
+        f"clipinvert: error: disk full writing {out / 'clipinvert-report.json'} (No space left "
+        "on device): the scores were not saved; free space and run the same command again"]
+    assert not (out / "clipinvert-report.json").exists()
+    assert not [p for p in out.rglob("*") if ".partial" in p.name]
