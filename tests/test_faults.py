@@ -92,6 +92,18 @@ def _finish_and_check(out: Path, inputs: Path, before: dict[str, tuple[int, int]
 # ---------------------------------------------------------------------------------------------
 # A full disk, injected at the writer
 # ---------------------------------------------------------------------------------------------
+def _no_room_for_reports(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Writing a report's temporary file fails with ENOSPC (everything else still fits)."""
+    real_write = Path.write_text
+
+    def write_text(self: Path, *args: object, **kwargs: object) -> int:
+        if self.name.startswith(".clipinvert-report.json."):
+            raise ENOSPC
+        return real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+
+
 @pytest.mark.parametrize("threads", [0, 2])
 def test_disk_full_writing_an_output_stops_the_run_and_a_rerun_finishes(
         folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, threads: int) -> None:
@@ -148,14 +160,7 @@ def test_disk_full_writing_the_manifest_stops_before_the_model_pass(
 
 def test_disk_full_writing_the_report_is_one_line_and_a_rerun_writes_it(
         folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_write = Path.write_text
-
-    def write_text(self: Path, *args: object, **kwargs: object) -> int:
-        if self.name.startswith(".clipinvert-report.json."):
-            raise ENOSPC
-        return real_write(self, *args, **kwargs)
-
-    monkeypatch.setattr(Path, "write_text", write_text)
+    _no_room_for_reports(monkeypatch)
     out = tmp_path / "out"
     with pytest.raises(DiskFullError, match=r"clipinvert-report\.json \(No space left on "
                                             r"device\): 6 of 6 inputs done"):
@@ -422,14 +427,7 @@ def test_disk_full_writing_an_eval_report_is_one_line(
     pairs.write_text("".join(json.dumps({"input": str(tmp_path / "a.png"),
                                          "output": str(tmp_path / n)}) + "\n"
                              for n in ("a.png", "b.png")))
-    real_write = Path.write_text
-
-    def write_text(self: Path, *args: object, **kwargs: object) -> int:
-        if self.name.startswith(".clipinvert-report.json."):
-            raise ENOSPC
-        return real_write(self, *args, **kwargs)
-
-    monkeypatch.setattr(Path, "write_text", write_text)
+    _no_room_for_reports(monkeypatch)
     out = tmp_path / "scores"
     rc = main(["eval", "metrics", str(pairs), "-o", str(out), "--metrics", "mse", "--models",
                str(tiny_models), "--domain", "tiny", "--device", "cpu", "--quiet"])
