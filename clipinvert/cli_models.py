@@ -4,8 +4,9 @@ Mounted by the main CLI with ``app.add_typer(models_app, name="models")``.  Comm
 :mod:`clipinvert.errors` exceptions and leave exit codes to ``clipinvert.cli.main`` (2 usage,
 3 weights missing or invalid).  Results (tables, JSON, paths) go to stdout; download progress
 and per-file notes go to stderr, so scripts can capture the one and show the other.
-The registry and :mod:`clipinvert.weights` (torch) are imported in the function bodies:
-importing this module (``clipinvert --help``) loads no torch.
+The registry is light (TOML, no torch); :mod:`clipinvert.weights` and the tiny demo models
+(torch) are imported in the function bodies: importing this module (``clipinvert --help``)
+loads no torch.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .errors import UsageError, WeightsError
+from .registry import EDIT_ROLES, TRAIN_EVAL_ROLES
 
 if TYPE_CHECKING:
     from .registry import Registry, WeightEntry
@@ -144,14 +146,29 @@ def list_(models: ModelsOpt = None, as_json: JsonOpt = False) -> None:
         console.print(escape(f"{domain}: {text}"), highlight=False)
 
 
+@dataclass
+class Selection:
+    """What ``models download``/``verify`` act on for their DOMAIN and NAME targets."""
+
+    entries: list[WeightEntry]
+    unavailable: list[str]  # "DOMAIN ROLE: why" — requested, missing, and no download
+    notes: list[str]  # "DOMAIN ROLE: how to make it" — missing --all additions nobody publishes
+
+
 def _select(reg: Registry, targets: Iterable[str],
-            roles: Iterable[str] | None = None) -> tuple[list[WeightEntry], list[str]]:
+            roles: Iterable[str] | None = None) -> Selection:
     """Weight entries for DOMAIN or NAME targets, and why any requested file has no download.
 
-    For a domain only ``roles`` are taken (all when None); a NAME is always taken.
+    For a domain only ``roles`` are taken (all when None); a NAME is always taken.  A missing
+    file that only training or evaluation reads and that nobody publishes (the attribute
+    classifier: you make it) is a note, not a failure: ``download faces --all`` must be able
+    to succeed.
     """
+    from .registry import EDIT_ROLES
+    from .weights.download import find_file, made_by
+
+    sel = Selection([], [], [])
     entries: dict[str, WeightEntry] = {}
-    unavailable: list[str] = []
     for target in targets:
         if target in reg.domains:
             domain = reg.domains[target]
@@ -159,10 +176,15 @@ def _select(reg: Registry, targets: Iterable[str],
                 if roles is not None and role not in roles:
                     continue
                 places, entry = reg.candidates(domain, role)
-                if entry is not None:
+                optional = role not in EDIT_ROLES
+                if entry is not None and (entry.urls or not optional or find_file(entry)):
                     entries.setdefault(entry.name, entry)
+                elif entry is not None:
+                    how = (f"make it with `{made_by(entry)}`" if entry.made_by
+                           else entry.description or "no download is published")
+                    sel.notes.append(f"{target} {role}: {entry.file} has no download; {how}")
                 elif not any(p.is_file() for p in places):
-                    unavailable.append(
+                    (sel.notes if optional else sel.unavailable).append(
                         f"{target} {role}: {places[0]} is missing and has no download"
                         + (f" — {domain.note}" if domain.note else ""))
         elif target in reg.weights:
@@ -172,38 +194,42 @@ def _select(reg: Registry, targets: Iterable[str],
                 f"unknown domain or weights name {target!r} (domains: "
                 f"{', '.join(sorted(reg.domains)) or 'none'}; weights: "
                 f"{', '.join(sorted(reg.weights)) or 'none'})")
-    return list(entries.values()), unavailable
+    sel.entries = list(entries.values())
+    return sel
 
 
 @models_app.command("download")
 def download(
     targets: Annotated[list[str] | None, typer.Argument(
-        help=f"Domains and/or weights names [default: {DEFAULT_DOMAIN}].",
+        help=f"Domains and/or weights names (default: {DEFAULT_DOMAIN}).",
         show_default=False)] = None,
     models: ModelsOpt = None,
     offline: OfflineOpt = False,
     force: Annotated[bool, typer.Option(help="Download again even if present.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
     all_roles: Annotated[bool, typer.Option(
-        "--all", help="For a domain, also the files only training/eval need (StyleGAN2, "
-        "ArcFace, MoCo, the LPIPS AlexNet trunk); by default only what editing needs.")
-    ] = False,
+        "--all", help="For a domain, also the files only train/eval read ("
+        + ", ".join(TRAIN_EVAL_ROLES) + "); by default only what editing needs ("
+        + ", ".join(EDIT_ROLES) + "). Files nobody publishes are listed with the command "
+        "that makes them.")] = False,
 ) -> None:
     """Download the weight files of domains or named entries into the cache (verified)."""
-    from .registry import EDIT_ROLES, Registry, cache_dir
+    from .registry import Registry, cache_dir
     from .weights.download import fetch, find_file, is_offline, payload_problem
 
     reg = Registry.load(models)
-    entries, unavailable = _select(reg, targets or [DEFAULT_DOMAIN],
-                                   None if all_roles else EDIT_ROLES)
+    sel = _select(reg, targets or [DEFAULT_DOMAIN], None if all_roles else EDIT_ROLES)
     err = _err()
     off = is_offline(offline)
     problems: list[tuple[str, str]] = []  # (what, one-line reason)
-    for line in unavailable:
+    for line in sel.notes:
+        what, _, why = line.partition(": ")
+        err.print(f"[yellow]not downloadable[/] {escape(what)}: {escape(why)}")
+    for line in sel.unavailable:
         what, _, why = line.partition(": ")
         problems.append((what, why))
         err.print(f"[red]unavailable[/] {escape(what)}: {escape(why)}")
-    for entry in entries:
+    for entry in sel.entries:
         found = find_file(entry)
         problem = payload_problem(found, entry) if found is not None else None
         if found is not None and problem is None and not force:
@@ -272,9 +298,10 @@ def verify(
     reg = Registry.load(models)
     checks: list[Check] = []
     if names:
-        entries, unavailable = _select(reg, names)
-        checks += [_verify_entry(e, required=True) for e in entries]
-        checks += [Check(u.split(":", 1)[0], None, "bad", u) for u in unavailable]
+        sel = _select(reg, names)
+        checks += [_verify_entry(e, required=True) for e in sel.entries]
+        checks += [Check(u.split(":", 1)[0], None, "bad", u) for u in sel.unavailable]
+        checks += [Check(u.split(":", 1)[0], None, "missing", u) for u in sel.notes]
     else:
         checks += [_verify_entry(e, required=False) for e in reg.weights.values()]
         for dname, domain in reg.domains.items():  # plain paths: present ones are sanity-checked

@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from clipinvert.cli_models import models_app
 from clipinvert.errors import ClipInvertError
+from clipinvert.registry import cache_dir
 
 PAYLOAD = b"PK\x03\x04" + bytes(range(256)) * 64
 PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
@@ -214,10 +215,53 @@ def test_domain_download_takes_only_what_editing_needs_unless_all(registry):
     from clipinvert.registry import EDIT_ROLES, Registry
 
     reg = Registry.load(registry)
-    entries, _ = _select(reg, ["faces"], EDIT_ROLES)
-    assert {e.name for e in entries} == {"clip-vit-b-32-openai", "e4e-ffhq-encode",
-                                         "clipinverter-faces"}
-    entries, _ = _select(reg, ["faces"], None)
-    assert {"arcface-ir-se50", "stylegan2-ffhq-config-f"} <= {e.name for e in entries}
-    entries, _ = _select(reg, ["arcface-ir-se50"], EDIT_ROLES)  # a name is always taken
-    assert [e.name for e in entries] == ["arcface-ir-se50"]
+    sel = _select(reg, ["faces"], EDIT_ROLES)
+    assert {e.name for e in sel.entries} == {"clip-vit-b-32-openai", "e4e-ffhq-encode",
+                                             "clipinverter-faces"}
+    assert sel.notes == [] and sel.unavailable == []
+    sel = _select(reg, ["faces"], None)
+    assert {"arcface-ir-se50", "stylegan2-ffhq-config-f"} <= {e.name for e in sel.entries}
+    # the attribute classifier is made, not downloaded: a note, not an entry or a failure
+    assert "celeba-attributes" not in {e.name for e in sel.entries} and sel.unavailable == []
+    assert sel.notes == ["faces attributes: celeba_attributes_mobilenet.pt has no download; "
+                         "make it with `clipinvert eval train-classifier --celeba CELEBA_DIR -o "
+                         f"{cache_dir() / 'celeba_attributes_mobilenet.pt'}`"]
+    sel = _select(reg, ["arcface-ir-se50"], EDIT_ROLES)  # a name is always taken
+    assert [e.name for e in sel.entries] == ["arcface-ir-se50"]
+
+
+def test_all_roles_are_the_train_and_eval_roles():
+    from clipinvert.registry import EDIT_ROLES, NEEDED_BY, TRAIN_EVAL_ROLES, WEIGHT_ROLES
+
+    assert TRAIN_EVAL_ROLES == ("stylegan2", "arcface", "moco", "lpips", "inception",
+                                "attributes")
+    assert set(EDIT_ROLES) | set(TRAIN_EVAL_ROLES) == set(WEIGHT_ROLES) == set(NEEDED_BY)
+    assert all("edit" not in NEEDED_BY[r] for r in TRAIN_EVAL_ROLES)
+    code, out, _ = run("models", "download", "--help")
+    assert code == 0
+    text = " ".join(out.replace("│", " ").split())  # rich wraps the help in a box
+    assert "stylegan2, arcface, moco, lpips, inception, attributes" in text
+    assert "(default: faces)" in text
+
+
+def test_download_all_succeeds_when_only_unpublished_files_are_left(tmp_path):
+    """Everything faces --all names is present except the attribute classifier: exit 0, and
+    the classifier is named on stderr with the command that makes it."""
+    from clipinvert.registry import Registry
+
+    reg = Registry.load()
+    home = tmp_path / "home"
+    home.mkdir()
+    for ref in reg.domain("faces").weights.values():
+        entry = reg.weights[ref]
+        if entry.urls:
+            (home / entry.file).write_bytes(PAYLOAD)
+    code, out, err = run("models", "download", "faces", "--all")
+    assert code == 0, err
+    assert out == ""
+    line = next(ln for ln in err.splitlines() if "not downloadable" in ln)
+    assert "faces attributes" in line and "clipinvert eval train-classifier" in line
+    assert str(home / "celeba_attributes_mobilenet.pt") in line
+    # named explicitly, it is still an error (exit 3) that says how to make it
+    code, _, err = run("models", "download", "celeba-attributes")
+    assert code == 3 and "make it with `clipinvert eval train-classifier" in err
