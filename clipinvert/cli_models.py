@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -82,15 +82,23 @@ class Row:
     registry: str  # the models.toml the entry (or the domain, for a path) came from
     origin: str  # packaged / user / the --models file
     note: str | None = None
+    needed_by: list[str] = field(default_factory=list)  # edit / train / eval
+    url: str | None = None  # the first download URL
+    label: str | None = None  # the domain's label, e.g. "random weights"
+    made_by: str | None = None  # the command that makes a file nobody publishes
 
 
-def collect_rows(reg: Registry) -> list[Row]:
-    """Every domain role, then the [weights.*] entries that no domain names."""
-    from .weights.download import find_file, places_for
+def collect_rows(reg: Registry, only: str | None = None) -> list[Row]:
+    """Every domain role (of domain ``only`` if given), then — unless ``only`` — the
+    [weights.*] entries that no domain names."""
+    from .registry import NEEDED_BY
+    from .weights.download import find_file, made_by, places_for
 
     rows: list[Row] = []
     used: set[str] = set()
     for dname, domain in reg.domains.items():
+        if only is not None and dname != only:
+            continue
         for role, ref in domain.weights.items():
             places, entry = reg.candidates(domain, role)
             found = next((p for p in places if p.is_file()), None)
@@ -105,9 +113,12 @@ def collect_rows(reg: Registry) -> list[Row]:
                 size=found.stat().st_size if found else None,
                 license=entry.license if entry else None, registry=str(src),
                 origin=registry_label(src),
-                note=None if found or entry else domain.note))
+                note=None if found or entry else domain.note,
+                needed_by=list(NEEDED_BY.get(role, ())),
+                url=entry.urls[0] if entry and entry.urls else None, label=domain.label,
+                made_by=made_by(entry) if entry else None))
     for name, entry in reg.weights.items():
-        if name in used:
+        if name in used or only is not None:
             continue
         found = find_file(entry)
         rows.append(Row(
@@ -115,35 +126,61 @@ def collect_rows(reg: Registry) -> list[Row]:
             status="present" if found else "missing",
             path=str(found or places_for(entry)[-1]),
             size=found.stat().st_size if found else None, license=entry.license,
-            registry=str(entry.source), origin=registry_label(entry.source)))
+            registry=str(entry.source), origin=registry_label(entry.source),
+            url=entry.urls[0] if entry.urls else None, made_by=made_by(entry)))
     return rows
 
 
+LIST_COLUMNS = ("DOMAIN", "ROLE", "STATUS", "SIZE", "NEEDED-BY", "FILE", "SOURCE")
+
+
+def text_table(rows: list[Row]) -> list[str]:
+    """One line per file, columns aligned with spaces and never wrapped or folded.
+
+    A box table folds long names over several lines in a narrow terminal and in a pipe, which
+    breaks both reading and ``grep``/``awk``; these lines stay whole (the terminal may still
+    soft-wrap a long line on screen, but it is one line of output).  No cell has a space.
+    """
+    cells = [LIST_COLUMNS] + [(
+        r.domain or "—", r.role or "—", r.status,
+        human_size(r.size).replace(" ", "") if r.size is not None else "—",
+        ",".join(r.needed_by) or "—", r.file, r.url or "—") for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(LIST_COLUMNS) - 1)]
+    return ["  ".join([*(c.ljust(w) for c, w in zip(row, widths, strict=False)), row[-1]])
+            for row in cells]
+
+
 @models_app.command("list")
-def list_(models: ModelsOpt = None, as_json: JsonOpt = False) -> None:
-    """Domains, their weight files, present/missing, size, licence and source registry."""
+def list_(
+    domain: Annotated[str | None, typer.Argument(
+        help="Only this domain's files.", show_default=False)] = None,
+    models: ModelsOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """One line per weight file: domain, role, present/missing, size, which commands need it
+    (edit / train / eval) and its download URL.  --json adds licence and source registry."""
     from .registry import Registry, cache_dir
 
     reg = Registry.load(models)
-    rows = collect_rows(reg)
+    if domain is not None:
+        reg.domain(domain)  # an unknown name is a usage error listing the known ones
+    rows = collect_rows(reg, domain)
     if as_json:
         typer.echo(json.dumps({"cache": str(cache_dir()),
                                "registries": [str(p) for p in reg.files],
                                "weights": [asdict(r) for r in rows]}, indent=2))
         return
-    table = Table(title="clipinvert weights", caption=f"cache: {cache_dir()}")
-    for col in ("Domain", "Role", "Weights", "File", "Status", "Size", "Licence", "Registry"):
-        table.add_column(col, overflow="fold")
+    for line in text_table(rows):
+        typer.echo(line.rstrip())
+    err = _err()
+    err.print(escape(f"cache: {cache_dir()}"))
+    notes = {(r.domain, r.label or r.note) for r in rows if r.label or r.note}
+    for dname, text in sorted(notes, key=lambda n: str(n[0])):
+        err.print(escape(f"{dname}: {text}"))
     for r in rows:
-        status = "[green]present[/]" if r.status == "present" else "[red]missing[/]"
-        cells = [r.domain or "—", r.role or "—", r.weights or "(path)", r.file]
-        tail = [human_size(r.size) if r.size is not None else "—", r.license or "—", r.origin]
-        table.add_row(*map(escape, cells), status, *map(escape, tail))
-    console = _out()
-    console.print(table)
-    notes = {(r.domain, r.note) for r in rows if r.note}
-    for domain, text in sorted(notes, key=lambda n: str(n[0])):
-        console.print(escape(f"{domain}: {text}"), highlight=False)
+        if r.made_by and r.status == "missing":
+            err.print(escape(f"{r.domain or r.weights} {r.role or ''}".rstrip()
+                             + f": {r.file} has no download; make it with `{r.made_by}`"))
 
 
 @dataclass

@@ -121,9 +121,45 @@ def test_list_shows_domains_files_status_and_origin(registry, tmp_path):
     plain = rows["tiny/clipinverter/None"]
     assert plain["status"] == "missing" and plain["note"] == "no released weights: train them"
     assert plain["path"] == str(registry.parent / "trained" / "clipinverter.pt")
-    # table form
-    code, out, _ = run("models", "list", "--models", str(registry))
-    assert code == 0 and "faces" in out and "tiny-e4e" in out and "missing" in out
+    assert faces["needed_by"] == ["edit", "train", "eval"]
+    assert faces["url"].startswith("https://drive.google.com/")
+    assert rows["faces/stylegan2/stylegan2-ffhq-config-f"]["needed_by"] == ["train"]
+    assert rows["faces/attributes/celeba-attributes"]["url"] is None
+    assert "train-classifier" in rows["faces/attributes/celeba-attributes"]["made_by"]
+    assert rows["tiny/e4e/tiny-e4e"]["url"].endswith("page.pt")
+    # DOMAIN filters (and an unknown one is a usage error)
+    code, out, _ = run("models", "list", "tiny", "--json", "--models", str(registry))
+    assert code == 0 and {r["domain"] for r in json.loads(out)["weights"]} == {"tiny"}
+    code, _, err = run("models", "list", "unicorns", "--models", str(registry))
+    assert code == 2 and "unknown domain 'unicorns'" in err
+
+
+@pytest.mark.parametrize("columns", ["60", "200"])
+def test_list_text_is_one_whole_line_per_file(registry, columns, monkeypatch):
+    """Captured (not a terminal) and at COLUMNS=60: a header and one line per file, every
+    file name and URL whole, nothing folded or boxed."""
+    monkeypatch.setenv("COLUMNS", columns)
+    code, out, err = run("models", "list", "--models", str(registry))
+    assert code == 0
+    _, js, _ = run("models", "list", "--json", "--models", str(registry))
+    rows = json.loads(js)["weights"]
+    lines = out.splitlines()
+    assert len(lines) == 1 + len(rows)
+    assert lines[0].split() == ["DOMAIN", "ROLE", "STATUS", "SIZE", "NEEDED-BY", "FILE",
+                                "SOURCE"]
+    for line, row in zip(lines[1:], rows, strict=True):
+        cells = line.split()
+        assert len(cells) == 7, line
+        assert cells[0] == (row["domain"] or "—") and cells[1] == (row["role"] or "—")
+        assert cells[2] == row["status"] and cells[5] == row["file"]
+        assert cells[4] == (",".join(row["needed_by"]) or "—")
+        assert cells[6] == (row["url"] or "—")
+    assert not set("│┃┏━╭─") & set(out)
+    e4e = next(ln for ln in lines if ln.startswith("faces ") and " e4e " in ln)
+    assert e4e.split()[4] == "edit,train,eval"
+    assert "cache: " in err and "tiny: no released weights: train them" in err
+    assert "celeba_attributes_mobilenet.pt has no download; make it with `clipinvert eval " \
+           "train-classifier" in err
 
 
 def test_download_verify_and_path(registry, tmp_path):
