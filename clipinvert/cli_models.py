@@ -399,3 +399,70 @@ def path(
         raise UsageError(f"unknown weights name {name!r} (known: "
                          f"{', '.join(sorted(reg.weights)) or 'none'}; or use DOMAIN:ROLE)")
     typer.echo(str(found))
+
+
+DEMO_CAPTIONS = "captions"  # the demo's tiny captioned image set, for `train --data`
+
+
+@models_app.command("demo")
+def demo(
+    directory: Annotated[Path, typer.Argument(
+        help="Folder to write the demo domain into (new or empty).", show_default=False)],
+    name: Annotated[str, typer.Option(help="Domain name to register it under.")] = "demo",
+    register: Annotated[bool, typer.Option(
+        "--register/--no-register",
+        help="Add the domain to your ~/.config/clipinvert/models.toml (else use --models).")
+    ] = True,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Write into DIR even if it holds other files.")] = False,
+) -> None:
+    """Try it without weights: a random-weight domain (tiny models) that every command runs on.
+
+    Writes DIR/models.toml, random-* weight files and DIR/captions/ (a few captioned images for
+    `train`), then registers the domain in your registry.  Its results are noise: it is for
+    trying the commands, not for real edits.  Prints the models.toml written.
+    """
+    import re
+
+    from .fileio import atomic_write_text
+    from .registry import PACKAGED_REGISTRY, Registry, set_domain_table, toml_table, user_registry
+
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+        raise UsageError(f"--name {name!r}: use letters, digits, '-' and '_' only")
+    packaged = Registry.load(PACKAGED_REGISTRY, user=False).domains
+    if name in packaged:
+        raise UsageError(f"--name {name}: that would hide the packaged domain {name!r}; "
+                         "choose another name")
+    if directory.exists() and not directory.is_dir():
+        raise UsageError(f"{directory} exists and is not a folder")
+    if directory.is_dir() and not overwrite:
+        present = sorted(p.name for p in directory.iterdir())
+        if present:
+            raise UsageError(f"{directory} already holds {len(present)} entries ("
+                             f"{', '.join(present[:3])}{', …' if len(present) > 3 else ''}); "
+                             "choose a new or empty folder, or pass --overwrite")
+    from .testing.models import DEMO_LABEL, write_demo_files
+    from .testing.training import write_caption_set
+
+    err = _err()
+    err.print(escape(f"writing random-weight models into {directory} …"))
+    files = write_demo_files(directory)
+    write_caption_set(directory / DEMO_CAPTIONS, n=6)
+    head: dict[str, str | int] = {
+        "description": "Demo: the tests' tiny models with random weights (32 px faces)",
+        "label": DEMO_LABEL, "resolution": 32, "align": "ffhq"}
+    toml = directory.resolve() / "models.toml"
+    atomic_write_text(toml, "# Written by `clipinvert models demo`: " + DEMO_LABEL + ".\n"
+                      + toml_table(f"domains.{name}", {**head, **files}))
+    if register:
+        where = directory.resolve()
+        user = user_registry()
+        replaced = set_domain_table(user, name, {**head, **{k: str(where / v)
+                                                            for k, v in files.items()}})
+        err.print(escape(f"{'replaced' if replaced else 'added'} domain {name!r} in {user}; "
+                         f"try: clipinvert edit PHOTO \"blond hair\" --domain {name} -o out/"))
+    else:
+        err.print(escape(f"not registered: pass --models {toml} --domain {name}"))
+    err.print(escape(f"{name}: {DEMO_LABEL}; train on it with --data "
+                     f"{directory.resolve() / DEMO_CAPTIONS}"))
+    typer.echo(str(toml))

@@ -311,3 +311,68 @@ class Registry:
             return places[0]
         raise WeightsError(f"{role} weights for domain {domain.name!r} not found{note}; looked "
                            f"in {places[0]}; fix the path in {domain.source}")
+
+
+# ---- writing registries ---------------------------------------------------------------------
+
+def toml_table(header: str, values: Mapping[str, str | int]) -> str:
+    """``[header]`` and ``key = value`` lines (strings quoted as TOML basic strings).
+
+    Only flat tables of strings and integers are ever written (a domain), which JSON's string
+    escapes cover exactly, so no TOML writer is needed.
+    """
+    import json
+
+    lines = [f"[{header}]"]
+    lines += [f"{k} = {v if isinstance(v, int) else json.dumps(str(v), ensure_ascii=False)}"
+              for k, v in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _without_table(text: str, header: str) -> tuple[str, bool]:
+    """``text`` with the ``[header]`` table (header line up to the next table) removed."""
+    import re
+
+    dotted = r"\s*\.\s*".join(f'"?{re.escape(part)}"?' for part in header.split("."))
+    start = re.compile(rf"^\s*\[\s*{dotted}\s*\]\s*(#.*)?$")
+    out: list[str] = []
+    skipping = found = False
+    for line in text.splitlines(keepends=True):
+        if start.match(line):
+            skipping = found = True
+            continue
+        if skipping and line.lstrip().startswith("["):
+            skipping = False
+        if not skipping:
+            out.append(line)
+    return "".join(out), found
+
+
+def set_domain_table(path: Path, name: str, values: Mapping[str, str | int]) -> bool:
+    """Add or replace ``[domains.NAME]`` in the registry file ``path``, keeping every other
+    line — the user's comments and tables — as it is; returns whether one was replaced.
+
+    The edit is textual (no TOML writer keeps comments, and none is a dependency), so the result
+    is parsed and compared before it is written: every other table must be unchanged and the
+    domain must read back as ``values``, else nothing is written (a usage error says what to add
+    by hand).  The new file replaces the old atomically.
+    """
+    from .fileio import atomic_write_text
+
+    table = toml_table(f"domains.{name}", values)
+    old = path.read_text(encoding="utf-8") if path.is_file() else ""
+    try:
+        before = tomllib.loads(old)
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"registry {path} is not valid TOML ({exc}); fix it, or add this "
+                         f"table by hand: {table!r}") from None
+    kept, replaced = _without_table(old, f"domains.{name}")
+    text = kept.rstrip("\n") + ("\n\n" if kept.strip() else "") + table
+    after = tomllib.loads(text)
+    want = dict(before)
+    want["domains"] = {**want.get("domains", {}), name: dict(values)}
+    if after != want:
+        raise UsageError(f"could not update {path} safely (an unusual layout around "
+                         f"[domains.{name}]); add this table by hand: {table!r}")
+    atomic_write_text(path, text)
+    return replaced

@@ -175,3 +175,25 @@ def test_failed_downloads_give_each_reason_and_never_advise_download(
                           'with path = "/path/to/e.pt" in a [weights.we] table of '), msg
     assert " | clipinverter weights for domain 'd': could not download wc weights" in msg
     assert "--download" not in msg and "\n" not in msg
+
+
+def test_set_domain_table_adds_replaces_and_keeps_everything_else(tmp_path: Path) -> None:
+    from clipinvert.registry import set_domain_table
+
+    user = tmp_path / "models.toml"
+    assert set_domain_table(user, "demo", {"resolution": 32, "e4e": "/a/e.pt"}) is False
+    assert Registry.load(user).domain("demo").weights["e4e"] == "/a/e.pt"
+    text = ('# mine\n[domains.x]  # my domain\nresolution = 64\n\n[domains."demo"]\n'
+            'resolution = 16\ne4e = "old"\n# a comment that goes with demo\n'
+            '[weights.w]\nfile = "w.pt" # keep\n')
+    user.write_text(text, encoding="utf-8")
+    assert set_domain_table(user, "demo", {"resolution": 32, "e4e": 'C:\\w "q".pt'}) is True
+    new = user.read_text(encoding="utf-8")
+    assert new.startswith('# mine\n[domains.x]  # my domain\nresolution = 64\n\n'
+                          '[weights.w]\nfile = "w.pt" # keep\n')
+    reg = Registry.load(user)
+    assert reg.domain("demo").weights["e4e"] == 'C:\\w "q".pt' and reg.domain("x")
+    user.write_text("not = [toml", encoding="utf-8")
+    with pytest.raises(UsageError, match="not valid TOML"):
+        set_domain_table(user, "demo", {"resolution": 32})
+    assert user.read_text(encoding="utf-8") == "not = [toml"
