@@ -303,7 +303,9 @@ class Registry:
         places, entry = self.candidates(domain, role)
         if entry is not None:
             try:
-                return find_or_fetch(entry, download=self.download, offline=self.offline)
+                # A progress bar only on a terminal: a log or a pipe wants the one result line.
+                return find_or_fetch(entry, download=self.download, offline=self.offline,
+                                     progress=sys.stderr.isatty())
             except WeightsError as exc:
                 raise WeightsError(f"{role} weights for domain {domain.name!r}{note}: "
                                    f"{exc}") from None

@@ -301,3 +301,31 @@ def test_download_all_succeeds_when_only_unpublished_files_are_left(tmp_path):
     # named explicitly, it is still an error (exit 3) that says how to make it
     code, _, err = run("models", "download", "celeba-attributes")
     assert code == 3 and "make it with `clipinvert eval train-classifier" in err
+
+
+def test_edit_download_failure_gives_the_reason_not_the_flag(tmp_path, monkeypatch, capsys):
+    """`edit --download` whose URL refuses: one line with the plain reason and where a copy
+    fetched by hand goes, and no advice to pass --download again."""
+    import socket
+
+    from PIL import Image
+
+    from clipinvert.cli import main
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    toml = tmp_path / "m.toml"
+    toml.write_text(f'[domains.d]\nresolution = 32\ne4e = "we"\nclipinverter = "c.pt"\n'
+                    f'clip = "k.pt"\n[weights.we]\nfile = "e.pt"\n'
+                    f'urls = ["http://127.0.0.1:{port}/e.pt"]\n', encoding="utf-8")
+    img = tmp_path / "x.png"
+    Image.new("RGB", (32, 32), "gray").save(img)
+    monkeypatch.setattr("clipinvert.weights.download.DEFAULT_RETRIES", 0)
+    rc = main(["edit", str(img), "x", "--models", str(toml), "--domain", "d", "--download",
+               "-o", str(tmp_path / "o"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 3 and len(err.strip().splitlines()) == 1, err
+    assert f"connection refused by 127.0.0.1:{port}" in err
+    assert f"put it at {tmp_path / 'home' / 'e.pt'}" in err
+    assert "--download" not in err
