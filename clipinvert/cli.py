@@ -409,9 +409,10 @@ def train(
                         trust=opts.trust_checkpoint, log=say)
     if toml is not None:  # None: a torchrun process other than rank 0 (it prints nothing)
         name = Path(cfg.run_dir).resolve().name
-        # The one stdout line; tests/test_train*.py read it there.  (Issue 17's rule would
-        # make it the models.toml path alone, with this hint on stderr: see the CLI report.)
-        print(f"trained: clipinvert edit IMAGES PROMPT --models {toml} --domain {name}")
+        # stdout: the result (the run's models.toml); how to use it goes to stderr.
+        print(f"trained: clipinvert edit IMAGES PROMPT --models {toml} --domain {name}",
+              file=sys.stderr)
+        print(toml)
 
 
 def _train_resume_hint(run_dir: Path) -> str:
@@ -434,6 +435,8 @@ MODELS_EXAMPLES = {
     "models verify": examples("clipinvert models verify", "clipinvert models verify faces --json"),
     "models path": examples("clipinvert models path faces:e4e",
                             "clipinvert models path faces:clipinverter --download"),
+    "models demo": examples("clipinvert models demo ~/clipinvert-demo",
+                            "clipinvert models demo demo/ --no-register --name try"),
 }
 house_style(app, MODELS_EXAMPLES)
 

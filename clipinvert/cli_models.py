@@ -242,7 +242,9 @@ def download(
         show_default=False)] = None,
     models: ModelsOpt = None,
     offline: OfflineOpt = False,
-    force: Annotated[bool, typer.Option(help="Download again even if present.")] = False,
+    force: Annotated[bool, typer.Option(
+        "--overwrite/--no-overwrite", "--force/--no-force",
+        help="Download again even if present (--force is an alias).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
     all_roles: Annotated[bool, typer.Option(
         "--all", help="For a domain, also the files only train/eval read ("
@@ -272,6 +274,7 @@ def download(
         if found is not None and problem is None and not force:
             if not quiet:
                 err.print(f"present     {escape(entry.name)}: {escape(str(found))}")
+            typer.echo(str(found))  # stdout: the result, one path per file ready
             continue
         if found is not None and problem and found != cache_dir() / entry.file:
             # An explicit path wins over the cache, so downloading would not fix it.
@@ -288,6 +291,7 @@ def download(
         if not quiet:
             err.print(f"downloaded  {escape(entry.name)}: {escape(str(got))} "
                       f"({human_size(got.stat().st_size)})")
+        typer.echo(str(got))
     if len(problems) == 1:
         raise WeightsError(problems[0][1])
     if problems:

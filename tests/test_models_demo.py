@@ -39,6 +39,7 @@ def test_demo_registers_a_domain_that_edit_runs_on(config: Path, tmp_path: Path,
     assert main(["edit", str(PHOTO), "blond hair", "--domain", "demo", "-o", str(edited),
                  "--device", "cpu", "--workers", "0", "--quiet"]) == 0
     assert (edited / "astronaut.png").is_file()
+    assert capsys.readouterr().out == f"{edited / 'clipinvert-report.json'}\n"
 
     assert main(["models", "list", "demo"]) == 0
     out, err = capsys.readouterr()

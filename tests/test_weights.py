@@ -563,3 +563,24 @@ def test_cache_falls_back_when_it_cannot_help(tmp_path, monkeypatch):
     copy.write_bytes(b"garbage")  # a damaged copy is replaced, not an error
     assert torch.equal(wcache.cached_state(small, min_bytes=0)["w"], torch.ones(2))
     assert torch.equal(wcache.load_tree(wcache.cached_path(small))["w"], torch.ones(2))
+
+
+def test_cached_copy_is_aligned_and_computes_the_same_bits(tmp_path: Path) -> None:
+    """The safetensors copy packs tensors at arbitrary offsets; what it hands out starts on a
+    64-byte boundary like a fresh tensor, so a layer gives the same bits from either file (an
+    unaligned weight once made a resumed training run part from its uninterrupted twin)."""
+    torch.manual_seed(0)
+    state = {"odd": torch.randn(3), "w": torch.randn(64, 64, 3, 3), "b": torch.randn(7)}
+    target = tmp_path / "copy.safetensors"
+    wcache.save_tree(state, target)
+    loaded = wcache.load_tree(target)
+    assert all(t.data_ptr() % wcache.ALIGNMENT == 0 for t in loaded.values())
+    assert all(torch.equal(loaded[k], state[k]) for k in state)
+    x = torch.randn(2, 64, 16, 16)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(torch.nn.functional.conv2d(x, loaded["w"]),
+                           torch.nn.functional.conv2d(x, state["w"]))
+    finally:
+        torch.set_num_threads(threads)
