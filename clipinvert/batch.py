@@ -27,6 +27,7 @@ from pathlib import Path
 
 from PIL import Image
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -41,9 +42,11 @@ from rich.text import Text
 
 from . import __version__, imaging
 from .distributed import Launch, barrier, gather, process_group
-from .errors import ClipInvertError, UsageError
+from .errors import ClipInvertError, DiskFullError, UsageError
+from .fileio import full_error
 from .manifest import Manifest, describe_difference, fingerprint, json_safe
 from .naming import Claims, check_output_folder, output_stems, slugify, unique_slugs
+from .outlock import claim_output
 from .workers import worker_init
 
 __all__ = ["Crop", "Prepared", "PrepareOptions", "Report", "RunOptions", "run_folder",
@@ -169,6 +172,13 @@ class Report:
         self.images_done = 0
         self.meta: dict = {}
         self.warnings: list[str] = []
+        # How the user wrote each input (``photos/a.jpg``), for the lines they read; records
+        # keep the absolute path scripts can open from anywhere.
+        self.shown: dict[Path, str] = {}
+
+    def name(self, src: Path) -> str:
+        """``src`` as the user gave it (relative paths stay relative)."""
+        return self.shown.get(Path(src), str(src))
 
     def warn(self, line: str) -> None:
         """A warning line on stderr (even with --quiet: it changes what the run does) that
@@ -191,8 +201,8 @@ class Report:
     def failed(self, src: Path, reason: str, **extra: object) -> None:
         self._add("failed", src, reason=reason, **extra)
         # One actionable line per bad input, even in quiet mode: scripts log stderr.
-        self.console.print(f"[red]failed[/red] {src}: {reason}", markup=True, highlight=False,
-                           soft_wrap=True)
+        self.console.print(f"[red]failed[/red] {escape(self.name(src))}: {escape(reason)}",
+                           markup=True, highlight=False, soft_wrap=True)
 
     def count(self, status: str) -> int:
         return sum(1 for r in self.records if r["status"] == status)
@@ -351,9 +361,26 @@ def _run_folder(command: str, inputs: Path, opts: RunOptions, params: dict,
     sources = imaging.list_inputs(inputs, exclude=[out], notes=notes)
     for line in notes:
         report.warn(line)
-    if not sources:
-        report.console.print(f"no image files found in {inputs}", highlight=False)
+    if not sources:  # a script must be able to tell that nothing was done
+        raise UsageError(f"no image files found in {inputs}: nothing to do")
+    given = Path(inputs)
+    report.shown = {src: str(given if given.is_file() else given / rel) for src, rel in sources}
+    # One writer per output folder, taken before any model loads (outlock.py); a folder this
+    # run created is removed again when the run ends without writing anything into it.
+    with claim_output(out, is_main=launch.is_main,
+                      share=lambda verdict: gather(launch, verdict)[0],  # type: ignore[return-value]
+                      note=report.warn):
+        return _run_claimed(command, sources, opts, report, outputs_for, process, meta,
+                            settings, setup, auto_batch)
 
+
+def _run_claimed(command: str, sources: list[tuple[Path, Path]], opts: RunOptions,
+                 report: Report, outputs_for: OutputsFor, process: ProcessBatch,
+                 meta: Callable[[], dict] | None, settings: dict | None,
+                 setup: Callable[[Report], None] | None,
+                 auto_batch: Callable[[], int] | None) -> Report:
+    """The run itself, once the output folder is this run's."""
+    launch, out, console = opts.launch, opts.output, report.console
     prep = opts.prepare
     settings = {"command": command, **(settings or {}),
                 "prepare": {"align": prep.align, "size": prep.size, "all_faces": prep.all_faces,
@@ -395,7 +422,7 @@ def _run_folder(command: str, inputs: Path, opts: RunOptions, params: dict,
         mine = k % launch.world_size == launch.rank
         name, why = claims.claim(stem, str(src), outs_of)
         if why is not None and launch.is_main:
-            report.warn(f"{src}: output renamed to {name.as_posix()} ({why})")
+            report.warn(f"{report.name(src)}: output renamed to {name.as_posix()} ({why})")
         if name != rel.with_suffix(""):
             renamed[src] = name.as_posix()
         if not opts.overwrite:
@@ -421,6 +448,8 @@ def _run_folder(command: str, inputs: Path, opts: RunOptions, params: dict,
     owners: list[Prepared] = []
     progress = make_progress(console, report.quiet)
     interrupted = False
+    full: DiskFullError | None = None
+    squash = _SquashNotes(report, prep.size)
     with progress:
         task = progress.add_task(command, total=len(todo))
         # Decoding/alignment runs ahead in worker processes; its own bar shows whether the
@@ -439,7 +468,10 @@ def _run_folder(command: str, inputs: Path, opts: RunOptions, params: dict,
 
         def settle(keep: int) -> None:
             """Finish the batches whose writes are done, all but the newest ``keep``: an input
-            is done when every file of it is on disk, failed when one could not be written."""
+            is done when every file of it is on disk, failed when one could not be written.
+            A full disk is no input's fault: the inputs whose files are all written are done,
+            the others stay to do, and the run stops (DiskFullError)."""
+            full: DiskFullError | None = None
             while len(inflight) > keep:
                 batch_owners, written, writes = inflight.popleft()
                 errors: dict[Path, BaseException] = {}
@@ -447,30 +479,54 @@ def _run_folder(command: str, inputs: Path, opts: RunOptions, params: dict,
                     try:
                         future.result()
                     except Exception as exc:  # noqa: BLE001 - that input fails, the run goes on
-                        errors[path] = exc
+                        errors[path] = full_error(exc, path) or exc
+                        if isinstance(errors[path], DiskFullError):
+                            full = full or errors[path]  # type: ignore[assignment]
                 for owner, paths in zip(batch_owners, written, strict=True):
                     if bad := [p for p in paths if p in errors]:
-                        fail(owner, f"cannot write {bad[0]}: {errors[bad[0]]}")
+                        if not isinstance(errors[bad[0]], DiskFullError):
+                            fail(owner, f"cannot write {bad[0]}: {errors[bad[0]]}")
                         continue
                     owner.outputs.extend(paths)
                     owner.remaining -= 1
                     if owner.remaining == 0 and not owner.failed:
                         report.done(owner.src, owner.outputs, **_named(renamed, owner.src))
                         progress.advance(task)
+            if full is not None:
+                raise full
+
+        def check_disk() -> None:
+            """Stop before the next model pass when a background write already found the disk
+            full: its outputs could not be written either."""
+            for _, _, writes in inflight:
+                for _, future in writes:
+                    if future.done() and isinstance(future.exception(), DiskFullError):
+                        raise future.exception()  # type: ignore[misc]
+
+        def drain() -> None:
+            """Wait for the writes of a batch that failed: each ends whole or not at all."""
+            for _, pending_write in opts.writer.take():
+                with contextlib.suppress(Exception):
+                    pending_write.result()
 
         def run_batch(crops: list[Crop], batch_owners: list[Prepared]) -> None:
             nonlocal batch  # --batch-size auto: halved for the rest of the run on OOM
             # Recorded before writing: outputs appear whole or not at all, so an output that
             # exists and is recorded was finished with these settings, whatever happens next.
-            manifest.begin(settings)
+            check_disk()
+            manifest.begin(settings)  # a full disk stops here, before the model pass
             manifest.record([p for c in crops for p in outputs_for(c)], fp)
             try:
                 written = process(crops, batch_owners)
             except ClipInvertError as exc:
-                if exc.exit_code != 1:
-                    raise  # weights/usage problems end the run
+                if exc.exit_code != 1 or isinstance(exc, DiskFullError):
+                    drain()
+                    raise  # weights/usage problems and a full disk end the run
                 error: Exception = exc
             except Exception as exc:
+                if (stop := full_error(exc)) is not None:
+                    drain()
+                    raise stop from exc  # what cannot be written stops the run, see settle
                 if os.environ.get("CLIPINVERT_DEBUG"):
                     traceback.print_exc()
                 error = exc
@@ -479,9 +535,7 @@ def _run_folder(command: str, inputs: Path, opts: RunOptions, params: dict,
                 inflight.append((batch_owners, written, opts.writer.take()))
                 settle(keep=1)  # the previous batch's files are written by now, or failed
                 return
-            for _, pending_write in opts.writer.take():  # a failed batch's partial writes
-                with contextlib.suppress(Exception):
-                    pending_write.result()
+            drain()  # a failed batch's partial writes
             if len(crops) > 1:
                 _free_accelerator_memory()
                 step = 1
@@ -511,13 +565,15 @@ def _run_folder(command: str, inputs: Path, opts: RunOptions, params: dict,
                     report.failed(item.src, item.error, **_named(renamed, item.src))
                     progress.advance(task)
                     continue
+                if not prep.align:
+                    squash.check(item)
                 crops = item.crops
                 for crop in crops:  # face-suffixed names are only known now
                     if crop.rel != item.rel:
                         name, why = claims.claim(crop.rel, str(item.src), outs_of)
                         if why is not None:
-                            report.warn(f"{item.src}: output renamed to {name.as_posix()} "
-                                        f"({why})")
+                            report.warn(f"{report.name(item.src)}: output renamed to "
+                                        f"{name.as_posix()} ({why})")
                         crop.rel = name
                 outs = [p for c in crops for p in outputs_for(c)]
                 if not opts.overwrite:
@@ -538,20 +594,32 @@ def _run_folder(command: str, inputs: Path, opts: RunOptions, params: dict,
             flush()
         except KeyboardInterrupt:
             interrupted = True
+        except DiskFullError as exc:
+            full = exc
         finally:
             try:
                 settle(keep=0)  # writes in flight finish (whole files) before the report
             except KeyboardInterrupt:
                 interrupted = True
+            except DiskFullError as exc:
+                full = full or exc
             opts.writer.close()
             if not launch.distributed:
-                with contextlib.suppress(OSError):
+                with contextlib.suppress(OSError):  # DiskFullError is one: the old file stays
                     manifest.compact()
+    squash.summary()
     report.meta["batch_size"]["used"] = batch
     if meta:
         report.meta.update(meta())
     if interrupted:
         report.meta["interrupted"] = True
+    mine = sum(1 for k in range(len(sources)) if k % launch.world_size == launch.rank)
+    if full is not None:
+        report.meta["stopped"] = "disk full"
+        if not launch.distributed:  # best effort: the report may not fit either
+            with contextlib.suppress(OSError):
+                report.write(opts.report_path)
+        raise _disk_full_stop(full, report, mine)
     if launch.distributed:
         if interrupted:  # the others are stopping too: no gather; a rerun resumes every shard
             raise KeyboardInterrupt
@@ -559,14 +627,14 @@ def _run_folder(command: str, inputs: Path, opts: RunOptions, params: dict,
         if launch.is_main:
             with contextlib.suppress(OSError):
                 Manifest.load(out).compact()  # every process is done: fold their parts
-            report.write(opts.report_path)
+            _write_report(report, opts.report_path, len(sources))
         # torchrun ends every process as soon as one exits with an error (a bad input is
         # exit 1): nobody leaves before rank 0 has written the report.
         barrier(launch)
         if not launch.is_main:
             return report
     else:
-        report.write(opts.report_path)
+        _write_report(report, opts.report_path, mine)
     if not opts.quiet:
         console.print(report.summary() + f" — report: {opts.report_path}", highlight=False,
                       soft_wrap=True)
@@ -576,6 +644,54 @@ def _run_folder(command: str, inputs: Path, opts: RunOptions, params: dict,
 
 
 _PLACEHOLDER = Image.new("RGB", (1, 1))  # stands for a crop when only its name matters
+
+
+class _SquashNotes:
+    """Warnings for inputs that are not square on a run without alignment: the model sees a
+    square, so they are resized to one and their aspect ratio changes.  Silently stretched
+    faces look like a bad model; one line per input says why (the first
+    :attr:`LIMIT`, then one line counting the rest, so a folder of landscape photos does not
+    flood the terminal)."""
+
+    LIMIT = 5
+
+    def __init__(self, report: Report, size: int) -> None:
+        self.report, self.size, self.count = report, size, 0
+
+    def check(self, item: Prepared) -> None:
+        w, h = item.crops[0].image.size if item.crops else (0, 0)
+        if w == h:
+            return
+        self.count += 1
+        if self.count <= self.LIMIT:
+            self.report.warn(f"{self.report.name(item.src)}: {w}×{h} is not square; it is "
+                             f"resized to {self.size}×{self.size}, which changes its aspect "
+                             "ratio (crop it square first to avoid this)")
+
+    def summary(self) -> None:
+        if self.count > self.LIMIT:
+            self.report.warn(f"{self.count - self.LIMIT} more input(s) that are not square "
+                             f"were resized to {self.size}×{self.size} too")
+
+
+def _finished_count(report: Report) -> int:
+    return report.count("done") + report.count("skipped")
+
+
+def _disk_full_stop(exc: DiskFullError, report: Report, total: int) -> DiskFullError:
+    """The one line a run stopped by a full disk ends with: what could not be written, how far
+    it got, and that the same command finishes the rest (nothing finished is redone)."""
+    return DiskFullError(f"{exc}: {_finished_count(report)} of {total} inputs done; free space "
+                         "and run the same command again to finish the rest", exc.path)
+
+
+def _write_report(report: Report, path: Path, total: int) -> None:
+    """The report at the end of a run; a full disk here still ends as one line (every output
+    is written by now: a rerun skips them all and writes the report)."""
+    try:
+        report.write(path)
+    except DiskFullError as exc:
+        raise _disk_full_stop(exc, report, total) from None
 
 
 def _merge_ranks(report: Report, launch: Launch, order: list[Path]) -> None:

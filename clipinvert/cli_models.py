@@ -4,8 +4,9 @@ Mounted by the main CLI with ``app.add_typer(models_app, name="models")``.  Comm
 :mod:`clipinvert.errors` exceptions and leave exit codes to ``clipinvert.cli.main`` (2 usage,
 3 weights missing or invalid).  Results (tables, JSON, paths) go to stdout; download progress
 and per-file notes go to stderr, so scripts can capture the one and show the other.
-The registry and :mod:`clipinvert.weights` (torch) are imported in the function bodies:
-importing this module (``clipinvert --help``) loads no torch.
+The registry is light (TOML, no torch); :mod:`clipinvert.weights` and the tiny demo models
+(torch) are imported in the function bodies: importing this module (``clipinvert --help``)
+loads no torch.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -24,6 +25,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .errors import UsageError, WeightsError
+from .registry import EDIT_ROLES, TRAIN_EVAL_ROLES
 
 if TYPE_CHECKING:
     from .registry import Registry, WeightEntry
@@ -80,15 +82,23 @@ class Row:
     registry: str  # the models.toml the entry (or the domain, for a path) came from
     origin: str  # packaged / user / the --models file
     note: str | None = None
+    needed_by: list[str] = field(default_factory=list)  # edit / train / eval
+    url: str | None = None  # the first download URL
+    label: str | None = None  # the domain's label, e.g. "random weights"
+    made_by: str | None = None  # the command that makes a file nobody publishes
 
 
-def collect_rows(reg: Registry) -> list[Row]:
-    """Every domain role, then the [weights.*] entries that no domain names."""
-    from .weights.download import find_file, places_for
+def collect_rows(reg: Registry, only: str | None = None) -> list[Row]:
+    """Every domain role (of domain ``only`` if given), then — unless ``only`` — the
+    [weights.*] entries that no domain names."""
+    from .registry import NEEDED_BY
+    from .weights.download import find_file, made_by, places_for
 
     rows: list[Row] = []
     used: set[str] = set()
     for dname, domain in reg.domains.items():
+        if only is not None and dname != only:
+            continue
         for role, ref in domain.weights.items():
             places, entry = reg.candidates(domain, role)
             found = next((p for p in places if p.is_file()), None)
@@ -103,9 +113,12 @@ def collect_rows(reg: Registry) -> list[Row]:
                 size=found.stat().st_size if found else None,
                 license=entry.license if entry else None, registry=str(src),
                 origin=registry_label(src),
-                note=None if found or entry else domain.note))
+                note=None if found or entry else domain.note,
+                needed_by=list(NEEDED_BY.get(role, ())),
+                url=entry.urls[0] if entry and entry.urls else None, label=domain.label,
+                made_by=made_by(entry) if entry else None))
     for name, entry in reg.weights.items():
-        if name in used:
+        if name in used or only is not None:
             continue
         found = find_file(entry)
         rows.append(Row(
@@ -113,45 +126,86 @@ def collect_rows(reg: Registry) -> list[Row]:
             status="present" if found else "missing",
             path=str(found or places_for(entry)[-1]),
             size=found.stat().st_size if found else None, license=entry.license,
-            registry=str(entry.source), origin=registry_label(entry.source)))
+            registry=str(entry.source), origin=registry_label(entry.source),
+            url=entry.urls[0] if entry.urls else None, made_by=made_by(entry)))
     return rows
 
 
+LIST_COLUMNS = ("DOMAIN", "ROLE", "STATUS", "SIZE", "NEEDED-BY", "FILE", "SOURCE")
+
+
+def text_table(rows: list[Row]) -> list[str]:
+    """One line per file, columns aligned with spaces and never wrapped or folded.
+
+    A box table folds long names over several lines in a narrow terminal and in a pipe, which
+    breaks both reading and ``grep``/``awk``; these lines stay whole (the terminal may still
+    soft-wrap a long line on screen, but it is one line of output).  No cell has a space.
+    """
+    cells = [LIST_COLUMNS] + [(
+        r.domain or "—", r.role or "—", r.status,
+        human_size(r.size).replace(" ", "") if r.size is not None else "—",
+        ",".join(r.needed_by) or "—", r.file, r.url or "—") for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(LIST_COLUMNS) - 1)]
+    return ["  ".join([*(c.ljust(w) for c, w in zip(row, widths, strict=False)), row[-1]])
+            for row in cells]
+
+
 @models_app.command("list")
-def list_(models: ModelsOpt = None, as_json: JsonOpt = False) -> None:
-    """Domains, their weight files, present/missing, size, licence and source registry."""
+def list_(
+    domain: Annotated[str | None, typer.Argument(
+        help="Only this domain's files.", show_default=False)] = None,
+    models: ModelsOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """One line per weight file: domain, role, present/missing, size, which commands need it
+    (edit / train / eval) and its download URL.  --json adds licence and source registry."""
     from .registry import Registry, cache_dir
 
     reg = Registry.load(models)
-    rows = collect_rows(reg)
+    if domain is not None:
+        reg.domain(domain)  # an unknown name is a usage error listing the known ones
+    rows = collect_rows(reg, domain)
     if as_json:
         typer.echo(json.dumps({"cache": str(cache_dir()),
                                "registries": [str(p) for p in reg.files],
                                "weights": [asdict(r) for r in rows]}, indent=2))
         return
-    table = Table(title="clipinvert weights", caption=f"cache: {cache_dir()}")
-    for col in ("Domain", "Role", "Weights", "File", "Status", "Size", "Licence", "Registry"):
-        table.add_column(col, overflow="fold")
+    for line in text_table(rows):
+        typer.echo(line.rstrip())
+    err = _err()
+    err.print(escape(f"cache: {cache_dir()}"))
+    notes = {(r.domain, r.label or r.note) for r in rows if r.label or r.note}
+    for dname, text in sorted(notes, key=lambda n: str(n[0])):
+        err.print(escape(f"{dname}: {text}"))
     for r in rows:
-        status = "[green]present[/]" if r.status == "present" else "[red]missing[/]"
-        cells = [r.domain or "—", r.role or "—", r.weights or "(path)", r.file]
-        tail = [human_size(r.size) if r.size is not None else "—", r.license or "—", r.origin]
-        table.add_row(*map(escape, cells), status, *map(escape, tail))
-    console = _out()
-    console.print(table)
-    notes = {(r.domain, r.note) for r in rows if r.note}
-    for domain, text in sorted(notes, key=lambda n: str(n[0])):
-        console.print(escape(f"{domain}: {text}"), highlight=False)
+        if r.made_by and r.status == "missing":
+            err.print(escape(f"{r.domain or r.weights} {r.role or ''}".rstrip()
+                             + f": {r.file} has no download; make it with `{r.made_by}`"))
+
+
+@dataclass
+class Selection:
+    """What ``models download``/``verify`` act on for their DOMAIN and NAME targets."""
+
+    entries: list[WeightEntry]
+    unavailable: list[str]  # "DOMAIN ROLE: why" — requested, missing, and no download
+    notes: list[str]  # "DOMAIN ROLE: how to make it" — missing --all additions nobody publishes
 
 
 def _select(reg: Registry, targets: Iterable[str],
-            roles: Iterable[str] | None = None) -> tuple[list[WeightEntry], list[str]]:
+            roles: Iterable[str] | None = None) -> Selection:
     """Weight entries for DOMAIN or NAME targets, and why any requested file has no download.
 
-    For a domain only ``roles`` are taken (all when None); a NAME is always taken.
+    For a domain only ``roles`` are taken (all when None); a NAME is always taken.  A missing
+    file that only training or evaluation reads and that nobody publishes (the attribute
+    classifier: you make it) is a note, not a failure: ``download faces --all`` must be able
+    to succeed.
     """
+    from .registry import EDIT_ROLES
+    from .weights.download import find_file, made_by
+
+    sel = Selection([], [], [])
     entries: dict[str, WeightEntry] = {}
-    unavailable: list[str] = []
     for target in targets:
         if target in reg.domains:
             domain = reg.domains[target]
@@ -159,10 +213,15 @@ def _select(reg: Registry, targets: Iterable[str],
                 if roles is not None and role not in roles:
                     continue
                 places, entry = reg.candidates(domain, role)
-                if entry is not None:
+                optional = role not in EDIT_ROLES
+                if entry is not None and (entry.urls or not optional or find_file(entry)):
                     entries.setdefault(entry.name, entry)
+                elif entry is not None:
+                    how = (f"make it with `{made_by(entry)}`" if entry.made_by
+                           else entry.description or "no download is published")
+                    sel.notes.append(f"{target} {role}: {entry.file} has no download; {how}")
                 elif not any(p.is_file() for p in places):
-                    unavailable.append(
+                    (sel.notes if optional else sel.unavailable).append(
                         f"{target} {role}: {places[0]} is missing and has no download"
                         + (f" — {domain.note}" if domain.note else ""))
         elif target in reg.weights:
@@ -172,43 +231,50 @@ def _select(reg: Registry, targets: Iterable[str],
                 f"unknown domain or weights name {target!r} (domains: "
                 f"{', '.join(sorted(reg.domains)) or 'none'}; weights: "
                 f"{', '.join(sorted(reg.weights)) or 'none'})")
-    return list(entries.values()), unavailable
+    sel.entries = list(entries.values())
+    return sel
 
 
 @models_app.command("download")
 def download(
     targets: Annotated[list[str] | None, typer.Argument(
-        help=f"Domains and/or weights names [default: {DEFAULT_DOMAIN}].",
+        help=f"Domains and/or weights names (default: {DEFAULT_DOMAIN}).",
         show_default=False)] = None,
     models: ModelsOpt = None,
     offline: OfflineOpt = False,
-    force: Annotated[bool, typer.Option(help="Download again even if present.")] = False,
+    force: Annotated[bool, typer.Option(
+        "--overwrite/--no-overwrite", "--force/--no-force",
+        help="Download again even if present (--force is an alias).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
     all_roles: Annotated[bool, typer.Option(
-        "--all", help="For a domain, also the files only training/eval need (StyleGAN2, "
-        "ArcFace, MoCo, the LPIPS AlexNet trunk); by default only what editing needs.")
-    ] = False,
+        "--all", help="For a domain, also the files only train/eval read ("
+        + ", ".join(TRAIN_EVAL_ROLES) + "); by default only what editing needs ("
+        + ", ".join(EDIT_ROLES) + "). Files nobody publishes are listed with the command "
+        "that makes them.")] = False,
 ) -> None:
     """Download the weight files of domains or named entries into the cache (verified)."""
-    from .registry import EDIT_ROLES, Registry, cache_dir
+    from .registry import Registry, cache_dir
     from .weights.download import fetch, find_file, is_offline, payload_problem
 
     reg = Registry.load(models)
-    entries, unavailable = _select(reg, targets or [DEFAULT_DOMAIN],
-                                   None if all_roles else EDIT_ROLES)
+    sel = _select(reg, targets or [DEFAULT_DOMAIN], None if all_roles else EDIT_ROLES)
     err = _err()
     off = is_offline(offline)
     problems: list[tuple[str, str]] = []  # (what, one-line reason)
-    for line in unavailable:
+    for line in sel.notes:
+        what, _, why = line.partition(": ")
+        err.print(f"[yellow]not downloadable[/] {escape(what)}: {escape(why)}")
+    for line in sel.unavailable:
         what, _, why = line.partition(": ")
         problems.append((what, why))
         err.print(f"[red]unavailable[/] {escape(what)}: {escape(why)}")
-    for entry in entries:
+    for entry in sel.entries:
         found = find_file(entry)
         problem = payload_problem(found, entry) if found is not None else None
         if found is not None and problem is None and not force:
             if not quiet:
                 err.print(f"present     {escape(entry.name)}: {escape(str(found))}")
+            typer.echo(str(found))  # stdout: the result, one path per file ready
             continue
         if found is not None and problem and found != cache_dir() / entry.file:
             # An explicit path wins over the cache, so downloading would not fix it.
@@ -225,6 +291,7 @@ def download(
         if not quiet:
             err.print(f"downloaded  {escape(entry.name)}: {escape(str(got))} "
                       f"({human_size(got.stat().st_size)})")
+        typer.echo(str(got))
     if len(problems) == 1:
         raise WeightsError(problems[0][1])
     if problems:
@@ -272,9 +339,10 @@ def verify(
     reg = Registry.load(models)
     checks: list[Check] = []
     if names:
-        entries, unavailable = _select(reg, names)
-        checks += [_verify_entry(e, required=True) for e in entries]
-        checks += [Check(u.split(":", 1)[0], None, "bad", u) for u in unavailable]
+        sel = _select(reg, names)
+        checks += [_verify_entry(e, required=True) for e in sel.entries]
+        checks += [Check(u.split(":", 1)[0], None, "bad", u) for u in sel.unavailable]
+        checks += [Check(u.split(":", 1)[0], None, "missing", u) for u in sel.notes]
     else:
         checks += [_verify_entry(e, required=False) for e in reg.weights.values()]
         for dname, domain in reg.domains.items():  # plain paths: present ones are sanity-checked
@@ -335,3 +403,70 @@ def path(
         raise UsageError(f"unknown weights name {name!r} (known: "
                          f"{', '.join(sorted(reg.weights)) or 'none'}; or use DOMAIN:ROLE)")
     typer.echo(str(found))
+
+
+DEMO_CAPTIONS = "captions"  # the demo's tiny captioned image set, for `train --data`
+
+
+@models_app.command("demo")
+def demo(
+    directory: Annotated[Path, typer.Argument(
+        help="Folder to write the demo domain into (new or empty).", show_default=False)],
+    name: Annotated[str, typer.Option(help="Domain name to register it under.")] = "demo",
+    register: Annotated[bool, typer.Option(
+        "--register/--no-register",
+        help="Add the domain to your ~/.config/clipinvert/models.toml (else use --models).")
+    ] = True,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Write into DIR even if it holds other files.")] = False,
+) -> None:
+    """Try it without weights: a random-weight domain (tiny models) that every command runs on.
+
+    Writes DIR/models.toml, random-* weight files and DIR/captions/ (a few captioned images for
+    `train`), then registers the domain in your registry.  Its results are noise: it is for
+    trying the commands, not for real edits.  Prints the models.toml written.
+    """
+    import re
+
+    from .fileio import atomic_write_text
+    from .registry import PACKAGED_REGISTRY, Registry, set_domain_table, toml_table, user_registry
+
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+        raise UsageError(f"--name {name!r}: use letters, digits, '-' and '_' only")
+    packaged = Registry.load(PACKAGED_REGISTRY, user=False).domains
+    if name in packaged:
+        raise UsageError(f"--name {name}: that would hide the packaged domain {name!r}; "
+                         "choose another name")
+    if directory.exists() and not directory.is_dir():
+        raise UsageError(f"{directory} exists and is not a folder")
+    if directory.is_dir() and not overwrite:
+        present = sorted(p.name for p in directory.iterdir())
+        if present:
+            raise UsageError(f"{directory} already holds {len(present)} entries ("
+                             f"{', '.join(present[:3])}{', …' if len(present) > 3 else ''}); "
+                             "choose a new or empty folder, or pass --overwrite")
+    from .testing.models import DEMO_LABEL, write_demo_files
+    from .testing.training import write_caption_set
+
+    err = _err()
+    err.print(escape(f"writing random-weight models into {directory} …"))
+    files = write_demo_files(directory)
+    write_caption_set(directory / DEMO_CAPTIONS, n=6)
+    head: dict[str, str | int] = {
+        "description": "Demo: the tests' tiny models with random weights (32 px faces)",
+        "label": DEMO_LABEL, "resolution": 32, "align": "ffhq"}
+    toml = directory.resolve() / "models.toml"
+    atomic_write_text(toml, "# Written by `clipinvert models demo`: " + DEMO_LABEL + ".\n"
+                      + toml_table(f"domains.{name}", {**head, **files}))
+    if register:
+        where = directory.resolve()
+        user = user_registry()
+        replaced = set_domain_table(user, name, {**head, **{k: str(where / v)
+                                                            for k, v in files.items()}})
+        err.print(escape(f"{'replaced' if replaced else 'added'} domain {name!r} in {user}; "
+                         f"try: clipinvert edit PHOTO \"blond hair\" --domain {name} -o out/"))
+    else:
+        err.print(escape(f"not registered: pass --models {toml} --domain {name}"))
+    err.print(escape(f"{name}: {DEMO_LABEL}; train on it with --data "
+                     f"{directory.resolve() / DEMO_CAPTIONS}"))
+    typer.echo(str(toml))

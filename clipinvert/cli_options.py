@@ -8,6 +8,7 @@ callbacks give one-line errors naming the value.  No torch here: ``--help`` stay
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import inspect
@@ -19,9 +20,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 from .cli_models import ModelsOpt
-from .errors import UsageError
 from .manifest import json_safe
 
 
@@ -65,12 +66,16 @@ def default_workers() -> int:
 
 
 # ---- option types (typed, defaults shown in --help) -----------------------------------------
-Input = Annotated[Path, typer.Argument(help="An image file or a folder (searched recursively).",
-                                       show_default=False)]
-Output = Annotated[Path, typer.Option("-o", "--output", help="Output folder.")]
-Domain = Annotated[str, typer.Option(help="Domain from models.toml (faces, cats, birds, …).")]
-Device = Annotated[str, typer.Option(help="auto (CUDA if present, else CPU), cpu, cuda[:N], mps.")]
-Dtype = Annotated[str, typer.Option(help="float32, bfloat16 or float16 (CUDA only).")]
+Input = Annotated[Path, typer.Argument(
+    metavar="INPUT", help="An image file or a folder (searched recursively).",
+    show_default=False)]
+Output = Annotated[Path, typer.Option("-o", "--output", metavar="DIR", help="Output folder.")]
+Domain = Annotated[str, typer.Option(
+    metavar="NAME", help="Domain from models.toml (faces, cats, birds, …).")]
+Device = Annotated[str, typer.Option(
+    metavar="DEVICE", help="auto (CUDA if present, else CPU), cpu, cuda[:N], mps.")]
+Dtype = Annotated[str, typer.Option(
+    metavar="DTYPE", help="float32, bfloat16 or float16 (CUDA only).")]
 
 
 def auto_or(lo: int, hi: int):
@@ -89,22 +94,30 @@ def auto_or(lo: int, hi: int):
 
 
 BatchSize = Annotated[str, typer.Option(
-    "--batch-size", "-b", callback=auto_or(1, 4096),
-    help="Images per forward pass: 1..4096, or auto (edit, invert, interpolate: the fastest per "
-         "image on the CPU (4), on a GPU what fits up to 8, halved on out-of-memory).")]
+    "--batch-size", "-b", callback=auto_or(1, 4096), metavar="N|auto",
+    help="Images per forward pass: 1..4096, or auto (on the CPU 4, the fastest per image; on "
+         "a GPU what fits, up to 8, halved on out-of-memory).")]
+# Training and scoring take a plain number: their batch is part of the recipe or bounded by
+# memory the user knows, and "auto" would make a run's settings depend on the machine.
+FixedBatch = Annotated[int, typer.Option(
+    "--batch-size", "-b", callback=within(1, 4096), metavar="N",
+    help="Images per batch, 1..4096.")]
 Workers = Annotated[str, typer.Option(
-    callback=auto_or(0, MAX_WORKERS),
-    help=f"Processes decoding/aligning images ahead of the model: 0 = in-process, up to "
-         f"{MAX_WORKERS} (twice the cores), or auto (image commands: on the CPU none up to 4 "
-         "cores, so the model keeps them; on a GPU up to 4).")]
+    callback=auto_or(0, MAX_WORKERS), metavar="N|auto",
+    help=f"Processes decoding and aligning images ahead of the model: 0 = in-process, up to "
+         f"{MAX_WORKERS} (twice the cores), or auto (on the CPU none up to 4 cores, so the "
+         "model keeps them; on a GPU up to 4).")]
 
 
-def fixed_batch(value: str | int, command: str) -> int:
-    """A batch size for a command without ``auto`` (train, eval): its own number."""
-    if value == "auto":
-        raise UsageError(f"--batch-size auto is for edit, invert and interpolate; {command} "
-                         "takes a number")
-    return int(value)
+def weights_registry(opts: Common, models: Path | str | None = None):
+    """The registry a command loads weights from, with its ``--download`` consent and
+    ``--offline`` (unset: from the environment), as :class:`clipinvert.Editor` sets them."""
+    from .registry import Registry
+
+    registry = Registry.load(models if models is not None else opts.models)
+    registry.download = opts.download
+    registry.offline = opts.offline or None
+    return registry
 
 
 def worker_count(value: str | int) -> int:
@@ -114,10 +127,10 @@ def worker_count(value: str | int) -> int:
 
 
 Ext = Annotated[str, typer.Option(
-    "--ext", callback=lambda v: _one_of(v, ("png", "jpg", "webp")),
+    "--ext", callback=lambda v: _one_of(v, ("png", "jpg", "webp")), metavar="FORMAT",
     help="Output image format: png (lossless), jpg or webp (quality 95).")]
 PngLevel = Annotated[int, typer.Option(
-    "--png-level", callback=within(0, 9),
+    "--png-level", callback=within(0, 9), metavar="0..9",
     help="PNG compression 0..9 (zlib effort; the pixels are the same at every level): 1 "
          "writes a 1024² photo ~5x faster than PIL's default 6, for a file ~13 % larger.")]
 
@@ -131,19 +144,23 @@ def _one_of(value: str, names: tuple[str, ...]) -> str:
 
 
 Strength = Annotated[float, typer.Option(
-    callback=finite,
+    callback=finite, metavar="X",
     help="Edit strength: 0 = inversion, 1 = as trained, >1 exaggerates, <0 reverses.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite",
                                          help="Redo inputs whose outputs already exist.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")]
 ReportOpt = Annotated[Path | None, typer.Option(
+    metavar="FILE",
     help="Where to write the JSON run report (default: OUT/clipinvert-report.json).",
     show_default=False)]
 Aligned = Annotated[bool, typer.Option(
     "--aligned", help="Inputs are already aligned crops: skip face alignment.")]
 AllFaces = Annotated[bool, typer.Option(
-    "--all-faces", help="Edit every face found, as <stem>_face<i>, not only the most confident.")]
-Seed = Annotated[int, typer.Option(help="Seed for any randomness (inference is deterministic).")]
+    "--all-faces",
+    help="Process every face found, as <stem>_face<i>, not only the most confident.")]
+Seed = Annotated[int, typer.Option(
+    metavar="N", help="Recorded in the report; inference draws no random numbers, so the "
+                      "results are the same whatever the seed.")]
 Download = Annotated[bool, typer.Option(
     "--download", help="Fetch missing weights from the registry's URLs (verified).")]
 Offline = Annotated[bool, typer.Option(
@@ -166,20 +183,23 @@ def choice(*allowed: str):
 
 # The metrics' options (eval metrics, eval benchmark).
 MetricsOpt = Annotated[str, typer.Option(
-    "--metrics", help="Comma-separated: fid, cmp, ama_single, ama_multiple, id, lpips, mse "
-                      "(default: all the pairs allow).")]
+    "--metrics", metavar="LIST",
+    help="Comma-separated: fid, cmp, ama_single, ama_multiple, id, lpips, mse (default: all "
+         "the pairs allow).")]
 FidReference = Annotated[Path | None, typer.Option(
-    help="Real images FID compares the outputs with (default: the inputs).",
+    metavar="DIR", help="Real images FID compares the outputs with (default: the inputs).",
     show_default=False)]
 DiffRange = Annotated[str, typer.Option(
-    callback=choice("pm1", "01"),
+    callback=choice("pm1", "01"), metavar="pm1|01",
     help="CMP's pixel difference in [-1,1] units (pm1, the authors') or [0,1] (01).")]
 AmaThreshold = Annotated[float, typer.Option(
-    callback=within(0, 1), help="AMA-single: success when the attribute scores above this.")]
+    callback=within(0, 1), metavar="P",
+    help="AMA-single: success when the attribute scores above this.")]
 AmaMultipleThreshold = Annotated[float, typer.Option(
-    callback=within(0, 1), help="AMA-multiple: every attribute must score above this.")]
+    callback=within(0, 1), metavar="P",
+    help="AMA-multiple: every attribute must score above this.")]
 IdentityOpt = Annotated[str, typer.Option(
-    callback=choice("auto", "arcface", "moco", "dlib"),
+    callback=choice("auto", "arcface", "moco", "dlib"), metavar="NAME",
     help="Identity network: auto (ArcFace for faces, else MoCo), arcface, moco, or dlib "
          "(offline stand-in, not the paper's; named in the report).")]
 Summary = Annotated[bool, typer.Option("--summary/--no-summary",
@@ -236,8 +256,11 @@ METRIC_OPTIONS = ("metrics", "fid_reference", "diff_range", "ama_threshold",
 SHARED_FIELDS = [f for f in dataclasses.fields(Common) if f.name != "params"]
 
 
-def shared(*groups: tuple[str, ...], **defaults: object) -> Callable[[Callable], Callable]:
-    """Give a command the shared options of ``groups`` (``defaults`` overrides some defaults).
+def shared(*groups: tuple[str, ...], help: dict[str, str] | None = None,  # noqa: A002
+           **defaults: object) -> Callable[[Callable], Callable]:
+    """Give a command the shared options of ``groups`` (``defaults`` overrides some defaults,
+    ``help`` some help texts: an option means the same everywhere, but what it does in detail
+    — what ``--workers`` processes, what ``--seed`` seeds — is the command's to say).
 
     The command declares its own parameters and a keyword ``opts: Common``; the Typer command
     gets its own parameters followed by the shared ones, appended to its ``__signature__``
@@ -246,11 +269,13 @@ def shared(*groups: tuple[str, ...], **defaults: object) -> Callable[[Callable],
     """
     names = {n for group in groups for n in group}
     known = {f.name for f in SHARED_FIELDS}
-    if names - known or defaults.keys() - names:
-        raise TypeError(f"not shared options of this command: "
-                        f"{sorted((names - known) | (defaults.keys() - names))}")
+    texts = help or {}
+    stray = (names - known) | ((defaults.keys() | texts.keys()) - names)
+    if stray:
+        raise TypeError(f"not shared options of this command: {sorted(stray)}")
     hints = typing.get_type_hints(Common, include_extras=True)
-    extra = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=hints[f.name],
+    extra = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
+                               annotation=_with_help(hints[f.name], texts.get(f.name)),
                                default=defaults.get(f.name, f.default))
              for f in SHARED_FIELDS if f.name in names]
 
@@ -274,3 +299,120 @@ def shared(*groups: tuple[str, ...], **defaults: object) -> Callable[[Callable],
         return command
 
     return decorate
+
+
+def _with_help(annotation: Any, text: str | None) -> Any:
+    """``Annotated[T, typer.Option(...)]`` with another help text (a copy: the shared
+    declaration stays as it is for the other commands)."""
+    if text is None:
+        return annotation
+    base, info, *rest = typing.get_args(annotation)
+    info = copy.copy(info)
+    info.help = text
+    return Annotated[(base, info, *rest)]  # type: ignore[return-value]
+
+
+# ---- how help reads ----------------------------------------------------------------------------
+# Plain click help, not rich panels: rich markup would eat "[default: …]" and any "[…]" in a
+# help text, and the panels print Python type names (<bool>, <list[Path]>) beside every option.
+# Every command's help reads like git's: ``clipinvert edit [OPTIONS] INPUT [PROMPT]``, options
+# with a word for their value (FILE, DIR, N), and a few examples at the end.
+
+_TYPE_WORDS = {"path": "PATH", "int": "N", "float": "X", "str": "TEXT"}
+
+
+def _value_word(param: TyperOption, ctx: Any) -> str:
+    """A word for an option's value when the declaration names none (PATH, N, TEXT)."""
+    label = param.display_type(ctx).strip("<>")
+    label = label.removeprefix("list[").removesuffix("]").lower()
+    return _TYPE_WORDS.get(label, label.upper())
+
+
+def _argument_label(param: TyperArgument) -> str:
+    name = (param.metavar or param.name or "").upper()
+    return name + ("..." if param.nargs != 1 else "")
+
+
+def _shown_names(names: list[str]) -> list[str]:
+    """An option's short names and its first long name: further long names are old spellings
+    kept working (``--latents`` for ``--save-latents``), not shown."""
+    longs = [n for n in names if n.startswith("--")]
+    return [n for n in names if not n.startswith("--")] + longs[:1]
+
+
+class HelpCommand(TyperCommand):
+    """A command whose ``-h`` reads as described above (see :func:`house_style`)."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if isinstance(param, TyperArgument):
+                label = _argument_label(param)
+                pieces.append(label if param.required else f"[{label}]")
+            else:
+                pieces.extend(param.get_usage_pieces(ctx))
+        return pieces
+
+    def format_options(self, ctx: Any, formatter: Any) -> None:
+        args = [(_argument_label(p), p.help or "") for p in self.get_params(ctx)
+                if isinstance(p, TyperArgument) and not p.hidden]
+        opts = [rec for p in self.get_params(ctx) if isinstance(p, TyperOption)
+                if (rec := _option_record(p, ctx)) is not None]
+        if args:
+            with formatter.section("Arguments"):
+                formatter.write_dl(args)
+        if opts:
+            with formatter.section("Options"):
+                formatter.write_dl(opts)
+
+    def format_epilog(self, ctx: Any, formatter: Any) -> None:
+        _write_examples(self.epilog, formatter)
+
+
+class HelpGroup(TyperGroup):
+    """A command group (``clipinvert``, ``clipinvert models``) with examples at the end."""
+
+    def format_epilog(self, ctx: Any, formatter: Any) -> None:
+        _write_examples(self.epilog, formatter)
+
+
+def _option_record(param: TyperOption, ctx: Any) -> tuple[str, str] | None:
+    if param.metavar is None and not param.is_flag:
+        param.metavar = _value_word(param, ctx)
+    opts, secondary = param.opts, param.secondary_opts
+    param.opts, param.secondary_opts = _shown_names(opts), _shown_names(secondary)
+    try:
+        return param.get_help_record(ctx)
+    finally:
+        param.opts, param.secondary_opts = opts, secondary
+
+
+def examples(*commands: str) -> str:
+    """A command's epilog: the example command lines ``-h`` ends with, one per line."""
+    return "\n".join(commands)
+
+
+def _write_examples(epilog: str | None, formatter: Any) -> None:
+    if not epilog:
+        return
+    with formatter.section("Examples"):
+        for line in epilog.splitlines():  # whole lines: a command must not wrap
+            formatter.write(f"{'':>{formatter.current_indent}}{line}\n")
+
+
+def house_style(app: typer.Typer, examples_for: dict[str, str] | None = None,
+                path: str = "") -> None:
+    """Give every command of ``app`` (sub-apps too) the help above; ``examples_for`` fills in
+    the examples of commands whose declaration has none, by path (``"models list"``)."""
+    table = examples_for or {}
+    for info in app.registered_commands:
+        name = info.name or (info.callback.__name__.replace("_", "-") if info.callback else "")
+        if info.cls in (None, TyperCommand):  # not a class of the command's own
+            info.cls = HelpCommand
+        if info.epilog is None:
+            info.epilog = table.get(f"{path}{name}")
+    for group in app.registered_groups:
+        if group.typer_instance is not None:
+            if not (isinstance(group.cls, type) and group.cls is not TyperGroup):
+                group.cls = HelpGroup
+            house_style(group.typer_instance, table, f"{path}{group.name} ")

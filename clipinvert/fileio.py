@@ -4,16 +4,29 @@ Every file clipinvert writes — edited images, tensors, manifests, reports, the
 ``checksums.json`` — goes through :func:`atomic_write`, so a crash, Ctrl-C or a full disk never
 leaves a half-written file that a later run would take for a finished one.  This module imports
 nothing heavy (no torch, no PIL) so any module may use it.
+
+A write that fails for lack of space or quota becomes :class:`~clipinvert.errors.DiskFullError`
+here, in one place, so every caller can stop its run instead of treating it as one bad input.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from .errors import DiskFullError
+
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+# The names _temp_sibling gives: ".<name>.<8 hex>.partial<suffix>".  Only files matching this
+# are ever removed as leftovers of a killed run.
+TEMP_PATTERN = re.compile(r"^\..+\.[0-9a-f]{8}\.partial(\.[^./]*)?$")
 
 
 def _temp_sibling(path: Path) -> Path:
@@ -44,16 +57,25 @@ def atomic_write(path: Path | str, write: Callable[[Path], None]) -> None:
     removes the temporary file and is re-raised, leaving an existing ``path`` untouched.  This
     protects against crashes and interrupts of this process; it does not fsync, so it is not a
     guarantee against power loss.
+    A failure for lack of space or quota (see :func:`disk_full`) is raised as
+    :class:`~clipinvert.errors.DiskFullError` naming ``path``, the original chained.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_sibling(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _temp_sibling(path)
+    except OSError as exc:
+        _raise_if_full(exc, path, path.parent)
+        raise
     try:
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
+        full = disk_full(exc, tmp)  # looked at before the temporary file frees its space
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if full:
+            raise DiskFullError(f"disk full writing {path} ({_why(exc)})", path) from exc
         raise
 
 
@@ -65,3 +87,99 @@ def atomic_write_text(path: Path | str, text: str, encoding: str = "utf-8") -> N
 def atomic_write_json(path: Path | str, data: object) -> None:
     """Write ``data`` as indented, key-sorted JSON (plus a final newline) atomically."""
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _errnos(exc: BaseException) -> Iterator[int]:
+    """The errno of ``exc`` and of every exception it was raised from (PIL and imageio wrap)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno is not None:
+            yield cur.errno
+        cur = cur.__cause__ or cur.__context__
+
+
+def disk_full(exc: BaseException, where: Path | None = None) -> bool:
+    """Whether ``exc`` is a write failing for lack of space or quota.
+
+    ENOSPC/EDQUOT anywhere in its chain, or — for writers that lose the errno on the way
+    (``torch.save`` raises ``RuntimeError: … unexpected pos …``) — any error while the file
+    system holding ``where`` has no block left for us.  Interrupts never count.
+    """
+    if isinstance(exc, DiskFullError):
+        return True
+    if not isinstance(exc, Exception):
+        return False
+    if any(e in DISK_FULL_ERRNOS for e in _errnos(exc)):
+        return True
+    if where is None:
+        return False
+    try:
+        st = os.statvfs(where if where.is_dir() else where.parent)
+    except (OSError, AttributeError):  # AttributeError: no statvfs (Windows)
+        return False
+    return st.f_bavail == 0
+
+
+def _why(exc: BaseException) -> str:
+    code = next((e for e in _errnos(exc) if e in DISK_FULL_ERRNOS), errno.ENOSPC)
+    return os.strerror(code)
+
+
+def full_error(exc: BaseException, path: Path | str | None = None,
+               where: Path | None = None) -> DiskFullError | None:
+    """``exc`` as a :class:`DiskFullError` naming ``path`` (or the file the OSError names),
+    when it is a full disk (:func:`disk_full`); None otherwise."""
+    if isinstance(exc, DiskFullError):
+        return exc
+    if not disk_full(exc, where):
+        return None
+    path = path or getattr(exc, "filename", None) or "an output"
+    err = DiskFullError(f"disk full writing {path} ({_why(exc)})", path)
+    err.__cause__ = exc
+    return err
+
+
+def _raise_if_full(exc: BaseException, path: Path, where: Path | None = None) -> None:
+    if (err := full_error(exc, path, where)) is not None:
+        raise err
+
+
+def append_line(path: Path | str, line: str) -> None:
+    """Append one line to a JSON-lines log (the manifest, ``metrics.jsonl``).
+
+    A crash or full disk can leave the last line torn (no newline); the next append starts on a
+    fresh line, so a torn line only loses itself and never swallows the record after it.  A
+    full disk raises :class:`~clipinvert.errors.DiskFullError`.
+    """
+    path = Path(path)
+    data = (line.rstrip("\n") + "\n").encode("utf-8")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a+b") as fh:
+            if fh.seek(0, os.SEEK_END) > 0:
+                fh.seek(-1, os.SEEK_END)
+                if fh.read(1) != b"\n":
+                    data = b"\n" + data
+            fh.write(data)
+    except OSError as exc:
+        _raise_if_full(exc, path)
+        raise
+
+
+def remove_stale_temps(folder: Path | str) -> list[Path]:
+    """Remove the temporary files a killed run left in ``folder`` (recursively); return them.
+
+    Only names :func:`_temp_sibling` makes are touched, and only by a run that holds the
+    folder's lock (:mod:`clipinvert.outlock`), so no live writer's temporary file is removed.
+    """
+    removed = []
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            if TEMP_PATTERN.match(name):
+                p = Path(root) / name
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+                    removed.append(p)
+    return removed

@@ -35,7 +35,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from .errors import UsageError
-from .fileio import atomic_write_text
+from .fileio import append_line, atomic_write_text
 
 MANIFEST_NAME = ".clipinvert-manifest.jsonl"
 PART_NAME = ".clipinvert-manifest.rank{}.jsonl"  # one process's part under torchrun
@@ -101,23 +101,28 @@ class Manifest:
         return sorted(self.folder.glob(PART_NAME.format("*")))
 
     def _read(self, path: Path) -> None:
+        """Read one manifest file defensively: whatever a crash, a full disk or a stray edit
+        left (torn lines, garbage, bytes that are not UTF-8, records of the wrong shape) is
+        skipped line by line, never an error.  What is lost is only "this output is ours", so
+        at worst an output is redone or refused as foreign, never taken for finished."""
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            data = path.read_bytes()
         except FileNotFoundError:
             return
         except OSError as exc:
             raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
-        for line in lines:
+        for raw in data.splitlines():
             try:
-                rec = json.loads(line)
-            except ValueError:
+                rec = json.loads(raw.decode("utf-8"))
+            except ValueError:  # UnicodeDecodeError included
                 continue  # a line torn by a crash: its outputs were never written
             if not isinstance(rec, dict) or not isinstance(rec.get("fingerprint"), str):
                 continue
             fp = rec["fingerprint"]
             if isinstance(rec.get("settings"), dict):
                 self.settings[fp] = rec["settings"]
-            for rel in rec.get("outputs", ()):
+            outputs = rec.get("outputs")
+            for rel in outputs if isinstance(outputs, list) else ():
                 if isinstance(rel, str):
                     self.outputs[rel] = fp
 
@@ -139,10 +144,8 @@ class Manifest:
                 if other != fp and (self.folder / rel).exists()]
 
     def _append(self, record: dict) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
         line = json.dumps(json_safe(record), sort_keys=True, default=str, allow_nan=False)
-        with self.append_path.open("a", encoding="utf-8") as fh:
-            fh.write(line + "\n")
+        append_line(self.append_path, line)  # a full disk: DiskFullError, before any output
 
     def begin(self, settings: Mapping[str, object]) -> str:
         """Record ``settings`` (once) and return their fingerprint."""

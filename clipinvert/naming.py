@@ -117,25 +117,38 @@ def _key(path: Path) -> str:
     return os.path.normcase(os.path.abspath(path))
 
 
-def check_output_folder(output: Path, inputs: Path | None = None) -> None:
-    """Usage errors (exit 2) found before any model is loaded.
+# Suffixes that say "a file" (what the commands write, and photo formats): an -o ending in one
+# that does not exist yet is a file name given by mistake, not a folder to create.
+FILE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff",
+                           ".heic", ".avif", ".mp4", ".pt", ".json"})
 
-    The output must be a folder we can write into (created if missing), and not the input folder
-    itself: with ``-o`` equal to the input every photo would count as its own finished output,
-    and ``--overwrite`` would replace the originals.
+
+def check_output_folder(output: Path, inputs: Path | None = None) -> None:
+    """Usage errors (exit 2) found before any model is loaded; creates nothing.
+
+    The output must be a folder we can write into (or create), and not the input folder itself:
+    with ``-o`` equal to the input every photo would count as its own finished output, and
+    ``--overwrite`` would replace the originals.  A missing ``-o`` with an image suffix
+    (``-o edited.png``) is refused: outputs are always named after their inputs inside a
+    folder, and silently making a folder called ``edited.png`` surprises everyone.
+
+    A missing folder is created and removed again to prove it can be made; the run itself
+    creates it when it takes the folder (:func:`clipinvert.outlock.claim_output`) and removes
+    it again if it stops before writing anything, so a refused run leaves no folder behind.
     """
     output = Path(output)
     if output.exists() and not output.is_dir():
         raise UsageError(f"-o {output}: exists and is not a folder")
+    if not output.exists() and output.suffix.lower() in FILE_SUFFIXES:
+        raise UsageError(f"-o {output}: -o is an output folder, and outputs are named after "
+                         f"their inputs; give a folder, e.g. -o {output.parent / output.stem}/ "
+                         f"(the result is {output.parent / output.stem}/<input stem>.png)")
     if inputs is not None and Path(inputs).is_dir() and _same(output, Path(inputs)):
         raise UsageError(f"-o {output} is the input folder: outputs would mix with (and with "
                          "--overwrite replace) the input images; choose another -o")
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise UsageError(f"-o {output}: a parent is not a folder") from None
-    except OSError as exc:
-        raise UsageError(f"-o {output}: cannot create the folder ({exc.strerror or exc})") from None
+    from .outlock import create_folder, remove_if_unused
+
+    created = create_folder(output)
     probe = output / f".clipinvert-write-test-{os.getpid()}"
     try:
         probe.write_bytes(b"")
@@ -143,6 +156,8 @@ def check_output_folder(output: Path, inputs: Path | None = None) -> None:
     except OSError as exc:
         raise UsageError(f"-o {output}: cannot write into the folder "
                          f"({exc.strerror or exc})") from None
+    finally:
+        remove_if_unused(created)
 
 
 def _same(a: Path, b: Path) -> bool:

@@ -144,15 +144,21 @@ class Editor:
 
     def __init__(self, domain: str = "faces", *, registry: Registry | None = None,
                  models: Path | str | None = None, device: str | torch.device = "auto",
-                 dtype: str | torch.dtype = "float32", download: bool = False,
+                 dtype: str | torch.dtype = "float32", download: bool | None = None,
                  offline: bool | None = None, trust_checkpoint: bool = False) -> None:
-        """``download`` consents to fetching missing weights from the registry's URLs;
+        """``download`` consents to fetching missing weights from the registry's URLs (default:
+        no);
         ``offline`` forbids any network use (default: $CLIPINVERT_OFFLINE / $HF_HUB_OFFLINE);
         ``trust_checkpoint`` lets pickles load arbitrary objects — only for files you vouch for.
+        A ``registry`` passed in keeps its own ``download``/``offline`` unless these are given:
+        a command that shares its registry with the Editor (``eval benchmark`` edits, then
+        scores) must not lose the user's ``--download``/``--offline`` half-way.
         """
         self.registry = registry or Registry.load(models)
-        self.registry.download = download
-        self.registry.offline = offline
+        if registry is None or download is not None:
+            self.registry.download = bool(download)
+        if registry is None or offline is not None:
+            self.registry.offline = offline
         self.trust = trust_checkpoint
         self.domain: Domain = self.registry.domain(domain)
         self.device = resolve_device(device)

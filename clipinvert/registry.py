@@ -20,7 +20,7 @@ import platformdirs
 
 from .errors import UsageError, WeightsError
 from .locations import cache_dir, is_offline
-from .weights.download import find_or_fetch
+from .weights.download import find_or_fetch, made_by
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -30,13 +30,31 @@ else:  # pragma: no cover - Python 3.10
 PACKAGED_REGISTRY = Path(__file__).with_name("models.toml")
 WEIGHT_ROLES = ("clip", "e4e", "clipinverter", "stylegan2", "arcface", "moco", "lpips",
                 "inception", "attributes", "landmarks")
-# What align/invert/edit/interpolate need; the others (stylegan2, arcface, moco, lpips: the
-# LPIPS AlexNet trunk) serve training and evaluation.
-EDIT_ROLES = ("clip", "e4e", "clipinverter", "landmarks")
+# Which commands read each role's file.  ``models list`` shows it ("needed by"), and
+# ``models download DOMAIN`` takes the "edit" roles (align/invert/edit/interpolate need them)
+# unless --all: then also TRAIN_EVAL_ROLES, the files only ``train`` and ``eval`` read.
+NEEDED_BY: dict[str, tuple[str, ...]] = {
+    "clip": ("edit", "train", "eval"),
+    "e4e": ("edit", "train", "eval"),
+    "clipinverter": ("edit", "eval"),
+    "stylegan2": ("train",),
+    "arcface": ("train", "eval"),
+    "moco": ("train", "eval"),
+    "lpips": ("train", "eval"),
+    "inception": ("eval",),
+    "attributes": ("eval",),
+    "landmarks": ("edit",),
+}
+EDIT_ROLES = tuple(r for r in WEIGHT_ROLES if "edit" in NEEDED_BY[r])
+TRAIN_EVAL_ROLES = tuple(r for r in WEIGHT_ROLES if r not in EDIT_ROLES)
+# Either network serves the identity loss (train) and the ID metric (eval): ArcFace for faces,
+# MoCo for other domains; a domain names one of them.
+IDENTITY_ROLES = ("arcface", "moco")
 ALIGN_METHODS = ("ffhq", "none")
 
 
 def user_registry() -> Path:
+    """The user's own registry, merged over the packaged one (``models demo`` writes to it)."""
     return Path(platformdirs.user_config_dir("clipinvert", appauthor=False)) / "models.toml"
 
 
@@ -61,6 +79,9 @@ class WeightEntry:
     description: str | None = None
     path: str | None = None  # an explicit location, relative to the registry file
     source: Path = PACKAGED_REGISTRY
+    # For a file nobody publishes: the command that makes it ("{path}": where it is looked
+    # for).  ``models download`` then lists it in a note instead of failing.
+    made_by: str | None = None
 
     def places(self) -> list[Path]:
         """Where the file may be, in search order: the explicit ``path``, then the cache."""
@@ -83,6 +104,8 @@ class Domain:
     description: str | None = None
     note: str | None = None  # e.g. "no released model: train one with clipinvert train"
     source: Path = PACKAGED_REGISTRY
+    # Shown by ``models list`` next to each of the domain's files (e.g. "random weights").
+    label: str | None = None
 
     @property
     def base_dir(self) -> Path:
@@ -104,8 +127,9 @@ class Registry:
         self.domains: dict[str, Domain] = {}
         self.weights: dict[str, WeightEntry] = {}
         self.files: list[Path] = []
-        # Consent to download (``--download``) and offline mode (``--offline``; None = from env).
-        self.download = False
+        # Consent to download (``--download``; None: the command has no such option, so
+        # messages do not offer it) and offline mode (``--offline``; None = from env).
+        self.download: bool | None = None
         self.offline: bool | None = None
 
     @classmethod
@@ -142,7 +166,7 @@ class Registry:
                 name=name, file=str(t.get("file") or Path(str(t["path"])).name),
                 urls=_as_tuple(t.get("urls", t.get("url"))), sha256=t.get("sha256") or None,
                 size=t.get("size"), license=t.get("license"), description=t.get("description"),
-                path=t.get("path"), source=source)
+                path=t.get("path"), source=source, made_by=t.get("made_by"))
         for name, t in dict(data.get("domains", {})).items():  # type: ignore[call-overload]
             if not isinstance(t, dict):
                 raise UsageError(f"registry {source}: [domains.{name}] must be a table")
@@ -159,7 +183,8 @@ class Registry:
             self.domains[name] = Domain(
                 name=name, resolution=resolution, align=align,
                 clip_arch=str(t.get("clip_arch", "ViT-B-32-quickgelu")), weights=roles,
-                description=t.get("description"), note=t.get("note"), source=source)
+                description=t.get("description"), note=t.get("note"), source=source,
+                label=t.get("label"))
 
     def domain(self, name: str) -> Domain:
         try:
@@ -178,10 +203,12 @@ class Registry:
             return [(domain.base_dir / Path(ref).expanduser())], None
         return entry.places(), entry
 
+
     def locate_all(self, domain: Domain, roles: list[str]) -> dict[str, Path]:
         """:meth:`locate` for every role, without loading anything; what is missing is named in
         one message (a first run should not discover the files one failure at a time).  A single
-        missing file keeps its own, more detailed message."""
+        missing file keeps its own, more detailed message, and so does each file when a
+        download was tried (its reason is what the user needs)."""
         found: dict[str, Path] = {}
         missing: list[tuple[str, WeightsError]] = []
         for role in roles:
@@ -189,35 +216,75 @@ class Registry:
                 found[role] = self.locate(domain, role)
             except WeightsError as exc:
                 missing.append((role, exc))
+        names = [r for r, _ in missing]
         if len(missing) == 1:
-            raise MissingWeights(str(missing[0][1]), [missing[0][0]])
+            raise MissingWeights(str(missing[0][1]), names)
+        if missing and self.download and not is_offline(self.offline):
+            raise MissingWeights(f"{len(missing)} weight files of domain {domain.name!r} are "
+                                 "missing: " + " | ".join(str(e) for _, e in missing), names)
         if missing:
-            names = [r for r, _ in missing]
             raise MissingWeights(self.missing_message(domain, names), names)
         return found
 
+    def role_words(self, domain: Domain, role: str) -> str:
+        """``role``, or "arcface or moco" when the domain names neither (either serves)."""
+        if role in IDENTITY_ROLES and not set(IDENTITY_ROLES) & set(domain.weights):
+            return " or ".join(IDENTITY_ROLES)
+        return role
+
+    def example_file(self, role: str) -> str:
+        """A file name for ``role`` in messages: the one a packaged domain uses, else ROLE.pt."""
+        for domain in self.domains.values():
+            entry = self.weights.get(domain.weights.get(role, ""))
+            if entry is not None:
+                return entry.file
+        return f"{role}.pt"
+
+    def naming_hint(self, domain: Domain, role: str) -> str:
+        """How to name a file the domain lacks: a line in the models.toml that defines it."""
+        roles = self.role_words(domain, role).split(" or ")
+        lines = " or ".join(f'{r} = "/path/to/{self.example_file(r)}"' for r in roles)
+        hint = f"add {lines} under [domains.{domain.name}]"
+        if domain.source.resolve() != PACKAGED_REGISTRY.resolve():
+            return f"{hint} in {domain.source}, or pass --models FILE"
+        # A table replaces the packaged one whole, so the copy must keep every other key.
+        return (f"{hint} in {user_registry()} (a copy of the packaged table in "
+                f"{PACKAGED_REGISTRY}, which it replaces whole), or pass --models FILE")
+
     def missing_message(self, domain: Domain, roles: list[str]) -> str:
         """One line naming every missing file of ``roles`` and the one command that gets them."""
-        named, fixable, fetchable = [], [], False
+        named, fixable, unnamed, fetchable = [], [], [], []
         for role in roles:
             places, entry = self.candidates(domain, role)
             if role not in domain.weights:
-                named.append(f"{role} (not named by the domain)")
+                named.append(f"{self.role_words(domain, role)} (not named by the domain)")
+                unnamed.append(role)
             elif entry is None:
                 named.append(f"{role} ({places[0]})")
                 fixable.append(role)
             else:
                 named.append(f"{role} ({entry.file})")
-                fetchable = fetchable or bool(entry.urls)
+                if entry.urls:
+                    fetchable.append(role)
+                elif made_by(entry):
+                    named[-1] = f"{role} ({entry.file}: make it with `{made_by(entry)}`)"
         msg = (f"{len(roles)} weight files of domain {domain.name!r} not found: "
                f"{', '.join(named)}; looked in {cache_dir()}")
         if fetchable:
-            cmd = f"`clipinvert models download {domain.name}`"
-            msg += (f"; offline mode is on: with network access run {cmd}"
-                    if is_offline(self.offline)
-                    else f"; get them all with {cmd} (or pass --download)")
+            everything = " --all" if set(fetchable) - set(EDIT_ROLES) else ""
+            cmd = f"`clipinvert models download {domain.name}{everything}`"
+            if is_offline(self.offline):
+                msg += f"; offline mode is on: with network access run {cmd}"
+            else:
+                msg += f"; get them all with {cmd}"
+                msg += " (or pass --download)" if self.download is False else ""
+        if fetchable or len(fixable) + len(unnamed) < len(roles):
+            msg += (f"; files fetched by hand go in {cache_dir()} under the names above, or name "
+                    f"each with path = \"…\" in a [weights.NAME] table of {user_registry()}")
         if fixable:
             msg += f"; fix the paths of {', '.join(fixable)} in {domain.source}"
+        for role in unnamed:
+            msg += f"; {self.naming_hint(domain, role)}"
         if domain.note:
             msg += f" ({domain.note})"
         return msg
@@ -230,12 +297,15 @@ class Registry:
         """
         note = f" ({domain.note})" if domain.note else ""
         if role not in domain.weights:
-            raise WeightsError(f"domain {domain.name!r} ({domain.source}) names no {role} "
-                               f"weights{note}")
+            raise WeightsError(f"domain {domain.name!r} ({domain.source}) names no "
+                               f"{self.role_words(domain, role)} weights{note}; "
+                               f"{self.naming_hint(domain, role)}")
         places, entry = self.candidates(domain, role)
         if entry is not None:
             try:
-                return find_or_fetch(entry, download=self.download, offline=self.offline)
+                # A progress bar only on a terminal: a log or a pipe wants the one result line.
+                return find_or_fetch(entry, download=self.download, offline=self.offline,
+                                     progress=sys.stderr.isatty())
             except WeightsError as exc:
                 raise WeightsError(f"{role} weights for domain {domain.name!r}{note}: "
                                    f"{exc}") from None
@@ -243,3 +313,68 @@ class Registry:
             return places[0]
         raise WeightsError(f"{role} weights for domain {domain.name!r} not found{note}; looked "
                            f"in {places[0]}; fix the path in {domain.source}")
+
+
+# ---- writing registries ---------------------------------------------------------------------
+
+def toml_table(header: str, values: Mapping[str, str | int]) -> str:
+    """``[header]`` and ``key = value`` lines (strings quoted as TOML basic strings).
+
+    Only flat tables of strings and integers are ever written (a domain), which JSON's string
+    escapes cover exactly, so no TOML writer is needed.
+    """
+    import json
+
+    lines = [f"[{header}]"]
+    lines += [f"{k} = {v if isinstance(v, int) else json.dumps(str(v), ensure_ascii=False)}"
+              for k, v in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _without_table(text: str, header: str) -> tuple[str, bool]:
+    """``text`` with the ``[header]`` table (header line up to the next table) removed."""
+    import re
+
+    dotted = r"\s*\.\s*".join(f'"?{re.escape(part)}"?' for part in header.split("."))
+    start = re.compile(rf"^\s*\[\s*{dotted}\s*\]\s*(#.*)?$")
+    out: list[str] = []
+    skipping = found = False
+    for line in text.splitlines(keepends=True):
+        if start.match(line):
+            skipping = found = True
+            continue
+        if skipping and line.lstrip().startswith("["):
+            skipping = False
+        if not skipping:
+            out.append(line)
+    return "".join(out), found
+
+
+def set_domain_table(path: Path, name: str, values: Mapping[str, str | int]) -> bool:
+    """Add or replace ``[domains.NAME]`` in the registry file ``path``, keeping every other
+    line — the user's comments and tables — as it is; returns whether one was replaced.
+
+    The edit is textual (no TOML writer keeps comments, and none is a dependency), so the result
+    is parsed and compared before it is written: every other table must be unchanged and the
+    domain must read back as ``values``, else nothing is written (a usage error says what to add
+    by hand).  The new file replaces the old atomically.
+    """
+    from .fileio import atomic_write_text
+
+    table = toml_table(f"domains.{name}", values)
+    old = path.read_text(encoding="utf-8") if path.is_file() else ""
+    try:
+        before = tomllib.loads(old)
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"registry {path} is not valid TOML ({exc}); fix it, or add this "
+                         f"table by hand: {table!r}") from None
+    kept, replaced = _without_table(old, f"domains.{name}")
+    text = kept.rstrip("\n") + ("\n\n" if kept.strip() else "") + table
+    after = tomllib.loads(text)
+    want = dict(before)
+    want["domains"] = {**want.get("domains", {}), name: dict(values)}
+    if after != want:
+        raise UsageError(f"could not update {path} safely (an unusual layout around "
+                         f"[domains.{name}]); add this table by hand: {table!r}")
+    atomic_write_text(path, text)
+    return replaced

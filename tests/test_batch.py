@@ -139,7 +139,8 @@ def test_auto_batch_halves_on_out_of_memory_and_says_so(folder: Path, tmp_path: 
 def test_threaded_writes_finish_before_done_and_a_failed_write_fails_its_input(
         folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With writer threads the model goes on while PNGs are written; an input is reported done
-    only once its files are on disk, and a write that fails fails that input alone."""
+    only once its files are on disk, and a write that fails fails that input alone (a full
+    disk instead stops the run: tests/test_faults.py)."""
     import threading
 
     from clipinvert import imaging
@@ -151,7 +152,7 @@ def test_threaded_writes_finish_before_done_and_a_failed_write_fails_its_input(
     def save(image: Image.Image, path: Path, **kwargs: object) -> None:
         threads.add(threading.current_thread().name)
         if path.stem == "3":
-            raise OSError(28, "No space left on device")
+            raise OSError(5, "Input/output error")
         real_save(image, path, **kwargs)
 
     monkeypatch.setattr(imaging, "save_image", save)
@@ -167,7 +168,7 @@ def test_threaded_writes_finish_before_done_and_a_failed_write_fails_its_input(
     rep = run_folder("t", folder, opts, {}, lambda c: [opts.image_path(c.rel)], process)
     assert rep.count("done") == 4 and rep.count("failed") == 1
     (failed,) = [r for r in rep.records if r["status"] == "failed"]
-    assert failed["input"].endswith("3.png") and "No space left on device" in failed["reason"]
+    assert failed["input"].endswith("3.png") and "Input/output error" in failed["reason"]
     for r in rep.records:
         if r["status"] == "done":
             assert all(Path(p).is_file() for p in r["outputs"])

@@ -211,3 +211,93 @@ def test_output_format_png_level_and_auto_batch(photos: Path, tiny_models: Path,
     rc, err = run(["invert", str(good), "-o", str(tmp_path / "x"), "-b", "many"],
                   tiny_models, capsys)
     assert rc == 2 and "'many' is neither auto nor a whole number" in err
+
+
+def test_stdout_is_the_result_and_everything_else_goes_to_stderr(photos: Path, tiny_models: Path,
+                                                                 tmp_path: Path) -> None:
+    """What a script captures is the path of the run's report; the summary and notes are on
+    stderr.  A real process, so nothing but the command itself writes to either stream."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "inv"
+    proc = subprocess.run(
+        [sys.executable, "-m", "clipinvert.cli", "invert", str(photos / "a_rgb.png"), "-o",
+         str(out), "--models", str(tiny_models), "--domain", "tiny", "--device", "cpu",
+         "--workers", "0"],
+        capture_output=True, text=True, timeout=300,
+        env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"{out / 'clipinvert-report.json'}\n"
+    assert "invert: 1 done, 0 skipped, 0 failed" in proc.stderr
+    assert (out / "clipinvert-report.json").is_file()
+
+
+def test_edit_and_interpolate_print_their_report_path(photos: Path, tiny_models: Path,
+                                                      tmp_path: Path, capsys) -> None:
+    report_file = tmp_path / "elsewhere.json"
+    assert main(["edit", str(photos / "a_rgb.png"), "blond hair", "-o", str(tmp_path / "e"),
+                 "--report", str(report_file), "--models", str(tiny_models), "--domain", "tiny",
+                 "--device", "cpu", "--workers", "0"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"{report_file}\n" and "edit: 1 done" in captured.err
+    assert main(["interpolate", str(photos / "a_rgb.png"), "blond hair", "--steps", "2", "-o",
+                 str(tmp_path / "i"), "-q", "--models", str(tiny_models), "--domain", "tiny",
+                 "--device", "cpu", "--workers", "0"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"{tmp_path / 'i' / 'clipinvert-report.json'}\n"
+    assert captured.err == ""  # --quiet: nothing but the result
+    # A run whose every input failed still made its report: its path is the result.
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"")
+    assert main(["invert", str(bad), "-o", str(tmp_path / "b"), "--models", str(tiny_models),
+                 "--domain", "tiny", "--device", "cpu", "--workers", "0", "-q"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == f"{tmp_path / 'b' / 'clipinvert-report.json'}\n"
+    assert "bad.png" in captured.err
+
+
+def test_train_needs_data_before_anything_else(tmp_path: Path, capsys) -> None:
+    """No hidden ./data: a missing --data is a usage error, before any weights are looked for
+    (the registry named here does not even exist)."""
+    assert main(["train", "-o", str(tmp_path / "run"), "--models",
+                 str(tmp_path / "none.toml")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == ("clipinvert: error: missing option --data (the training images; "
+                           "only --resume goes without it)")
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_and_eval_pass_download_and_offline_to_the_registry(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """The weight-loading commands take --download/--offline the way edit does: on the
+    registry every weight file is found or fetched through."""
+    import clipinvert.evaluation.benchmark as benchmark
+    import clipinvert.evaluation.run as evaluation
+    import clipinvert.training.run as training
+
+    seen: dict[str, object] = {}
+
+    def fake(name, result):
+        def call(*args, registry, **kw):
+            seen[name] = (registry.download, registry.offline)
+            return result
+        return call
+
+    monkeypatch.setattr(training, "train", fake("train", None))
+    monkeypatch.setattr(evaluation, "evaluate_pairs", fake("metrics", {}))
+    monkeypatch.setattr(benchmark, "run_benchmark", fake("benchmark", {}))
+    data = tmp_path / "data"
+    data.mkdir()
+    assert main(["train", "--data", str(data), "-o", str(tmp_path / "r1"), "--download"]) == 0
+    assert main(["train", "--data", str(data), "-o", str(tmp_path / "r2"), "--offline"]) == 0
+    assert main(["eval", "metrics", str(data), "-o", str(tmp_path / "m"), "--download",
+                 "-q"]) == 0
+    assert capsys.readouterr().out == f"{tmp_path / 'm' / 'clipinvert-report.json'}\n"
+    assert main(["eval", "benchmark", "--data", str(data), "-o", str(tmp_path / "b"),
+                 "--offline", "-q"]) == 0
+    assert seen == {"train": (False, True), "metrics": (True, None),
+                    "benchmark": (False, True)}
+    monkeypatch.setattr(training, "train", fake("train", None))
+    assert main(["train", "--data", str(data), "-o", str(tmp_path / "r3"), "--download"]) == 0
+    assert seen["train"] == (True, None)

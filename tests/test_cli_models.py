@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from clipinvert.cli_models import models_app
 from clipinvert.errors import ClipInvertError
+from clipinvert.registry import cache_dir
 
 PAYLOAD = b"PK\x03\x04" + bytes(range(256)) * 64
 PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
@@ -120,9 +121,45 @@ def test_list_shows_domains_files_status_and_origin(registry, tmp_path):
     plain = rows["tiny/clipinverter/None"]
     assert plain["status"] == "missing" and plain["note"] == "no released weights: train them"
     assert plain["path"] == str(registry.parent / "trained" / "clipinverter.pt")
-    # table form
-    code, out, _ = run("models", "list", "--models", str(registry))
-    assert code == 0 and "faces" in out and "tiny-e4e" in out and "missing" in out
+    assert faces["needed_by"] == ["edit", "train", "eval"]
+    assert faces["url"].startswith("https://drive.google.com/")
+    assert rows["faces/stylegan2/stylegan2-ffhq-config-f"]["needed_by"] == ["train"]
+    assert rows["faces/attributes/celeba-attributes"]["url"] is None
+    assert "train-classifier" in rows["faces/attributes/celeba-attributes"]["made_by"]
+    assert rows["tiny/e4e/tiny-e4e"]["url"].endswith("page.pt")
+    # DOMAIN filters (and an unknown one is a usage error)
+    code, out, _ = run("models", "list", "tiny", "--json", "--models", str(registry))
+    assert code == 0 and {r["domain"] for r in json.loads(out)["weights"]} == {"tiny"}
+    code, _, err = run("models", "list", "unicorns", "--models", str(registry))
+    assert code == 2 and "unknown domain 'unicorns'" in err
+
+
+@pytest.mark.parametrize("columns", ["60", "200"])
+def test_list_text_is_one_whole_line_per_file(registry, columns, monkeypatch):
+    """Captured (not a terminal) and at COLUMNS=60: a header and one line per file, every
+    file name and URL whole, nothing folded or boxed."""
+    monkeypatch.setenv("COLUMNS", columns)
+    code, out, err = run("models", "list", "--models", str(registry))
+    assert code == 0
+    _, js, _ = run("models", "list", "--json", "--models", str(registry))
+    rows = json.loads(js)["weights"]
+    lines = out.splitlines()
+    assert len(lines) == 1 + len(rows)
+    assert lines[0].split() == ["DOMAIN", "ROLE", "STATUS", "SIZE", "NEEDED-BY", "FILE",
+                                "SOURCE"]
+    for line, row in zip(lines[1:], rows, strict=True):
+        cells = line.split()
+        assert len(cells) == 7, line
+        assert cells[0] == (row["domain"] or "—") and cells[1] == (row["role"] or "—")
+        assert cells[2] == row["status"] and cells[5] == row["file"]
+        assert cells[4] == (",".join(row["needed_by"]) or "—")
+        assert cells[6] == (row["url"] or "—")
+    assert not set("│┃┏━╭─") & set(out)
+    e4e = next(ln for ln in lines if ln.startswith("faces ") and " e4e " in ln)
+    assert e4e.split()[4] == "edit,train,eval"
+    assert "cache: " in err and "tiny: no released weights: train them" in err
+    assert "celeba_attributes_mobilenet.pt has no download; make it with `clipinvert eval " \
+           "train-classifier" in err
 
 
 def test_download_verify_and_path(registry, tmp_path):
@@ -214,10 +251,84 @@ def test_domain_download_takes_only_what_editing_needs_unless_all(registry):
     from clipinvert.registry import EDIT_ROLES, Registry
 
     reg = Registry.load(registry)
-    entries, _ = _select(reg, ["faces"], EDIT_ROLES)
-    assert {e.name for e in entries} == {"clip-vit-b-32-openai", "e4e-ffhq-encode",
-                                         "clipinverter-faces"}
-    entries, _ = _select(reg, ["faces"], None)
-    assert {"arcface-ir-se50", "stylegan2-ffhq-config-f"} <= {e.name for e in entries}
-    entries, _ = _select(reg, ["arcface-ir-se50"], EDIT_ROLES)  # a name is always taken
-    assert [e.name for e in entries] == ["arcface-ir-se50"]
+    sel = _select(reg, ["faces"], EDIT_ROLES)
+    assert {e.name for e in sel.entries} == {"clip-vit-b-32-openai", "e4e-ffhq-encode",
+                                             "clipinverter-faces"}
+    assert sel.notes == [] and sel.unavailable == []
+    sel = _select(reg, ["faces"], None)
+    assert {"arcface-ir-se50", "stylegan2-ffhq-config-f"} <= {e.name for e in sel.entries}
+    # the attribute classifier is made, not downloaded: a note, not an entry or a failure
+    assert "celeba-attributes" not in {e.name for e in sel.entries} and sel.unavailable == []
+    assert sel.notes == ["faces attributes: celeba_attributes_mobilenet.pt has no download; "
+                         "make it with `clipinvert eval train-classifier --celeba CELEBA_DIR -o "
+                         f"{cache_dir() / 'celeba_attributes_mobilenet.pt'}`"]
+    sel = _select(reg, ["arcface-ir-se50"], EDIT_ROLES)  # a name is always taken
+    assert [e.name for e in sel.entries] == ["arcface-ir-se50"]
+
+
+def test_all_roles_are_the_train_and_eval_roles():
+    from clipinvert.registry import EDIT_ROLES, NEEDED_BY, TRAIN_EVAL_ROLES, WEIGHT_ROLES
+
+    assert TRAIN_EVAL_ROLES == ("stylegan2", "arcface", "moco", "lpips", "inception",
+                                "attributes")
+    assert set(EDIT_ROLES) | set(TRAIN_EVAL_ROLES) == set(WEIGHT_ROLES) == set(NEEDED_BY)
+    assert all("edit" not in NEEDED_BY[r] for r in TRAIN_EVAL_ROLES)
+    code, out, _ = run("models", "download", "--help")
+    assert code == 0
+    text = " ".join(out.replace("│", " ").split())  # rich wraps the help in a box
+    assert "stylegan2, arcface, moco, lpips, inception, attributes" in text
+    assert "(default: faces)" in text
+
+
+def test_download_all_succeeds_when_only_unpublished_files_are_left(tmp_path):
+    """Everything faces --all names is present except the attribute classifier: exit 0, and
+    the classifier is named on stderr with the command that makes it."""
+    from clipinvert.registry import Registry
+
+    reg = Registry.load()
+    home = tmp_path / "home"
+    home.mkdir()
+    for ref in reg.domain("faces").weights.values():
+        entry = reg.weights[ref]
+        if entry.urls:
+            (home / entry.file).write_bytes(PAYLOAD)
+    code, out, err = run("models", "download", "faces", "--all")
+    assert code == 0, err
+    # stdout: one path per file now in place (the result); the notes are on stderr
+    ready = sorted(home / reg.weights[ref].file for ref in reg.domain("faces").weights.values()
+                   if reg.weights[ref].urls)
+    assert sorted(Path(line) for line in out.splitlines()) == ready
+    line = next(ln for ln in err.splitlines() if "not downloadable" in ln)
+    assert "faces attributes" in line and "clipinvert eval train-classifier" in line
+    assert str(home / "celeba_attributes_mobilenet.pt") in line
+    # named explicitly, it is still an error (exit 3) that says how to make it
+    code, _, err = run("models", "download", "celeba-attributes")
+    assert code == 3 and "make it with `clipinvert eval train-classifier" in err
+
+
+def test_edit_download_failure_gives_the_reason_not_the_flag(tmp_path, monkeypatch, capsys):
+    """`edit --download` whose URL refuses: one line with the plain reason and where a copy
+    fetched by hand goes, and no advice to pass --download again."""
+    import socket
+
+    from PIL import Image
+
+    from clipinvert.cli import main
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    toml = tmp_path / "m.toml"
+    toml.write_text(f'[domains.d]\nresolution = 32\ne4e = "we"\nclipinverter = "c.pt"\n'
+                    f'clip = "k.pt"\n[weights.we]\nfile = "e.pt"\n'
+                    f'urls = ["http://127.0.0.1:{port}/e.pt"]\n', encoding="utf-8")
+    img = tmp_path / "x.png"
+    Image.new("RGB", (32, 32), "gray").save(img)
+    monkeypatch.setattr("clipinvert.weights.download.DEFAULT_RETRIES", 0)
+    rc = main(["edit", str(img), "x", "--models", str(toml), "--domain", "d", "--download",
+               "-o", str(tmp_path / "o"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 3 and len(err.strip().splitlines()) == 1, err
+    assert f"connection refused by 127.0.0.1:{port}" in err
+    assert f"put it at {tmp_path / 'home' / 'e.pt'}" in err
+    assert "--download" not in err

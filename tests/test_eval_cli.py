@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -133,3 +136,45 @@ def test_missing_weights_are_named_at_once(tmp_path: Path, capsys) -> None:
     err = capsys.readouterr().err
     assert rc == 3 and "inception" in err and "attributes" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_train_classifier_resume_means_what_it_means_for_train(tmp_path: Path, capsys,
+                                                               monkeypatch) -> None:
+    """Off by default: an unfinished run or an existing file is refused in one line naming
+    --resume (and --overwrite); --resume needs a run to continue.  All before any data is read
+    (the CelebA folder named does not exist)."""
+    import clipinvert.evaluation.classifier as clf
+
+    out = tmp_path / "attrs.pt"
+    base = ["eval", "train-classifier", "--celeba", str(tmp_path / "none"), "-o", str(out),
+            "--device", "cpu"]
+
+    def err_line() -> str:
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1, err
+        return err[0]
+
+    assert main([*base, "--resume"]) == 2
+    assert "--resume" in err_line()
+    clf.state_path_for(out).write_bytes(b"a saved run")
+    assert main(base) == 2
+    line = err_line()
+    assert "unfinished run" in line and "--resume" in line and "--overwrite" in line
+    clf.state_path_for(out).unlink()
+    out.write_bytes(b"someone's classifier")
+    assert main(base) == 2
+    line = err_line()
+    assert "already exists" in line and "--resume" in line and "--overwrite" in line
+    # With the flag the library is asked to continue (or, with --overwrite, to start over).
+    calls: list[dict] = []
+
+    def fake(celeba, output, **kw):
+        calls.append(kw)
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: what matters is what it was asked
+        time.sleep(5)  # the handler raises KeyboardInterrupt here
+
+    monkeypatch.setattr(clf, "train_classifier", fake)
+    assert main([*base, "--resume"]) == 130
+    assert "--resume" in capsys.readouterr().err  # the stop line says how to go on
+    assert main([*base, "--overwrite"]) == 130
+    assert [(c["resume"], c["overwrite"]) for c in calls] == [(True, False), (False, True)]

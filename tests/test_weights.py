@@ -110,6 +110,12 @@ def server():
     srv.server_close()
 
 
+class TestNetwork:
+    """Holds gdown's real download function while the guard below replaces it."""
+
+    real_download = None
+
+
 @pytest.fixture(autouse=True)
 def isolated(tmp_path, monkeypatch):
     """Own cache and config folders; no offline flags or extra registries from the caller;
@@ -121,7 +127,7 @@ def isolated(tmp_path, monkeypatch):
         monkeypatch.delenv(var, raising=False)
     import gdown
 
-    real = gdown.download
+    real = TestNetwork.real_download = gdown.download
 
     def guarded(url=None, *args, **kwargs):
         assert url and url.startswith("http://127.0.0.1:"), f"test tried to reach {url}"
@@ -201,7 +207,7 @@ def test_urls_are_tried_in_turn_with_every_reason_listed(server):
         wdl.fetch(_entry(server.url("/page.html"), server.url("/missing"), file="other.bin"),
                   progress=False, retries=0)
     assert "/page.html: the download is an HTML page" in str(info.value)
-    assert "/missing: HTTP 404" in str(info.value)
+    assert f"HTTP 404 at {server.url('/missing')}" in str(info.value)
     got = wdl.fetch(_entry("ftp://example.invalid/w.bin", server.url("/good.bin"), file="3.bin"),
                     progress=False)
     assert got.read_bytes() == PAYLOAD
@@ -244,14 +250,59 @@ def test_server_without_range_support_restarts_from_scratch(server):
     assert _leftovers(_home()) == []
 
 
-def test_refused_connection_is_reported_and_leaves_nothing():
+def _closed_port() -> int:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()
-    with pytest.raises(WeightsError, match="connection failed"):
-        wdl.fetch(_entry(f"http://127.0.0.1:{port}/x.bin"), progress=False, retries=0)
+    return port
+
+
+def _one_line_failure(url: str, **kw) -> str:
+    with pytest.raises(WeightsError) as info:
+        wdl.fetch(_entry(url), progress=False, retries=0, **kw)
+    msg = str(info.value)
+    assert "\n" not in msg
+    # never a urllib3/requests repr, always where a copy fetched by hand goes
+    for noise in ("HTTPConnectionPool", "Max retries", "Errno", "NewConnectionError", "..."):
+        assert noise not in msg, msg
+    assert f"put it at {_home() / 'weights.bin'}" in msg
+    assert 'path = "/path/to/weights.bin" in a [weights.tw] table of' in msg
+    return msg
+
+
+def test_refused_connection_is_reported_and_leaves_nothing():
+    port = _closed_port()
+    msg = _one_line_failure(f"http://127.0.0.1:{port}/x.bin")
+    assert msg.startswith(f"could not download tw weights (weights.bin): connection refused by "
+                          f"127.0.0.1:{port}; or download http://127.0.0.1:{port}/x.bin another "
+                          "way (a browser) and put it at "), msg
     assert not (_home() / ".partial").exists()
+
+
+def test_unresolvable_host_says_no_network(monkeypatch):
+    import gdown
+
+    monkeypatch.setattr(gdown, "download", TestNetwork.real_download)
+    msg = _one_line_failure("http://nonexistent.invalid/x.pt")
+    assert msg.startswith("could not download tw weights (weights.bin): no network: could not "
+                          "resolve nonexistent.invalid; "), msg
+
+
+def test_http_error_names_status_and_url(server):
+    msg = _one_line_failure(server.url("/missing"))
+    assert msg.startswith("could not download tw weights (weights.bin): HTTP 404 at "
+                          f"{server.url('/missing')}; "), msg
+
+
+def test_silent_server_times_out_in_plain_words():
+    with socket.socket() as listener:  # accepts (kernel backlog) but never answers
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+        msg = _one_line_failure(f"http://127.0.0.1:{port}/x.bin", timeout=(5.0, 0.5))
+    assert msg.startswith("could not download tw weights (weights.bin): timed out after 0.5 s "
+                          f"waiting for 127.0.0.1:{port}; "), msg
 
 
 def test_broken_cached_file_is_replaced(server):
@@ -512,3 +563,24 @@ def test_cache_falls_back_when_it_cannot_help(tmp_path, monkeypatch):
     copy.write_bytes(b"garbage")  # a damaged copy is replaced, not an error
     assert torch.equal(wcache.cached_state(small, min_bytes=0)["w"], torch.ones(2))
     assert torch.equal(wcache.load_tree(wcache.cached_path(small))["w"], torch.ones(2))
+
+
+def test_cached_copy_is_aligned_and_computes_the_same_bits(tmp_path: Path) -> None:
+    """The safetensors copy packs tensors at arbitrary offsets; what it hands out starts on a
+    64-byte boundary like a fresh tensor, so a layer gives the same bits from either file (an
+    unaligned weight once made a resumed training run part from its uninterrupted twin)."""
+    torch.manual_seed(0)
+    state = {"odd": torch.randn(3), "w": torch.randn(64, 64, 3, 3), "b": torch.randn(7)}
+    target = tmp_path / "copy.safetensors"
+    wcache.save_tree(state, target)
+    loaded = wcache.load_tree(target)
+    assert all(t.data_ptr() % wcache.ALIGNMENT == 0 for t in loaded.values())
+    assert all(torch.equal(loaded[k], state[k]) for k in state)
+    x = torch.randn(2, 64, 16, 16)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(torch.nn.functional.conv2d(x, loaded["w"]),
+                           torch.nn.functional.conv2d(x, state["w"]))
+    finally:
+        torch.set_num_threads(threads)

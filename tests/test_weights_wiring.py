@@ -79,3 +79,18 @@ def test_second_load_comes_from_safetensors_cache(tiny_models: Path, tmp_path: P
                          second.encoder.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
     assert torch.equal(first.latent_avg, second.latent_avg)
+
+
+def test_editor_keeps_a_shared_registrys_consent(tiny_models: Path) -> None:
+    """`eval benchmark` builds one registry with the user's --download/--offline, edits through
+    an Editor on it, then scores: the Editor must not reset those flags half-way."""
+    from clipinvert.registry import Registry
+
+    reg = Registry.load(tiny_models)
+    reg.download, reg.offline = True, True
+    Editor("tiny", registry=reg, device="cpu")
+    assert (reg.download, reg.offline) == (True, True)
+    Editor("tiny", registry=reg, device="cpu", download=False, offline=False)
+    assert (reg.download, reg.offline) == (False, False)
+    own = Editor("tiny", models=tiny_models, device="cpu")
+    assert own.registry.download is False and own.registry.offline is None

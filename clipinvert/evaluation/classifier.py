@@ -659,6 +659,35 @@ def _train_epoch(run: _Run, data: CelebAData, *, state_path: Path, batch_size: i
         bar.remove_task(task)
 
 
+def check_resume(output: Path | str, *, resume: bool, overwrite: bool) -> None:
+    """What ``clipinvert eval train-classifier`` allows before any work, as ``clipinvert
+    train`` does with its run folder: nothing is continued or replaced unasked.
+
+    Without ``resume`` an unfinished run (``OUT.resume.pt``) or an existing ``OUT`` is refused
+    in one line naming ``--resume`` (``overwrite`` starts over instead); with it there must be
+    something to continue — an unfinished run, or a finished ``OUT`` whose accuracy
+    :func:`train_classifier` then reports.  (:func:`train_classifier` itself, for library
+    callers, continues a saved run by default.)
+    """
+    output = Path(output)
+    state = state_path_for(output)
+    if output.is_dir():  # train_classifier says what to give instead
+        return
+    if resume:
+        if not state.exists() and not output.exists():
+            raise UsageError(f"--resume: {output} has no run to continue (no {state.name}); "
+                             "leave out --resume to start one")
+        return
+    if overwrite:
+        return
+    if state.exists():
+        raise UsageError(f"{state} holds an unfinished run of {output}: pass --resume to "
+                         "continue it, or --overwrite to start over")
+    if output.exists():
+        raise UsageError(f"{output} already exists: pass --resume to continue (or report) its "
+                         "run, --overwrite to replace it, or choose another -o")
+
+
 def train_classifier(
     celeba_dir: Path | str,
     output: Path | str,

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import UsageError
+from ..errors import DiskFullError, UsageError
 from ..registry import Registry
 from .metrics import EvalOptions
 from .pairs import REPORT_NAME, PairSet, read_pairs
@@ -82,9 +82,17 @@ def evaluate_pairs(pairs: PairSet | Path | str, output: Path, *, domain: str = "
                           options=dataclasses.asdict(options), source=pair_set.source,
                           extra=extra)
     output.mkdir(parents=True, exist_ok=True)
-    write_report(report, path)
+    try:
+        write_report(report, path)
+    except DiskFullError as exc:  # atomic: no report at all, or the previous one whole
+        raise DiskFullError(f"{exc}: the scores were not saved; free space and run the same "
+                            "command again", exc.path) from None
     if summary:
-        write_summary(report, output / "summary.png")
+        try:
+            write_summary(report, output / "summary.png")
+        except DiskFullError as exc:
+            raise DiskFullError(f"{exc}: the report {path} is written, summary.png is not; "
+                                "free space and run the same command again", exc.path) from None
     return report
 
 

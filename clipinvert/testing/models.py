@@ -361,3 +361,40 @@ def write_attribute_classifier(path: Path, tiny: bool = True, *, seed: int = 8,
     net = make_attribute_net(tiny, seed, input_size=input_size)
     save_attribute_classifier(path, net, training={"note": "random weights, for tests"})
     return path
+
+
+# ---- the `clipinvert models demo` domain ----------------------------------------------------
+
+#: Shown by ``models list`` next to every file of a demo domain (its models.toml ``label``).
+DEMO_LABEL = "random weights — for trying the commands, not real edits"
+
+
+def write_demo_files(directory: Path, *, size: int = 32) -> dict[str, str]:
+    """Random-weight files for every registry role a small face domain uses, so that ``align``,
+    ``invert``, ``edit``, ``interpolate``, ``train`` and ``eval metrics`` all run without the real
+    weights (``clipinvert models demo``).  Every file is named ``random-*`` so no listing can
+    pass it off as a real model.  Returns ``{role: file name}`` (plus ``clip_arch``: the tiny
+    CLIP's config), names relative to ``directory``.
+
+    The models are the tests' tiny ones (a 32 px generator, a narrow e4e encoder, a tiny CLIP,
+    ArcFace, MobileNet and AlexNet trunks; seconds on a CPU); only the FID Inception has its
+    real size (~96 MB), because its features must be 2048-d.
+    """
+    from .clip import write_tiny_clip
+
+    directory.mkdir(parents=True, exist_ok=True)
+    cfg = tiny_config(size)
+    arch, clip = write_tiny_clip(directory)
+    files = {
+        "clip_arch": arch.replace(directory / "random-clip.json"),
+        "clip": clip.replace(directory / "random-clip.pt"),
+        "e4e": write_e4e(directory / "random-e4e.pt", cfg, encoder="tiny"),
+        "clipinverter": write_clipinverter(directory / "random-clipinverter.pt", cfg,
+                                           encoder="tiny"),
+        "stylegan2": write_stylegan2(directory / "random-stylegan2.pt", cfg, seed=1),
+        "arcface": write_arcface(directory / "random-arcface.pt", tiny=True),
+        "lpips": write_alexnet_trunk(directory / "random-alexnet.pt"),
+        "inception": write_inception(directory / "random-inception.pt"),
+        "attributes": write_attribute_classifier(directory / "random-attributes.pt", tiny=True),
+    }
+    return {role: path.name for role, path in files.items()}

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from ..fileio import atomic_write
+from ..fileio import append_line, atomic_write
 from ..model import CLIPInverter
 from ..workers import DeferredStop
 from .checkpoint import load_resume, save_released, save_resume, set_rng_states
@@ -63,6 +63,7 @@ class Trainer:
         self.epoch = 0
         self.position = 0  # samples of this epoch already consumed (this rank)
         self.best: float | None = None
+        self.saved_step: int | None = None  # the step latest.pt and resume.pt hold, if any
         self._tb = None
         # Mixed precision (CUDA only, checked by the caller): bf16 needs no loss scaling, fp16
         # does; with amp off the scaler is a no-op and steps are exactly the float32 ones.
@@ -134,10 +135,15 @@ class Trainer:
         # run may resume with another number of processes and go on from the next sample.
         self.position = state["position"] // self.world_size
         self.best = state["best_val"]
+        self.saved_step = self.step
         set_rng_states(state["rng"])
 
     def save(self) -> None:
-        """``latest.pt`` (released layout) and ``resume.pt``; rank 0 only; atomic."""
+        """``latest.pt`` (released layout) and ``resume.pt``; rank 0 only; atomic.
+
+        A full disk stops the run here (DiskFullError; training/run.py says so in one line)
+        with every file whole: ``resume.pt`` still the previous save's whenever the new one
+        could not be written, so ``--resume`` continues from ``saved_step``."""
         if not self.is_main:
             return
         save_released(self.ckpt_dir / "latest.pt", self.model, self.cfg)
@@ -145,6 +151,7 @@ class Trainer:
                     step=self.step, epoch=self.epoch,
                     position=self.position * self.world_size, best=self.best,
                     cfg=self.cfg)
+        self.saved_step = self.step
 
     # ---- data ----------------------------------------------------------------------------
     def batches(self) -> Iterator[dict[str, Any]]:
@@ -271,9 +278,7 @@ class Trainer:
             return
         rec = {"step": self.step, "split": split, "time": round(time.time(), 3),
                **{k: float(v) for k, v in logs.items()}}
-        path = self.run_dir / "metrics.jsonl"
-        with path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(rec, allow_nan=False) + "\n")
+        append_line(self.run_dir / "metrics.jsonl", json.dumps(rec, allow_nan=False))
         writer = self.tensorboard()
         if writer is not None:
             for k, v in logs.items():
@@ -368,11 +373,12 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
     if not path.exists():
         return
     keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for raw in path.read_bytes().splitlines():  # torn, garbage or non-UTF-8 lines are dropped
         try:
+            line = raw.decode("utf-8")
             if json.loads(line)["step"] <= step:
                 keep.append(line)
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, IndexError):
             continue
     text = "".join(ln + "\n" for ln in keep)
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from ..distributed import Launch, barrier, launch_from_env, process_device, process_group
-from ..errors import UsageError
+from ..errors import DiskFullError, UsageError
 from ..fileio import atomic_write_text
 from ..registry import Domain, Registry
 from .config import TrainConfig
@@ -155,12 +155,20 @@ def _train(cfg: TrainConfig, *, resume: bool, registry: Registry | None, trust: 
         log(f"resuming at step {trainer.step} of {cfg.max_steps}")
     if not resume:
         torch.manual_seed(cfg.seed)
-    trainer.fit()
-    if not launch.is_main:
-        return None
-    best = run_dir / "checkpoints" / "best.pt"
-    chosen = best if best.exists() else run_dir / "checkpoints" / "latest.pt"
-    domain = registry.domain(cfg.domain)
-    toml = run_dir / "models.toml"
-    atomic_write_text(toml, run_registry(run_dir, domain, parts.files, chosen, registry))
+    try:
+        trainer.fit()
+        if not launch.is_main:
+            return None
+        best = run_dir / "checkpoints" / "best.pt"
+        chosen = best if best.exists() else run_dir / "checkpoints" / "latest.pt"
+        domain = registry.domain(cfg.domain)
+        toml = run_dir / "models.toml"
+        atomic_write_text(toml, run_registry(run_dir, domain, parts.files, chosen, registry))
+    except DiskFullError as exc:
+        # Writes are atomic: every checkpoint on disk is whole, the last saved one included.
+        saved = (f"the checkpoints of step {trainer.saved_step} are intact"
+                 if trainer.saved_step is not None else "no checkpoint of this run was saved")
+        raise DiskFullError(f"{exc}: training stopped at step {trainer.step}; {saved}; free "
+                            f"space and continue with: clipinvert train -o {run_dir} --resume",
+                            exc.path) from None
     return toml

@@ -163,11 +163,26 @@ def load_tree(path: Path) -> dict:
         meta = fh.metadata() or {}
         if meta.get("format") != FORMAT:
             raise ValueError(f"not a {FORMAT} file")
-        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        tensors = {k: _aligned(fh.get_tensor(k)) for k in fh.keys()}
     obj = _decode(json.loads(meta["tree"]), tensors)
     if not isinstance(obj, dict):
         raise ValueError("the stored checkpoint is not a dict")
     return obj
+
+
+ALIGNMENT = 64  # bytes: what PyTorch's CPU allocator gives every fresh tensor
+
+
+def _aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` itself when its data starts on a 64-byte boundary, else an aligned copy.
+
+    Tensors memory-mapped from a safetensors file start wherever the file packs them.  CPU
+    kernels take other vector paths on unaligned data, so the same weights gave other bits
+    than after a plain ``torch.load``: a training run that loaded its weights from ``.pt``
+    and its resumed twin that loaded the cached copy parted ways (seen at one thread).  Aligned
+    tensors stay memory-mapped; only the others are copied.
+    """
+    return tensor if tensor.data_ptr() % ALIGNMENT == 0 else tensor.clone()
 
 
 def _enabled(min_bytes: int, size: int) -> bool:

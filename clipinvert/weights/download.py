@@ -38,6 +38,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -71,32 +72,57 @@ def find_file(entry: WeightEntry) -> Path | None:
     return next((p for p in places_for(entry) if p.is_file()), None)
 
 
-def how_to_get(entry: WeightEntry, *, offline: bool = False) -> str:
-    """The command or URL that gets an entry's file, for error messages."""
+def made_by(entry: WeightEntry) -> str | None:
+    """The command that makes an unpublished file, ``{path}`` replaced by where it goes."""
+    if not entry.made_by:
+        return None
+    return entry.made_by.replace("{path}", str(places_for(entry)[-1]))
+
+
+def by_hand(entry: WeightEntry, target: Path | None = None) -> str:
+    """Where a copy got some other way goes: the exact file in the cache (``target``), or a
+    ``path =`` naming it in a models.toml — the two places the search order looks."""
+    from ..registry import user_registry  # the registry imports this module
+
+    target = target if target is not None else cache_dir() / entry.file
+    return (f"put it at {target}, or name your copy with path = \"/path/to/{entry.file}\" in a "
+            f"[weights.{entry.name}] table of {user_registry()} (or of a --models FILE)")
+
+
+def how_to_get(entry: WeightEntry, *, offline: bool = False, offer_download: bool = True) -> str:
+    """The command, URL and places that get an entry's file, for error messages.
+
+    ``offer_download``: the command at hand has ``--download`` and it was not passed (never
+    advise it to someone who did, or to a command without it).
+    """
     if not entry.urls:
-        return entry.description or "no download is published for it"
-    target = cache_dir() / entry.file
-    manual = f"download {entry.urls[0]} to {target}"
+        made = made_by(entry)
+        how = f"make it with `{made}`" if made else \
+            (entry.description or "no download is published for it")
+        return f"{how}; {by_hand(entry)}"
+    manual = f"or download {entry.urls[0]} yourself and {by_hand(entry)}"
     if offline:
         return (f"offline mode is on (--offline, CLIPINVERT_OFFLINE or HF_HUB_OFFLINE): run "
-                f"`clipinvert models download {entry.name}` with network access, or {manual}")
-    return f"run `clipinvert models download {entry.name}` (or pass --download), or {manual}"
+                f"`clipinvert models download {entry.name}` with network access, {manual}")
+    flag = " (or pass --download)" if offer_download else ""
+    return f"run `clipinvert models download {entry.name}`{flag}, {manual}"
 
 
 def missing_message(entry: WeightEntry, places: list[Path] | None = None, *,
-                    offline: bool = False) -> str:
+                    offline: bool = False, offer_download: bool = True) -> str:
     places = places_for(entry) if places is None else places
     looked = ", ".join(str(p) for p in places)
     return (f"{entry.name} weights ({entry.file}) not found; looked in {looked}; "
-            f"{how_to_get(entry, offline=offline)}")
+            f"{how_to_get(entry, offline=offline, offer_download=offer_download)}")
 
 
-def find_or_fetch(entry: WeightEntry, *, download: bool = False, offline: bool | None = None,
-                  progress: bool = True) -> Path:
+def find_or_fetch(entry: WeightEntry, *, download: bool | None = False,
+                  offline: bool | None = None, progress: bool = True) -> Path:
     """Explicit path → cache → (if ``download`` and not offline) the entry's URLs.
 
     This is what a loader calls: without consent it never downloads, and a missing file is a
     :class:`WeightsError` (exit 3) listing the places looked and the command/URL that gets it.
+    ``download=None``: the command has no ``--download`` (so the message does not offer it).
     """
     places = places_for(entry)
     for p in places:
@@ -105,7 +131,8 @@ def find_or_fetch(entry: WeightEntry, *, download: bool = False, offline: bool |
     off = is_offline(offline)
     if download and not off and entry.urls:
         return fetch(entry, offline=False, progress=progress)
-    raise WeightsError(missing_message(entry, places, offline=off))
+    raise WeightsError(missing_message(entry, places, offline=off,
+                                       offer_download=download is False))
 
 
 # ---- checksums ----------------------------------------------------------------------------------
@@ -260,6 +287,56 @@ def _progress(enabled: bool, label: str) -> Iterator[Callable[[int, int | None],
         yield update
 
 
+def _causes(exc: BaseException) -> list[BaseException]:
+    """``exc`` and everything it was raised from (gdown → requests → urllib3 → socket)."""
+    chain: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and cur not in chain:
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    return chain
+
+
+def network_reason(exc: BaseException, url: str,
+                   timeout: tuple[float, float] = DEFAULT_TIMEOUT) -> str:
+    """A failed transfer in plain words, naming the host or URL.
+
+    requests and urllib3 nest the real cause (a DNS failure, a refused connection) three
+    exceptions deep inside a ``HTTPConnectionPool(...)`` repr that a one-line message would
+    truncate; the user needs the cause itself to know whether to check the network, the proxy
+    or the URL.
+    """
+    import requests
+    import urllib3
+
+    parts = urllib.parse.urlparse(url)
+    host = (parts.hostname or url) + (f":{parts.port}" if parts.port else "")
+    chain = _causes(exc)
+
+    def has(*types: type[BaseException]) -> bool:
+        return any(isinstance(c, types) for c in chain)
+
+    for c in chain:
+        if isinstance(c, requests.HTTPError) and c.response is not None:
+            return f"HTTP {c.response.status_code} at {url}"
+    if has(socket.gaierror, urllib3.exceptions.NameResolutionError):
+        return f"no network: could not resolve {parts.hostname or url}"
+    if has(ConnectionRefusedError):
+        return f"connection refused by {host}"
+    if has(requests.ConnectTimeout, urllib3.exceptions.ConnectTimeoutError):
+        return f"timed out after {timeout[0]:g} s connecting to {host}"
+    if has(requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError):
+        return f"timed out after {timeout[1]:g} s waiting for {host}"
+    if has(requests.exceptions.SSLError, urllib3.exceptions.SSLError):
+        return f"secure connection to {host} failed (TLS certificate or proxy problem)"
+    if has(requests.exceptions.ProxyError, urllib3.exceptions.ProxyError):
+        return f"the proxy refused the connection to {host} (check HTTPS_PROXY)"
+    if has(ConnectionError, requests.exceptions.ChunkedEncodingError,
+           urllib3.exceptions.ProtocolError) or "incomplete" in str(exc).lower():
+        return f"connection dropped part-way by {host}"
+    return f"{url}: {first_line(chain[-1])}"
+
+
 def _gdown(url: str, out: Path, *, backend: Backend, progress: bool, label: str,
            retries: int, timeout: tuple[float, float]) -> Path:
     import gdown
@@ -270,25 +347,22 @@ def _gdown(url: str, out: Path, *, backend: Backend, progress: bool, label: str,
             gdown.download(url, str(out), quiet=True, resume=True, progress=cb,
                            use_cookies=backend == "gdrive", retries=retries, timeout=timeout)
     except gdown.exceptions.FileURLRetrievalError as exc:
-        raise _Failed("Google Drive answered with an HTML page instead of the file (quota "
-                      "exceeded or no public access); try again later or download it in a "
-                      "browser") from exc
+        raise _Failed(f"{url}: Google Drive answered with an HTML page instead of the file "
+                      "(quota exceeded or no public access); try again later or download it "
+                      "in a browser") from exc
     except gdown.exceptions.DownloadError as exc:
         text = str(exc)
         if "did not honor the requested byte range" in text:
             raise _Failed("RANGE") from exc
-        if "incomplete" in text.lower() or "retries" in text:
-            raise _Interrupted(f"connection dropped ({first_line(exc)})") from exc
-        raise _Failed(first_line(exc)) from exc
+        if isinstance(exc.__cause__, requests.RequestException) or "incomplete" in text.lower():
+            raise _Interrupted(network_reason(exc, url, timeout)) from exc
+        raise _Failed(f"{url}: {first_line(exc)}") from exc
     except requests.HTTPError as exc:
-        resp = exc.response
-        status = f"HTTP {resp.status_code} {resp.reason}" if resp is not None else str(exc)
-        raise _Failed(status) from exc
+        raise _Failed(network_reason(exc, url, timeout)) from exc
     except (requests.ConnectionError, requests.Timeout) as exc:
-        kind = "timed out" if isinstance(exc, requests.Timeout) else "connection failed"
-        raise _Interrupted(f"{kind} ({first_line(exc)})") from exc
+        raise _Interrupted(network_reason(exc, url, timeout)) from exc
     except requests.RequestException as exc:
-        raise _Failed(first_line(exc)) from exc
+        raise _Failed(network_reason(exc, url, timeout)) from exc
     return out
 
 
@@ -299,13 +373,13 @@ def _hf(url: str, work: Path) -> Path:
     rest = url[len("hf://"):]
     parts = rest.split("/")
     if len(parts) < 3:
-        raise _Failed("an hf:// URL must be hf://OWNER/REPO[@REVISION]/PATH")
+        raise _Failed(f"{url}: an hf:// URL must be hf://OWNER/REPO[@REVISION]/PATH")
     repo, _, revision = parts[1].partition("@")
     try:
         got = hf_hub_download(f"{parts[0]}/{repo}", "/".join(parts[2:]),
                               revision=revision or None, local_dir=work)
     except Exception as exc:  # hub errors are many types; the first line says which
-        raise _Failed(first_line(exc)) from exc
+        raise _Failed(f"{url}: {first_line(exc)}") from exc
     return Path(str(got))
 
 
@@ -344,7 +418,7 @@ def _download_one(url: str, work: Path, entry: WeightEntry, *, progress: bool, r
                       retries=retries, timeout=timeout)
     except _Failed as exc:
         if str(exc) == "RANGE":
-            raise _Failed("the server does not support resuming (Range)") from exc
+            raise _Failed(f"{url}: the server does not support resuming (Range)") from exc
         raise
 
 
@@ -370,7 +444,7 @@ def _prune_partials(dest_dir: Path) -> None:
 
 
 def fetch(entry: WeightEntry, dest_dir: Path | None = None, *, offline: bool | None = None,
-          progress: bool = True, force: bool = False, retries: int = DEFAULT_RETRIES,
+          progress: bool = True, force: bool = False, retries: int | None = None,
           timeout: tuple[float, float] = DEFAULT_TIMEOUT) -> Path:
     """Make sure ``<dest_dir>/<entry.file>`` exists and is the right file; return its path.
 
@@ -378,8 +452,10 @@ def fetch(entry: WeightEntry, dest_dir: Path | None = None, *, offline: bool | N
     broken (empty, an HTML page, wrong size) or ``force``.  Otherwise each of the entry's URLs
     is tried in turn (see the module docstring for the checks and where partial bytes live);
     when all fail, one :class:`WeightsError` lists every URL with its reason.  ``retries`` is
-    how many times a dropped connection is resumed within this call.
+    how many times a dropped connection is resumed within this call (default
+    :data:`DEFAULT_RETRIES`, read at call time).
     """
+    retries = DEFAULT_RETRIES if retries is None else retries
     dest = Path(dest_dir) if dest_dir is not None else cache_dir()
     final = dest / entry.file
     off = is_offline(offline)
@@ -392,8 +468,8 @@ def fetch(entry: WeightEntry, dest_dir: Path | None = None, *, offline: bool | N
     elif off:
         raise WeightsError(missing_message(entry, [final], offline=True))
     if not entry.urls:
-        raise WeightsError(f"{entry.name} weights ({entry.file}): no download URL is published "
-                           f"({entry.description or 'see its registry ' + str(entry.source)})")
+        raise WeightsError(f"{entry.name} weights ({entry.file}) have no download: "
+                           f"{how_to_get(entry)}")
     reasons: list[str] = []
     kept: list[Path] = []
     for url in entry.urls:
@@ -403,7 +479,7 @@ def fetch(entry: WeightEntry, dest_dir: Path | None = None, *, offline: bool | N
                                    timeout=timeout)
             digest = _check_payload(staged, entry, dest)
         except _Interrupted as exc:
-            reasons.append(f"{url}: {exc}")
+            reasons.append(str(exc))
             if _has_bytes(work):
                 kept.append(work)
             else:
@@ -412,7 +488,7 @@ def fetch(entry: WeightEntry, dest_dir: Path | None = None, *, offline: bool | N
         except (_BadPayload, _Failed) as exc:
             shutil.rmtree(work, ignore_errors=True)
             reasons.append(f"{url}: the download {exc}" if isinstance(exc, _BadPayload)
-                           else f"{url}: {exc}")
+                           else str(exc))
             continue
         except OSError as exc:  # disk full, permissions: nothing worth resuming
             shutil.rmtree(work, ignore_errors=True)
@@ -432,4 +508,5 @@ def fetch(entry: WeightEntry, dest_dir: Path | None = None, *, offline: bool | N
         tail = (f"; the bytes received so far are kept in {kept[0]} — run the same command "
                 "again to resume")
     raise WeightsError(f"could not download {entry.name} weights ({entry.file}): "
-                       + "; ".join(reasons) + tail)
+                       + "; ".join(reasons) + tail + f"; or download {entry.urls[0]} another "
+                       f"way (a browser) and {by_hand(entry, final)}")
