@@ -97,8 +97,10 @@ def test_two_processes_train_write_once_and_the_checkpoint_edits(
         [[*torchrun, "--standalone", "--nproc-per-node", "2", *_train_args(domain, data, run)]],
         tmp_path, launch_env())
     assert rc == 0, err
-    # Rank 0 alone prints and writes: one summary, one log line per step, one metric line each.
-    assert out.count("trained: clipinvert edit") == 1, out
+    # Rank 0 alone prints and writes: the run's models.toml on stdout and how to use it on
+    # stderr, once; one log line per step, one metric line each.
+    assert out.splitlines() == [str(run / "models.toml")], out
+    assert err.count("trained: clipinvert edit") == 1, err
     assert err.count("step 1/2:") == 1 and err.count("step 2/2:") == 1, err
     assert "Traceback" not in err
     assert _train_steps(run) == [1, 2]
@@ -160,7 +162,8 @@ def test_two_nodes_train_like_one_process_with_both_batches(
     for rc, _, err in results:
         assert rc == 0, err
     # c10d gives rank 0 to either launcher: exactly one of them printed and wrote.
-    assert sum("trained: clipinvert edit" in out for _, out, _ in results) == 1
+    assert sorted(out for _, out, _ in results) == ["", f"{run / 'models.toml'}\n"]
+    assert sum("trained: clipinvert edit" in err for _, _, err in results) == 1
     assert _train_steps(run) == [1, 2]
     one = tmp_path / "one"
     _single(domain, data, one, "--match-prob", "1")
@@ -193,7 +196,7 @@ def test_stage2_two_processes_train_the_remapper_like_one(
         [[*torchrun, "--standalone", "--nproc-per-node", "2",
           *_train_args(domain, data, run, *extra)]], tmp_path, launch_env())
     assert rc == 0, err
-    assert out.count("trained: clipinvert edit") == 1 and _train_steps(run) == [1, 2]
+    assert out.splitlines() == [str(run / "models.toml")] and _train_steps(run) == [1, 2]
     before, ddp = torch.load(init, weights_only=True)["state_dict"], _state(run)
     assert not any("module." in k for k in ddp)
     for k, v in before.items():  # adapter and generator unchanged
