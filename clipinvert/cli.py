@@ -286,7 +286,8 @@ def interpolate(
     _check_paths(input, opts.output)
     from .jobs import conditions_from, run_interpolate
 
-    conds = conditions_from([prompt] if prompt else [], [ref_image] if ref_image else [])
+    conds = conditions_from([prompt] if prompt else [], [ref_image] if ref_image else [],
+                            missing="give a PROMPT or a --ref-image")
     if len(conds) != 1:
         raise UsageError("interpolate takes one PROMPT or one --ref-image, not both")
     ed, run = _load(opts, paste_back)
@@ -377,6 +378,9 @@ def train(
     if data is None and not resume:  # before anything is loaded or checked
         raise UsageError("missing option --data (the training images; only --resume goes "
                          "without it)")
+    for flag, path in (("--data", data), ("--val-data", val_data)):
+        if path is not None and not path.exists():  # before any weight check (exit 3)
+            raise UsageError(f"{flag} {path}: not found")
     from .training.config import TrainConfig
     from .training.run import check_run_dir, resolve_resume
     from .training.run import train as run_training

@@ -45,9 +45,12 @@ class EditCondition:
     key: str = ""  # what identifies it in a run's settings (the text, or the image's hash)
 
 
-def conditions_from(prompts: Sequence[str], references: Sequence[Path]) -> list[EditCondition]:
+def conditions_from(prompts: Sequence[str], references: Sequence[Path],
+                    missing: str = "give a PROMPT, --prompts FILE or --ref-image",
+                    ) -> list[EditCondition]:
     """Prompts and reference images as conditions; a reference that cannot be read is a usage
-    error (exit 2) before any model is loaded."""
+    error (exit 2) before any model is loaded, and so is no condition at all (``missing``
+    names the options the calling command has)."""
     import hashlib
 
     conds = [EditCondition(p, p, key=p) for p in prompts]
@@ -59,7 +62,7 @@ def conditions_from(prompts: Sequence[str], references: Sequence[Path]) -> list[
         digest = hashlib.sha256(Path(ref).read_bytes()).hexdigest()[:16]
         conds.append(EditCondition(f"ref:{ref.name}", image, key=f"ref:{ref.name}:{digest}"))
     if not conds:
-        raise UsageError("give a PROMPT, --prompts FILE or --ref-image")
+        raise UsageError(missing)
     slugs = unique_slugs([c.label if not c.label.startswith("ref:") else
                           "ref-" + Path(c.label[4:]).stem for c in conds])
     for c, s in zip(conds, slugs, strict=True):

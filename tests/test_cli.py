@@ -266,6 +266,20 @@ def test_train_needs_data_before_anything_else(tmp_path: Path, capsys) -> None:
     assert err.strip() == ("clipinvert: error: missing option --data (the training images; "
                            "only --resume goes without it)")
     assert not (tmp_path / "run").exists()
+    # a --data that is not there is the same kind of mistake, also before any weights
+    assert main(["train", "--data", str(tmp_path / "nothere"), "-o", str(tmp_path / "run"),
+                 "--models", str(tmp_path / "none.toml")]) == 2
+    assert capsys.readouterr().err.strip() == \
+        f"clipinvert: error: --data {tmp_path / 'nothere'}: not found"
+
+
+def test_interpolate_without_a_condition_names_its_own_options(tmp_path: Path, capsys,
+                                                               face_crop) -> None:
+    """interpolate has no --prompts: its usage line must not offer one."""
+    face_crop.save(tmp_path / "a.png")
+    assert main(["interpolate", str(tmp_path / "a.png"), "-o", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.strip() == \
+        "clipinvert: error: give a PROMPT or a --ref-image"
 
 
 def test_train_and_eval_pass_download_and_offline_to_the_registry(
