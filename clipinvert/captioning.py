@@ -32,9 +32,11 @@ are refused unless ``--overwrite``.
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -45,10 +47,10 @@ from rich.table import Table
 from .batch import Prepared, PrepareOptions, Report, make_progress, prepared_stream
 from .errors import UsageError
 from .evaluation.protocol import zero_shot_probabilities
-from .fileio import atomic_write_text
+from .fileio import TEMP_PATTERN, atomic_write_text
 from .imaging import list_inputs
 from .manifest import describe_difference, fingerprint
-from .outlock import claim_output
+from .outlock import OutputLock, create_folder
 from .vocabulary import Vocabulary
 
 if TYPE_CHECKING:
@@ -283,7 +285,7 @@ def caption_folder(data: Path, outputs: CaptionOutputs, vocabulary: Vocabulary,
     fp = fingerprint(decided)
     _check_settings(outputs, decided, fp, overwrite)
     own = own_captions(data)
-    with claim_output(outputs.captions.parent, note=report.warn):
+    with _held(outputs, report):
         run = CaptionRun(report, outputs)
         report.meta["caption"] = {"fingerprint": fp, "settings": decided,
                                   "captions": str(outputs.captions),
@@ -340,6 +342,34 @@ def caption_folder(data: Path, outputs: CaptionOutputs, vocabulary: Vocabulary,
             print_distribution(run.distribution, console)
             console.print(report.summary() + f" — report: {outputs.report}", highlight=False)
         return run
+
+
+@contextlib.contextmanager
+def _held(outputs: CaptionOutputs, report: Report) -> Iterator[None]:
+    """The captions' folder locked for this run (two runs rewriting one manifest would each
+    drop the other's batches), and the temporary files a killed run left beside the outputs
+    removed.  Not :func:`~clipinvert.outlock.claim_output`: that cleans its folder recursively,
+    and the folder of ``-o captions.jsonl`` may be any working folder, the home folder included.
+    """
+    folder = outputs.captions.parent
+    create_folder(folder)
+    lock = OutputLock(folder)
+    try:
+        took = lock.acquire()
+    except OSError as exc:
+        raise UsageError(f"-o {outputs.captions}: cannot create the lock file in {folder} "
+                         f"({exc.strerror or exc})") from None
+    if took:
+        report.warn(took)
+    try:
+        for path in (outputs.captions, outputs.labels, outputs.report):
+            for leftover in path.parent.glob(f".{glob.escape(path.name[:120])}.*.partial*"):
+                if TEMP_PATTERN.match(leftover.name):
+                    with contextlib.suppress(FileNotFoundError):
+                        leftover.unlink()
+        yield
+    finally:
+        lock.release()
 
 
 def _batches(items: Iterable[Prepared], size: int) -> Iterable[list[Prepared]]:

@@ -300,3 +300,29 @@ def test_a_domain_without_a_vocabulary_needs_one(tmp_path: Path, tiny_models: Pa
                "--domain", "tiny", "--models", str(tiny_models)])
     err = capsys.readouterr().err
     assert rc == 2 and "has no packaged vocabulary" in err and "--vocabulary FILE" in err
+
+
+def test_one_run_at_a_time_and_leftovers_of_a_killed_one_go(tmp_path: Path) -> None:
+    from clipinvert.outlock import FolderBusyError, OutputLock
+
+    data = tmp_path / "data"
+    _png(data / "a.png", (1, 0, 0))
+    out = tmp_path / "out"
+    out.mkdir()
+    outputs = CaptionOutputs.beside(out / "captions.jsonl")
+    clip = KnownClip(CATS, {1: ["breed:Bengal"]})
+    other = OutputLock(out)
+    other.acquire()  # another live run writes there
+    try:
+        with pytest.raises(FolderBusyError):
+            caption_folder(data, outputs, CATS, lambda: clip, quiet=True)
+    finally:
+        other.release()
+    leftover = out / ".captions.jsonl.0123abcd.partial.jsonl"  # a kill -9 mid-write
+    leftover.write_text("{", encoding="utf-8")
+    keep = out / ".notes.0123abcd.partial.txt"  # not one of this run's files
+    keep.write_text("x", encoding="utf-8")
+    caption_folder(data, outputs, CATS, lambda: clip, quiet=True)
+    assert not leftover.exists() and keep.exists()
+    assert [r["attributes"] for r in _jsonl(outputs.labels)] == [["breed:Bengal"]]
+    assert not (out / ".clipinvert-lock").exists()
