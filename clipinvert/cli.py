@@ -419,6 +419,75 @@ def train(
         print(toml)
 
 
+@app.command(epilog=examples(
+    "clipinvert caption afhq/train/cat -o cats/captions.jsonl",
+    "clipinvert caption cub/ --domain birds --vocabulary my-birds.toml -o birds/captions.jsonl",
+    "clipinvert caption afhq/train/cat -o cats/captions.jsonl --device cuda -b 64"))
+@shared(("domain", "models", "device", "workers", "overwrite", "quiet", "report", "download",
+         "offline", "trust_checkpoint"), domain="cats", help={
+    "domain": "Domain from models.toml whose CLIP labels the images (and whose vocabulary is "
+              "the default).",
+    "workers": "Processes decoding images ahead of CLIP: 0 = in-process, up to twice the "
+               "cores, or auto.",
+    "overwrite": "Start afresh: replace the outputs instead of resuming them.",
+    "report": "Where to write the JSON run report with the label distribution (default: "
+              "<captions stem>-report.json beside the captions)."})
+def caption(
+    data: Annotated[Path, typer.Argument(
+        metavar="DATA", help="The images (a folder, searched recursively, or one image); only "
+                             "read.", show_default=False)],
+    output: Annotated[Path, typer.Option(
+        "-o", "--output", metavar="FILE",
+        help="The captions manifest to write: a .jsonl that `clipinvert train --data` reads "
+             "(outside DATA).")] = Path("captions.jsonl"),
+    vocabulary: Annotated[str | None, typer.Option(
+        metavar="cats|birds|FILE", show_default=False,
+        help="Attribute groups, classes, prompts and sentence templates: a packaged "
+             "vocabulary or your TOML file (default: the domain's).")] = None,
+    labels: Annotated[Path | None, typer.Option(
+        metavar="FILE", show_default=False,
+        help="Where to write the {image, attributes} labels `clipinvert eval benchmark "
+             "--data` reads (default: <captions stem>-labels.jsonl beside the captions).")
+    ] = None,
+    batch_size: FixedBatch = 32,
+    *,
+    opts: Common,
+) -> None:
+    """Caption images that have none: CLIP zero-shot labels turned into sentences."""
+    from .captioning import CaptionOutputs, caption_folder, clip_encoder
+    from .vocabulary import PACKAGED, load_vocabulary
+
+    name = vocabulary or opts.domain
+    if vocabulary is None and name not in PACKAGED:
+        raise UsageError(f"domain {name!r} has no packaged vocabulary ({', '.join(PACKAGED)}): "
+                         "pass --vocabulary FILE")
+    vocab = load_vocabulary(name)
+    outputs = CaptionOutputs.beside(output, labels, opts.report)
+    registry = weights_registry(opts)
+    dom = registry.domain(opts.domain)  # an unknown domain fails before any image is read
+    import torch
+
+    from .pipeline import resolve_device
+    from .runtime import thread_budget
+
+    device = resolve_device(opts.device)
+    asked = None if opts.workers == "auto" else int(opts.workers)
+    threads, workers = thread_budget(asked, device=device.type)
+    torch.set_num_threads(threads)
+    run = caption_folder(
+        data, outputs, vocab,
+        clip_encoder(registry, opts.domain, device=str(device), trust=opts.trust_checkpoint),
+        batch_size=batch_size, workers=workers, overwrite=opts.overwrite, quiet=opts.quiet,
+        params=opts.params, settings={"clip": {"domain": dom.name, "arch": dom.clip_arch,
+                                               "weights": dom.weights.get("clip")}})
+    # stdout: the result; the next step of the chain goes to stderr.
+    if not opts.quiet:
+        print(f"captioned: clipinvert train --domain {opts.domain} --data {outputs.captions}; "
+              f"labels for clipinvert eval benchmark --data {outputs.labels}", file=sys.stderr)
+    print(outputs.captions)
+    raise typer.Exit(run.exit_code)
+
+
 def _train_resume_hint(run_dir: Path) -> str:
     if (run_dir / "config.json").exists():  # the run started: the trainer saved its last step
         return f"continue with: clipinvert train -o {run_dir} --resume"

@@ -5,7 +5,9 @@ phrase on 50 seeded test images that lack it (AMA-single), and 7 combinations of
 them (AMA-multiple).  Cats and birds: CLIP as a zero-shot classifier — each attribute belongs to
 a category, and every class of that category gets a caption; an edit is correct when its
 attribute's caption wins.  The paper names neither the combinations nor the cat and bird
-lists; the ones below are our choice, documented in docs/evaluation.md#protocol.
+lists; ours are documented in docs/evaluation.md#protocol.  The cat and bird lists live in the
+packaged caption vocabularies (:mod:`clipinvert.vocabulary`), read here, so the captions
+``clipinvert caption`` writes and the attributes AMA scores come from one file.
 """
 
 from __future__ import annotations
@@ -13,6 +15,14 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ..vocabulary import Vocabulary, load_vocabulary
+
+if TYPE_CHECKING:
+    import torch
+
+CLIP_LOGIT_SCALE = 100.0  # CLIP's trained temperature, as zero-shot classification uses it
 
 # CelebA attribute → the phrase the authors' earlier code used ("This person" + phrase).
 FACE_PHRASES: dict[str, str] = {
@@ -113,57 +123,33 @@ class ZeroShotSet:
         return self.edit_templates[a.category].format(a.label)
 
 
-# AFHQ-Cats: 30 classes — 16 breeds, 7 fur colours, 5 moods, 2 ages (the paper's count; the
-# classes are our choice).  Every class is an evaluated attribute.
-CAT_CATEGORIES = {
-    "breed": ("Abyssinian", "Bengal", "Birman", "Bombay", "British Shorthair", "Egyptian Mau",
-              "Maine Coon", "Persian", "Ragdoll", "Russian Blue", "Siamese", "Sphynx",
-              "Scottish Fold", "Norwegian Forest", "Exotic Shorthair", "American Shorthair"),
-    "colour": ("black", "white", "grey", "orange", "brown", "cream", "calico"),
-    "mood": ("happy", "sad", "angry", "sleepy", "surprised"),
-    "age": ("young", "old"),
-}
-CATS = ZeroShotSet(
-    "cats", CAT_CATEGORIES,
-    templates={"breed": "a photo of a {} cat", "colour": "a photo of a cat with {} fur",
-               "mood": "a photo of a {} cat", "age": "a photo of a {} cat"},
-    edit_templates={"breed": "This cat is a {}.", "colour": "This cat has {} fur.",
-                    "mood": "This cat looks {}.", "age": "This cat is {}."},
-    evaluated=tuple(f"{c}:{x}" for c, xs in CAT_CATEGORIES.items() for x in xs))
+def zero_shot_set(vocabulary: Vocabulary) -> ZeroShotSet:
+    """The AMA protocol of a caption vocabulary: its groups are the categories, its zero-shot
+    prompts the captions, its ``edit`` templates the benchmark's prompts.  One file decides
+    both what ``clipinvert caption`` labels and what AMA scores, so they cannot drift apart."""
+    missing = [g.name for g in vocabulary.groups if g.edit is None]
+    if missing:
+        raise ValueError(f"vocabulary {vocabulary.name}: group {missing[0]} has no edit prompt")
+    return ZeroShotSet(
+        vocabulary.name, {g.name: g.classes for g in vocabulary.groups},
+        templates={g.name: g.prompt for g in vocabulary.groups},
+        edit_templates={g.name: g.edit or "" for g in vocabulary.groups},
+        evaluated=vocabulary.evaluated)
 
-# CUB-200-2011 (attributes.txt): the classes of five attribute groups, from which 40 are
-# evaluated — 10 wing, 10 breast and 10 crown colours, 5 bill shapes, 5 head patterns.
-_CUB_COLOURS = ("blue", "brown", "iridescent", "purple", "rufous", "grey", "yellow", "olive",
-                "green", "pink", "orange", "black", "white", "red", "buff")
-_CUB_EVALUATED_COLOURS = ("blue", "brown", "grey", "yellow", "green", "orange", "black", "white",
-                          "red", "buff")
-BIRD_CATEGORIES = {
-    "wing_color": _CUB_COLOURS,
-    "breast_color": _CUB_COLOURS,
-    "crown_color": _CUB_COLOURS,
-    "bill_shape": ("curved", "dagger", "hooked", "needle", "hooked seabird", "spatulate",
-                   "all-purpose", "cone", "specialized"),
-    "head_pattern": ("spotted", "malar", "crested", "masked", "unique pattern", "eyebrow",
-                     "eyering", "plain", "eyeline", "striped", "capped"),
-}
-BIRDS = ZeroShotSet(
-    "birds", BIRD_CATEGORIES,
-    templates={"wing_color": "a photo of a bird with {} wings",
-               "breast_color": "a photo of a bird with a {} breast",
-               "crown_color": "a photo of a bird with a {} crown",
-               "bill_shape": "a photo of a bird with a {} shaped bill",
-               "head_pattern": "a photo of a bird with a {} head pattern"},
-    edit_templates={"wing_color": "This bird has {} wings.",
-                    "breast_color": "This bird has a {} breast.",
-                    "crown_color": "This bird has a {} crown.",
-                    "bill_shape": "This bird has a {} shaped bill.",
-                    "head_pattern": "This bird has a {} head pattern."},
-    evaluated=(*(f"wing_color:{c}" for c in _CUB_EVALUATED_COLOURS),
-               *(f"breast_color:{c}" for c in _CUB_EVALUATED_COLOURS),
-               *(f"crown_color:{c}" for c in _CUB_EVALUATED_COLOURS),
-               *(f"bill_shape:{s}" for s in ("curved", "dagger", "hooked", "needle", "cone")),
-               *(f"head_pattern:{p}" for p in ("crested", "masked", "eyebrow", "eyering",
-                                               "striped"))))
+
+def zero_shot_probabilities(images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
+    """CLIP as a zero-shot classifier: unit image embeddings (B, D) against unit prompt
+    embeddings (C, D) of one category → (B, C) class probabilities (softmax of the cosine
+    similarities at CLIP's logit scale).  AMA judges edits with it and ``clipinvert caption``
+    labels images with it: the same rule on both sides."""
+    return (CLIP_LOGIT_SCALE * images @ texts.to(images).T).softmax(dim=-1)
+
+
+# AFHQ-Cats (30 classes: 16 breeds, 7 fur colours, 5 moods, 2 ages) and CUB-200-2011 (five
+# attribute groups, 40 classes evaluated): the packaged vocabularies clipinvert/vocabularies/
+# cats.toml and birds.toml, which say why each list is what it is.
+CATS = zero_shot_set(load_vocabulary("cats"))
+BIRDS = zero_shot_set(load_vocabulary("birds"))
 ZERO_SHOT: dict[str, ZeroShotSet] = {"cats": CATS, "birds": BIRDS}
 
 

@@ -24,10 +24,8 @@ from typing import Any, ClassVar
 import torch
 
 from ... import imaging
-from ..protocol import ZERO_SHOT
+from ..protocol import ZERO_SHOT, zero_shot_probabilities
 from .base import Batch, EvalOptions, Metric, MetricResult
-
-CLIP_LOGIT_SCALE = 100.0  # CLIP's trained temperature, as zero-shot classification uses it
 
 
 class _AMA(Metric):
@@ -99,7 +97,7 @@ class _AMA(Metric):
             for name in batch.pairs[i].attributes:
                 attr = self.zero_shot.attribute(name)
                 text = self.networks.text_embeddings(self.zero_shot.captions(attr.category))
-                probs = (CLIP_LOGIT_SCALE * images[i] @ text.to(images).T).softmax(dim=-1)
+                probs = zero_shot_probabilities(images[i:i + 1], text)[0]
                 best = self.zero_shot.categories[attr.category][int(probs.argmax())]
                 ok = ok and best == attr.label
             hits.append(ok)
