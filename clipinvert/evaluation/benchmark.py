@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,34 +59,12 @@ def read_labelled(data: Path, *, test_list: Path | None = None) -> list[Labelled
     return items
 
 
-class _ListsOnly(pickle.Unpickler):
-    """Unpickles plain containers of strings and numbers only: a test list names no class, so
-    any global it asks for means the file is something else (and must not run)."""
-
-    def find_class(self, module: str, name: str) -> object:
-        raise pickle.UnpicklingError(f"it names {module}.{name}, not a list of image names")
-
-
 def read_test_list(path: Path) -> set[str]:
-    """The image names of a test split: a text file with one name per line, or Multi-Modal
-    CelebA-HQ's ``test/filenames.pickle`` (a pickled list of names, written by Python 2 — hence
-    ``latin1`` — and read without allowing any class).  Names may lack the extension."""
-    try:
-        if path.suffix.lower() in (".pickle", ".pkl"):
-            with path.open("rb") as fh:
-                names = _ListsOnly(fh, encoding="latin1").load()
-            if not isinstance(names, list | tuple) or not all(
-                    isinstance(n, str | bytes | int) for n in names):
-                raise pickle.UnpicklingError("it does not hold a list of image names")
-            wanted = {n.decode() if isinstance(n, bytes) else str(n) for n in names}
-        else:
-            wanted = {ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()
-                      if ln.strip()}
-    except (OSError, UnicodeDecodeError, pickle.UnpicklingError, EOFError, ValueError) as exc:
-        raise UsageError(f"cannot read the test list {path}: {exc}") from None
-    if not wanted:
-        raise UsageError(f"the test list {path} names no image")
-    return wanted
+    """The image names of a test split (:func:`~clipinvert.training.data.read_name_list`: a
+    text file, or a ``filenames.pickle`` read without allowing any class)."""
+    from ..training.data import read_name_list
+
+    return read_name_list(path, "test list")
 
 
 def _read_celeba(root: Path) -> list[Labelled]:
@@ -178,6 +155,45 @@ def select(items: Sequence[Labelled], domain: str, *, per_target: int, seed: int
     short = {k: len(v) for k, v in chosen.items() if len(v) < per_target}
     return {"domain": domain, "seed": seed, "per_target": per_target, "gendered": gendered,
             "short": short, "edits": selection}
+
+
+def prepared_inputs(items: Sequence[tuple[Path, tuple[int, int, int, int] | None]],
+                    output: Path, resize: str) -> list[Path]:
+    """The image each selected input is edited and scored as, one per ``(path, box)``.
+
+    A CUB bird (its AttnGAN crop, :func:`~clipinvert.training.data.cub_crop_box`) or a
+    non-square photo on a domain whose ``resize`` is not ``stretch`` is written, squared, to
+    ``output/inputs/<stem>.png`` and that file is the input: the edit, the scores and any other
+    method run on ``selection.json`` then all see the pixels training saw
+    (:func:`~clipinvert.training.data.load_sample_image`).  Anything else stays its own file.
+    """
+    from PIL import Image
+
+    from .. import imaging
+    from ..training.data import load_sample_image
+
+    made = []
+    for path, box in items:
+        if box is None:
+            if resize == "stretch":
+                made.append(path)
+                continue
+            try:
+                with Image.open(path) as im:
+                    square = im.width == im.height
+            except Exception:  # noqa: BLE001 - unreadable: the edit loop says so, one line
+                square = True
+            if square:
+                made.append(path)
+                continue
+        target = output / "inputs" / f"{path.stem}.png"
+        try:  # written every run: a changed policy or box must not find an old square
+            imaging.save_image(load_sample_image(path, box, resize), target)
+        except Exception:  # noqa: BLE001 - the edit loop reports the unreadable input
+            made.append(path)
+            continue
+        made.append(target)
+    return made
 
 
 def run_benchmark(data: Path, output: Path, *, domain: str = "faces", registry: Any = None,
