@@ -325,3 +325,75 @@ def test_registry_reads_a_domains_resize(tmp_path: Path) -> None:
                                          "center-crop, pad, not 'crop'"):
         reg.add_mapping({"domains": {"birds": {"resolution": 256, "resize": "crop"}}},
                         tmp_path / "models.toml")
+
+
+# --------------------------------------------------------------------------------------------
+# eval benchmark on birds and cats
+# --------------------------------------------------------------------------------------------
+def test_cub_attribute_names_as_the_protocol_names_them() -> None:
+    from clipinvert.evaluation.benchmark import cub_attribute
+    from clipinvert.evaluation.protocol import ZERO_SHOT
+
+    assert cub_attribute("has_wing_color::blue") == "wing_color:blue"
+    assert cub_attribute("has_bill_shape::curved_(up_or_down)") == "bill_shape:curved"
+    assert cub_attribute("has_bill_shape::hooked_seabird") == "bill_shape:hooked seabird"
+    assert cub_attribute("has_head_pattern::unique_pattern") == "head_pattern:unique pattern"
+    for raw in ATTRIBUTE_NAMES:  # every name of the fake is one the birds protocol knows
+        ZERO_SHOT["birds"].attribute(cub_attribute(raw))
+
+
+def test_birds_benchmark_reads_attributes_split_and_crops(tmp_path: Path) -> None:
+    from clipinvert.evaluation.benchmark import read_labelled, run_benchmark
+
+    birds = _cub(tmp_path / "birds")
+    notes: list[str] = []
+    items = read_labelled(birds, split="test", log=notes.append)
+    assert [(i.name, sorted(i.attributes), i.box) for i in items] == [
+        ("Laysan_Albatross_0002_1027.jpg", ["wing_color:grey"], (0, 0, 32, 32)),
+        ("Laysan_Albatross_0003_1033.jpg", [], (12, 4, 10, 10))]
+    assert notes == [f"note: 1 line(s) of {birds}/CUB_200_2011/{'attributes'}/"
+                     "image_attribute_labels.txt unreadable, left out (first: line 21)"]
+    every = {i.name: i.attributes for i in read_labelled(birds, log=notes.append)}
+    # the 6-field line (image 2, attribute 3) still counts: absent
+    assert every["Black_Footed_Albatross_0009_34.jpg"] == {"bill_shape:hooked seabird",
+                                                            "head_pattern:unique pattern"}
+    assert every["Black_Footed_Albatross_0046_18.jpg"] == {"bill_shape:curved",
+                                                            "wing_color:blue"}
+
+    seen: dict[str, object] = {}
+
+    def score(manifest: Path, output: Path, **kw: object) -> dict[str, object]:
+        seen["lines"] = [json.loads(x) for x in manifest.read_text().splitlines()]
+        return {"ok": True}
+
+    from clipinvert.registry import Registry
+
+    reg = Registry()
+    reg.add_mapping({"domains": {"birds": {"resolution": 256, "resize": "center-crop"}}},
+                    tmp_path / "models.toml")
+    out = tmp_path / "bench"
+    run_benchmark(birds, out, domain="birds", registry=reg, per_target=1, split="test",
+                  edits=tmp_path / "theirs", evaluate=score, log=notes.append)
+    selection = json.loads((out / "selection.json").read_text())
+    assert selection["split"] == "test"
+    grey = [e for e in selection["edits"] if e["target"] == "wing_color:grey"]
+    assert [Path(e["source"]).name for e in grey] == ["Laysan_Albatross_0003_1033.jpg"]
+    # the input edited and scored is the bird's crop, squared: (12,4,10,10) in 36x24 →
+    # r 7, centre (17, 9) → x 10..24, y 2..16: 14x14
+    square = Image.open(grey[0]["input"])
+    photo = Image.open(grey[0]["source"]).convert("RGB")
+    assert square.size == (14, 14)
+    assert square.tobytes() == photo.crop((10, 2, 24, 16)).tobytes()
+    assert {Path(x["input"]).parent for x in seen["lines"]} == {Path("inputs")}
+
+
+def test_cats_benchmark_draws_from_afhq_val(tmp_path: Path) -> None:
+    from clipinvert.evaluation.benchmark import read_labelled, select
+
+    afhq = _afhq(tmp_path / "afhq")
+    items = read_labelled(afhq, split="test")
+    assert sorted(i.name for i in items) == ["flickr_cat_000008.jpg", "pixabay_cat_0004.jpg"]
+    assert all(not i.attributes and i.box is None for i in items)
+    picked = select(items, "cats", per_target=5, seed=0, gendered=False)
+    assert picked["short"]["mood:happy"] == 2  # only 500 in the real val/: every one lacks it
+    assert {Path(e["input"]).parent for e in picked["edits"]} == {afhq / "val" / "cat"}
