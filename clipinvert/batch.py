@@ -389,6 +389,8 @@ def _run_claimed(command: str, sources: list[tuple[Path, Path]], opts: RunOption
                             # only when set, so that folders made before it keep their outputs
                             **({"resize": prep.resize} if prep.resize != "stretch" else {})}}
     fp = fingerprint(settings)
+    if not prep.align and prep.resize != "stretch":  # eval re-squares the inputs the same way
+        report.meta["resize"] = prep.resize
     manifest = Manifest.load(out, part=launch.rank if launch.distributed else None)
     if not opts.overwrite and (conflicts := manifest.conflicts(fp)):
         rel, other = conflicts[0]

@@ -397,3 +397,34 @@ def test_cats_benchmark_draws_from_afhq_val(tmp_path: Path) -> None:
     picked = select(items, "cats", per_target=5, seed=0, gendered=False)
     assert picked["short"]["mood:happy"] == 2  # only 500 in the real val/: every one lacks it
     assert {Path(e["input"]).parent for e in picked["edits"]} == {afhq / "val" / "cat"}
+
+
+def test_eval_metrics_squares_an_edit_folders_inputs_as_the_run_did(tmp_path: Path) -> None:
+    """A folder `invert`/`edit` made on a center-crop domain: its report names the policy, and
+    `eval metrics` scores each output against the input squared that way (not squashed, and not
+    refused as a different shape)."""
+    from clipinvert.batch import PrepareOptions, RunOptions, run_folder
+    from clipinvert.evaluation.pairs import read_pairs
+    from clipinvert.evaluation.score import read_pair
+
+    photos = tmp_path / "photos"
+    _noise(photos / "wide.png", (30, 18), seed=1)
+    _noise(photos / "square.png", (16, 16), seed=2)
+    out = tmp_path / "out"
+
+    def outputs_for(crop) -> list[Path]:
+        return [out / f"{crop.rel}.png"]
+
+    def process(crops, owners) -> list[list[Path]]:  # the identity "model": saves what it saw
+        for crop in crops:
+            crop.image.save(out / f"{crop.rel}.png")
+        return [outputs_for(c) for c in crops]
+
+    opts = RunOptions(output=out, quiet=True, prepare=PrepareOptions(resize="center-crop"))
+    assert run_folder("invert", photos, opts, {}, outputs_for, process).exit_code == 0
+    assert json.loads((out / "clipinvert-report.json").read_text())["resize"] == "center-crop"
+    pairs = read_pairs(out)
+    assert len(pairs) == 2 and {p.resize for p in pairs.pairs} == {"center-crop"}
+    for pair in pairs.pairs:
+        source, output = read_pair(pair)
+        assert source.size == output.size and source.tobytes() == output.tobytes()
