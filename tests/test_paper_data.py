@@ -175,6 +175,10 @@ def test_cub_crop_is_attngans_box_arithmetic() -> None:
 def test_cub_attngan_layout_split_crops_and_captions(tmp_path: Path) -> None:
     birds = _cub(tmp_path / "birds")
     assert detect_format(birds) == "cub"
+    (birds / "train" / "images").mkdir()  # an AttnGAN fork's birds/train/{images,text}/
+    (birds / "train" / "text").mkdir()
+    (birds / "test" / "images").mkdir()
+    assert detect_format(birds) == "cub"  # train/ + test/ beside CUB_200_2011/: not AFHQ
     every = ImageCaptionDataset(birds, size=SIZE)
     assert len(every) == 4
     by_name = {Path(s.path).stem: s for s in every.samples}

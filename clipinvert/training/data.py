@@ -587,6 +587,15 @@ def find_afhq(root: Path, split: str = "all") -> tuple[Path, list[Path]] | None:
     return afhq, [splits[key] / animal for key in keys]
 
 
+def _looks_like_afhq(root: Path) -> bool:
+    """True for an AFHQ folder or image folder, also one without the cat (:func:`find_afhq`
+    then says which animal folder to give)."""
+    try:
+        return find_afhq(root) is not None
+    except UsageError:
+        return True
+
+
 def _scan_afhq(root: Path, split: str, captions: Path | None, scan: _Scan) -> None:
     """Each image of the split's folders with its captions from a manifest, matched by path
     (the manifest's lines for other folders are left alone: they are the other split's)."""
@@ -648,13 +657,14 @@ def detect_format(root: Path | str) -> str:
     """
     root = Path(root)
     _check_root(root)
-    if find_afhq(root) is not None:
+    cub = None if root.is_file() else find_cub(root)
+    # AttnGAN's birds/ has train/ and test/ folders too: a CUB folder is never AFHQ
+    if cub is None and _looks_like_afhq(root):
         return "afhq"
     if root.is_file() or (root / MANIFEST_NAME).is_file():
         return "jsonl"
     if find_dir(root, CELEBA_IMAGE_FOLDERS) and (root / _CELEBA_CAPTIONS).is_dir():
         return "celeba"
-    cub = find_cub(root)
     if cub is not None and (cub.captions is not None or (cub.meta / "images.txt").is_file()):
         return "cub"  # the download itself: its captions may come from --captions
     if _has_text_file(root):
