@@ -86,6 +86,7 @@ class PrepareOptions:
     all_faces: bool = False
     keep_original: bool = False
     predictor: Path | None = None
+    resize: str = "stretch"  # the domain's policy for non-square inputs when not aligning
 
 
 _DETECTOR = None  # one per worker process, created on first use
@@ -108,7 +109,7 @@ def prepare(src: Path, rel: Path, opts: PrepareOptions) -> Prepared:
         if opts.keep_original:
             out.original = image
         if not opts.align:
-            out.crops = [Crop(rel, image)]
+            out.crops = [Crop(rel, imaging.fit_square(image, opts.resize))]
             return out
         from .align import align_image
 
@@ -384,8 +385,12 @@ def _run_claimed(command: str, sources: list[tuple[Path, Path]], opts: RunOption
     prep = opts.prepare
     settings = {"command": command, **(settings or {}),
                 "prepare": {"align": prep.align, "size": prep.size, "all_faces": prep.all_faces,
-                            "paste_back": prep.keep_original}}
+                            "paste_back": prep.keep_original,
+                            # only when set, so that folders made before it keep their outputs
+                            **({"resize": prep.resize} if prep.resize != "stretch" else {})}}
     fp = fingerprint(settings)
+    if not prep.align and prep.resize != "stretch":  # eval re-squares the inputs the same way
+        report.meta["resize"] = prep.resize
     manifest = Manifest.load(out, part=launch.rank if launch.distributed else None)
     if not opts.overwrite and (conflicts := manifest.conflicts(fp)):
         rel, other = conflicts[0]

@@ -32,6 +32,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
 from clipinvert.errors import InputError, UsageError
 from clipinvert.fileio import atomic_write
+from clipinvert.registry import RESIZE_POLICIES  # a domain's ``resize`` (models.toml)
 
 # Formats PIL may try when opening an input.  Restricting the list keeps PIL from handing
 # arbitrary files to risky or exotic decoders (EPS would call Ghostscript, for example) while
@@ -491,6 +492,32 @@ def to_tensor(images: Sequence[Image.Image], size: int) -> torch.Tensor:
         arr = torch.from_numpy(np.array(resized, dtype=np.uint8, copy=True))
         out[i] = arr.permute(2, 0, 1).to(torch.float32).div(255.0)
     return out.sub_(0.5).div_(0.5)
+
+
+def fit_square(image: Image.Image, policy: str = "stretch") -> Image.Image:
+    """``image`` made square by a domain's ``resize`` policy, before :func:`to_tensor`.
+
+    ``stretch`` returns it unchanged (:func:`to_tensor` squashes it, changing its aspect ratio);
+    ``center-crop`` keeps the centred square of side ``min(w, h)`` (offsets rounded down), which
+    is what AFHQ's and CUB's generators were trained on; ``pad`` centres it on a black square of
+    side ``max(w, h)``, so nothing is cut off.  Why one function: ``train``, ``edit`` and
+    ``eval`` all call it, so a model sees the same pixels of one photo in each of them.
+    Cropping (or padding) before the one resize keeps :func:`to_tensor`'s released transform
+    untouched.  An unknown policy is a :class:`ValueError` (the registry checks its files).
+    """
+    if policy not in RESIZE_POLICIES:
+        raise ValueError(f"unknown resize policy {policy!r}: use {', '.join(RESIZE_POLICIES)}")
+    w, h = image.size
+    if policy == "stretch" or w == h:
+        return image
+    if policy == "center-crop":
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        return image.crop((left, top, left + side, top + side))
+    side = max(w, h)
+    canvas = Image.new("RGB", (side, side), (0, 0, 0))
+    canvas.paste(image.convert("RGB"), ((side - w) // 2, (side - h) // 2))
+    return canvas
 
 
 def to_pil(batch: torch.Tensor) -> list[Image.Image]:

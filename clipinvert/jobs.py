@@ -21,6 +21,7 @@ each output is recorded by :mod:`.manifest`, so a rerun resumes only the same se
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,8 +169,24 @@ def run_align(inputs: Path, opts: RunOptions, params: dict | None = None) -> Rep
                       settings=settings)
 
 
+def with_domain_resize(opts: RunOptions, editor: Editor) -> RunOptions:
+    """``opts`` squaring unaligned inputs by the domain's ``resize`` policy (models.toml).
+
+    Why here: the CLI builds the decode options before a model is at hand, and a photo must
+    reach the model squared exactly as ``train`` and ``eval`` square it
+    (:func:`~clipinvert.imaging.fit_square`).  Options that already name a policy other than
+    the default ``stretch`` are kept.
+    """
+    prep = opts.prepare
+    if prep.align or prep.resize != "stretch" or editor.domain.resize == "stretch":
+        return opts
+    return dataclasses.replace(opts, prepare=dataclasses.replace(prep,
+                                                                 resize=editor.domain.resize))
+
+
 def run_invert(editor: Editor, inputs: Path, opts: RunOptions, params: dict | None = None,
                save_latents: bool = True) -> Report:
+    opts = with_domain_resize(opts, editor)
     out = opts.output
     settings = _settings(editor, edit=False)
 
@@ -201,6 +218,7 @@ def run_edit(editor: Editor, inputs: Path, conditions: Sequence[EditCondition],
              opts: RunOptions, params: dict | None = None, *, strength: float = 1.0,
              save_latents: bool = False, compare: bool = False,
              paste_back: bool = False) -> Report:
+    opts = with_domain_resize(opts, editor)
     out = opts.output
     single = len(conditions) == 1
     settings = _settings(editor, edit=True, conditions=[c.key for c in conditions],
@@ -270,6 +288,7 @@ def run_interpolate(editor: Editor, inputs: Path, condition: EditCondition, opts
                     params: dict | None = None, *, steps: int = 8, strength: float = 1.0,
                     formats: Sequence[str] = ("gif",), fps: float = 8.0,
                     boomerang: bool = False, paste_back: bool = False) -> Report:
+    opts = with_domain_resize(opts, editor)
     if steps < 2:
         raise UsageError("--steps must be at least 2")
     for f in formats:

@@ -51,6 +51,8 @@ TRAIN_EVAL_ROLES = tuple(r for r in WEIGHT_ROLES if r not in EDIT_ROLES)
 # MoCo for other domains; a domain names one of them.
 IDENTITY_ROLES = ("arcface", "moco")
 ALIGN_METHODS = ("ffhq", "none")
+# How align = "none" domains square a non-square input (imaging.fit_square); stretch: the default.
+RESIZE_POLICIES = ("stretch", "center-crop", "pad")
 
 
 def user_registry() -> Path:
@@ -106,6 +108,7 @@ class Domain:
     source: Path = PACKAGED_REGISTRY
     # Shown by ``models list`` next to each of the domain's files (e.g. "random weights").
     label: str | None = None
+    resize: str = "stretch"  # non-square inputs on align = "none": RESIZE_POLICIES
 
     @property
     def base_dir(self) -> Path:
@@ -180,11 +183,15 @@ class Registry:
                 raise UsageError(f"registry {source}: domain {name} needs resolution = "
                                  "<generator size>") from None
             roles = {r: str(t[r]) for r in WEIGHT_ROLES if t.get(r)}
+            resize = str(t.get("resize", "stretch"))
+            if resize not in RESIZE_POLICIES:
+                raise UsageError(f"registry {source}: domain {name}: resize must be one of "
+                                 f"{', '.join(RESIZE_POLICIES)}, not {resize!r}")
             self.domains[name] = Domain(
                 name=name, resolution=resolution, align=align,
                 clip_arch=str(t.get("clip_arch", "ViT-B-32-quickgelu")), weights=roles,
                 description=t.get("description"), note=t.get("note"), source=source,
-                label=t.get("label"))
+                label=t.get("label"), resize=resize)
 
     def domain(self, name: str) -> Domain:
         try:

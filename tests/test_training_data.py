@@ -175,7 +175,7 @@ def test_auto_detection_cub_and_jsonl(tmp_path: Path) -> None:
     (tmp_path / "j" / "captions.jsonl").write_text("")
     assert detect_format(tmp_path / "j") == "jsonl"
     assert detect_format(tmp_path / "j" / "captions.jsonl") == "jsonl"
-    assert set(DATA_FORMATS) == {"auto", "celeba", "cub", "sidecar", "jsonl"}
+    assert set(DATA_FORMATS) == {"auto", "celeba", "cub", "afhq", "sidecar", "jsonl"}
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,19 +39,46 @@ class Labelled:
     path: Path
     attributes: frozenset[str]
     male: bool | None = None
+    box: tuple[int, int, int, int] | None = None  # CUB: the bird's box, cropped as in training
 
 
-def read_labelled(data: Path, *, test_list: Path | None = None) -> list[Labelled]:
-    """CelebA-HQ with its attribute file, or a JSONL of ``{"image", "attributes"}`` lines
-    (attributes: the names the image has).  With ``test_list`` (see :func:`read_test_list`)
-    only those images are candidates."""
+def read_labelled(data: Path, *, test_list: Path | None = None, split: str = "all",
+                  log: Callable[[str], None] | None = None) -> list[Labelled]:
+    """The candidate inputs of a labelled set, from ``split`` (``all``, ``train``, ``test``):
+
+    * CelebA-HQ with its attribute file (``test``: ``test/filenames.pickle`` beside it);
+    * CUB-200-2011 with ``attributes/image_attribute_labels.txt`` (names ``category:class``,
+      :func:`cub_attribute`; the split of :meth:`~clipinvert.training.data.CubLayout.split_names`);
+    * AFHQ (``test``: its ``val/`` folder), unlabelled: every image lacks every attribute;
+    * a JSONL of ``{"image", "attributes"}`` lines (attributes: the names the image has).
+
+    With ``test_list`` (see :func:`read_test_list`) only those images are candidates."""
+    from ..training.data import SPLITS, find_afhq, find_cub
+
+    if split not in SPLITS:
+        raise UsageError(f"unknown split {split!r}: choose {', '.join(SPLITS)}")
+    note = log or (lambda line: None)
+    cub = None if data.is_file() else find_cub(data)
     if data.is_file() and data.suffix == ".jsonl":
+        if split != "all":
+            raise UsageError(f"--split {split}: a JSONL of labelled images has no split of its "
+                             "own (give --test-list, or a JSONL of the test images)")
         items = _read_jsonl(data)
     elif (data / CELEBA_ANNOTATIONS).is_file():
         items = _read_celeba(data)
+        if split != "all" and test_list is None:
+            test_list = data / split / "filenames.pickle"
+            if not test_list.is_file():
+                raise UsageError(f"--split {split}: {test_list} not found (Multi-Modal "
+                                 "CelebA-HQ's split; or give --test-list)")
+    elif cub is not None and (cub.meta / CUB_LABELS).is_file():
+        items = _read_cub(cub, split, note)
+    elif (afhq := find_afhq(data, split)) is not None:
+        items = _read_unlabelled(afhq[1])
     else:
-        raise UsageError(f"--data {data}: expected CelebA-HQ (images/ and {CELEBA_ANNOTATIONS}) "
-                         "or a JSONL of images with their attributes")
+        raise UsageError(f"--data {data}: expected CelebA-HQ (images/ and {CELEBA_ANNOTATIONS}), "
+                         f"CUB-200-2011 (images/ and {CUB_LABELS}), AFHQ (train/ and val/) or "
+                         "a JSONL of images with their attributes")
     if test_list is not None:
         wanted = read_test_list(test_list)
         items = [i for i in items if i.name in wanted or Path(i.name).stem in wanted]
@@ -60,34 +87,83 @@ def read_labelled(data: Path, *, test_list: Path | None = None) -> list[Labelled
     return items
 
 
-class _ListsOnly(pickle.Unpickler):
-    """Unpickles plain containers of strings and numbers only: a test list names no class, so
-    any global it asks for means the file is something else (and must not run)."""
+CUB_LABELS = "attributes/image_attribute_labels.txt"
 
-    def find_class(self, module: str, name: str) -> object:
-        raise pickle.UnpicklingError(f"it names {module}.{name}, not a list of image names")
+
+def cub_attribute(raw: str) -> str:
+    """A CUB ``attributes.txt`` name as the protocol names it: ``category:class``.
+
+    ``has_wing_color::blue`` → ``wing_color:blue``; ``has_bill_shape::curved_(up_or_down)`` →
+    ``bill_shape:curved`` (the explanation in brackets dropped, underscores read as spaces:
+    ``hooked_seabird`` → ``hooked seabird``).
+    """
+    category, _, label = raw.partition("::")
+    category = category.removeprefix("has_")
+    label = re.sub(r"_?\(.*\)$", "", label).replace("_", " ").strip()
+    return f"{category}:{label}"
+
+
+def _read_cub(layout: Any, split: str, note: Callable[[str], None]) -> list[Labelled]:
+    """CUB's images of ``split`` with the attributes present in each (``is_present`` 1)."""
+    from ..training.data import read_cub_index
+
+    meta = layout.meta
+    names_file = next((p for p in (meta / "attributes.txt", meta / "attributes" / "attributes.txt",
+                                   meta.parent / "attributes.txt") if p.is_file()), None)
+    if names_file is None:
+        raise UsageError(f"{meta}: attributes.txt not found (the attribute names of "
+                         f"{CUB_LABELS}; the download keeps it beside CUB_200_2011/)")
+    names = {}
+    for line in names_file.read_text(encoding="utf-8", errors="replace").splitlines():
+        parts = line.split(maxsplit=1)
+        if len(parts) == 2:
+            names[parts[0]] = cub_attribute(parts[1].strip())
+    present: dict[str, set[str]] = {}
+    bad, first_bad = 0, 0
+    labels = meta / CUB_LABELS
+    try:
+        text = labels.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise UsageError(f"cannot read {labels} ({exc.strerror or exc})") from None
+    for number, line in enumerate(text.splitlines(), 1):
+        # image_id attribute_id is_present certainty_id time; a few lines carry more fields
+        parts = line.split()
+        if not parts:
+            continue
+        try:
+            image_id, attribute, is_present = parts[0], parts[1], int(parts[2])
+        except (IndexError, ValueError):
+            bad, first_bad = bad + 1, first_bad or number
+            continue
+        if is_present == 1 and attribute in names:
+            present.setdefault(image_id, set()).add(names[attribute])
+    if bad:
+        note(f"note: {bad} line(s) of {labels} unreadable, left out (first: line {first_bad})")
+    wanted = layout.split_names(split, note)
+    boxes = layout.boxes() or {}
+    items = []
+    for image_id, rel in read_cub_index(meta).items():
+        key = Path(rel).with_suffix("").as_posix()
+        if wanted is None or key in wanted:
+            items.append(Labelled(Path(rel).name, layout.images / rel,
+                                  frozenset(present.get(image_id, ())), box=boxes.get(key)))
+    return items
+
+
+def _read_unlabelled(folders: Sequence[Path]) -> list[Labelled]:
+    """AFHQ's images: no attribute labels, so every image may be edited towards any class."""
+    from ..imaging import list_inputs
+
+    return [Labelled(path.name, path, frozenset()) for folder in folders
+            for path, _ in list_inputs(folder)]
 
 
 def read_test_list(path: Path) -> set[str]:
-    """The image names of a test split: a text file with one name per line, or Multi-Modal
-    CelebA-HQ's ``test/filenames.pickle`` (a pickled list of names, written by Python 2 — hence
-    ``latin1`` — and read without allowing any class).  Names may lack the extension."""
-    try:
-        if path.suffix.lower() in (".pickle", ".pkl"):
-            with path.open("rb") as fh:
-                names = _ListsOnly(fh, encoding="latin1").load()
-            if not isinstance(names, list | tuple) or not all(
-                    isinstance(n, str | bytes | int) for n in names):
-                raise pickle.UnpicklingError("it does not hold a list of image names")
-            wanted = {n.decode() if isinstance(n, bytes) else str(n) for n in names}
-        else:
-            wanted = {ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()
-                      if ln.strip()}
-    except (OSError, UnicodeDecodeError, pickle.UnpicklingError, EOFError, ValueError) as exc:
-        raise UsageError(f"cannot read the test list {path}: {exc}") from None
-    if not wanted:
-        raise UsageError(f"the test list {path} names no image")
-    return wanted
+    """The image names of a test split (:func:`~clipinvert.training.data.read_name_list`: a
+    text file, or a ``filenames.pickle`` read without allowing any class)."""
+    from ..training.data import read_name_list
+
+    return read_name_list(path, "test list")
 
 
 def _read_celeba(root: Path) -> list[Labelled]:
@@ -180,10 +256,50 @@ def select(items: Sequence[Labelled], domain: str, *, per_target: int, seed: int
             "short": short, "edits": selection}
 
 
+def prepared_inputs(items: Sequence[tuple[Path, tuple[int, int, int, int] | None]],
+                    output: Path, resize: str) -> list[Path]:
+    """The image each selected input is edited and scored as, one per ``(path, box)``.
+
+    A CUB bird (its AttnGAN crop, :func:`~clipinvert.training.data.cub_crop_box`) or a
+    non-square photo on a domain whose ``resize`` is not ``stretch`` is written, squared, to
+    ``output/inputs/<stem>.png`` and that file is the input: the edit, the scores and any other
+    method run on ``selection.json`` then all see the pixels training saw
+    (:func:`~clipinvert.training.data.load_sample_image`).  Anything else stays its own file.
+    """
+    from PIL import Image
+
+    from .. import imaging
+    from ..training.data import load_sample_image
+
+    made = []
+    for path, box in items:
+        if box is None:
+            if resize == "stretch":
+                made.append(path)
+                continue
+            try:
+                with Image.open(path) as im:
+                    square = im.width == im.height
+            except Exception:  # noqa: BLE001 - unreadable: the edit loop says so, one line
+                square = True
+            if square:
+                made.append(path)
+                continue
+        target = output / "inputs" / f"{path.stem}.png"
+        try:  # written every run: a changed policy or box must not find an old square
+            imaging.save_image(load_sample_image(path, box, resize), target)
+        except Exception:  # noqa: BLE001 - the edit loop reports the unreadable input
+            made.append(path)
+            continue
+        made.append(target)
+    return made
+
+
 def run_benchmark(data: Path, output: Path, *, domain: str = "faces", registry: Any = None,
                   per_target: int = protocol.SAMPLES_PER_TARGET, seed: int = 0,
                   gendered: bool = False, edits: Path | None = None,
-                  test_list: Path | None = None, device: str = "auto", batch_size: int = 8,
+                  test_list: Path | None = None, split: str = "all", device: str = "auto",
+                  batch_size: int = 8,
                   strength: float = 1.0, metrics: str | None = None,
                   evaluate: Callable[..., dict[str, Any]] | None = None,
                   log: Callable[[str], None] = print, **eval_kwargs: Any) -> dict[str, Any]:
@@ -203,14 +319,18 @@ def run_benchmark(data: Path, output: Path, *, domain: str = "faces", registry: 
     test_list = Path(os.path.abspath(test_list)) if test_list is not None else None
     registry = registry or Registry.load()
     check_eval_output(output, eval_kwargs.get("report_path"))
-    items = read_labelled(data, test_list=test_list)
-    if test_list is None:
-        log(f"note: no --test-list: inputs are drawn from all {len(items)} labelled images "
-            "(the paper drew them from a test split the model was not trained on)")
+    items = read_labelled(data, test_list=test_list, split=split, log=log)
+    if test_list is None and split == "all":
+        log(f"note: no --split test or --test-list: inputs are drawn from all {len(items)} "
+            "labelled images (the paper drew them from a test split the model was not trained "
+            "on)")
     sel = select(items, domain, per_target=per_target, seed=seed, gendered=gendered)
+    sel["split"] = split
     for target, n in sel["short"].items():
         log(f"note: only {n} test images lack {target} (asked for {per_target})")
     output.mkdir(parents=True, exist_ok=True)
+    known = registry.domains.get(domain)
+    _use_prepared_inputs(sel["edits"], items, output, known.resize if known else "stretch")
     selection_file = output / "selection.json"
     atomic_write_json(selection_file, sel)
     root = edits if edits is not None else output / "edits"
@@ -231,10 +351,25 @@ def run_benchmark(data: Path, output: Path, *, domain: str = "faces", registry: 
     return (evaluate or evaluate_pairs)(
         manifest, output, domain=domain, registry=registry, metrics=metrics, device=device,
         command="eval benchmark", log=log,
-        extra={"benchmark": {"data": str(data), "seed": seed, "per_target": per_target,
+        extra={"benchmark": {"data": str(data), "split": split, "seed": seed,
+                             "per_target": per_target,
                              "gendered": gendered, "selection": str(selection_file),
                              "short": sel["short"], **made}},
         **eval_kwargs)
+
+
+def _use_prepared_inputs(edits: list[dict[str, Any]], items: Sequence[Labelled], output: Path,
+                         resize: str) -> None:
+    """Point each selected edit at the image the model sees (:func:`prepared_inputs`), keeping
+    the original file as ``"source"`` when they differ."""
+    boxes = {str(i.path): i.box for i in items}
+    inputs = list(dict.fromkeys(e["input"] for e in edits))
+    made = dict(zip(inputs, prepared_inputs([(Path(p), boxes.get(p)) for p in inputs], output,
+                                            resize), strict=True))
+    for e in edits:
+        square = made[e["input"]]
+        if square != Path(e["input"]):
+            e["source"], e["input"] = e["input"], str(square)
 
 
 def _edit_all(sel: dict[str, Any], root: Path, registry: Any, domain: str, *, device: str,

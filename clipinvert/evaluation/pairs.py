@@ -12,7 +12,9 @@ Two sources:
 * the folder ``clipinvert edit`` (or ``invert``) wrote: its ``clipinvert-report.json`` says which
   input made which output under which prompt.  When that run aligned faces itself, the input
   the edit really saw is the FFHQ crop; it is re-made from the landmarks the run saved beside
-  each output (``<stem>.json``), exactly as the run made it.
+  each output (``<stem>.json``), exactly as the run made it.  When its domain squared
+  non-square inputs by a ``resize`` policy other than ``stretch``, the report says which, and
+  the input is squared the same way before it is scored.
 
 A line that cannot be used (bad JSON, no input or output, an empty prompt) is one note naming
 the line, skipped and counted; nothing is silently dropped.  Images themselves are read later,
@@ -40,6 +42,7 @@ class Pair:
     prompt: str | None = None
     attributes: tuple[str, ...] = ()
     transform: Path | None = None  # the run's FFHQ transform: re-crop ``input`` with it
+    resize: str = "stretch"  # the run's domain squared ``input`` so (imaging.fit_square)
 
     @property
     def key(self) -> str:
@@ -149,6 +152,7 @@ def pairs_from_report(path: Path) -> PairSet:
         raise UsageError(f"{path} is a report of `clipinvert {command}`; eval scores the "
                          "outputs of edit or invert")
     conditions = list(report.get("conditions", [])) if command == "edit" else []
+    resize = str(report.get("resize", "stretch"))  # absent: the run stretched (or aligned)
     out = Path(report.get("params", {}).get("output") or path.parent)
     single = len(conditions) <= 1
     result = PairSet([], str(path))
@@ -184,7 +188,7 @@ def pairs_from_report(path: Path) -> PairSet:
             result.pairs.append(Pair(
                 input=Path(rec["input"]), output=here, prompt=prompt,
                 transform=(path.parent / rel).with_suffix(".json") if sidecar in transforms
-                else None))
+                else None, resize=resize))
     if not result.pairs:
         raise UsageError(f"the run report {path} lists no finished output to score")
     return result

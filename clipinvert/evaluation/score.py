@@ -144,17 +144,20 @@ def _batch(chunk: list[tuple[int, Pair, Image.Image, Image.Image]], size: int) -
                  output_images=[c[3] for c in chunk], input_images=[c[2] for c in chunk])
 
 
-def read_source(path: Path, transform: Path | None) -> Image.Image:
-    """The image the method saw: the input, or the FFHQ crop the run made of it (re-made from
+def read_source(path: Path, transform: Path | None, resize: str = "stretch") -> Image.Image:
+    """The image the method saw: the input squared by the run's ``resize`` policy
+    (:func:`~clipinvert.imaging.fit_square`), or the FFHQ crop the run made of it (re-made from
     the transform it saved)."""
     source = imaging.load_image(path)
-    return source if transform is None else realign(source, transform)
+    return imaging.fit_square(source, resize) if transform is None else realign(source,
+                                                                                 transform)
 
 
-def read_pair(pair: Pair, source_of: Callable[[Path, Path | None], Image.Image] = read_source
+def read_pair(pair: Pair,
+              source_of: Callable[[Path, Path | None, str], Image.Image] = read_source
               ) -> tuple[Image.Image, Image.Image]:
     """The image the method saw and the output; their shapes must agree."""
-    source = source_of(pair.input, pair.transform)
+    source = source_of(pair.input, pair.transform, pair.resize)
     output = imaging.load_image(pair.output)
     a, b = source.width / source.height, output.width / output.height
     if abs(a - b) > ASPECT_TOLERANCE * max(a, b):

@@ -148,11 +148,13 @@ def build(cfg: TrainConfig, registry: Registry, device: torch.device, *,
     if cfg.init and not Path(cfg.init).is_file():
         raise UsageError(f"--init {cfg.init}: file not found")
     data = ImageCaptionDataset(cfg.data, cfg.data_format, seed=cfg.seed, flip=cfg.flip,
-                               warn=warn)
+                               warn=warn, split=cfg.split, captions=cfg.captions,
+                               resize=domain.resize)
     if cfg.val_data:
         train_set = data
         val_set = ImageCaptionDataset(cfg.val_data, cfg.data_format, seed=cfg.seed,
-                                      flip=False, warn=warn, min_samples=1)
+                                      flip=False, warn=warn, min_samples=1,
+                                      captions=cfg.captions, resize=domain.resize)
     else:
         train_set, val_set = split_validation(data, cfg.val_fraction, cfg.seed)
         val_set.flip = False

@@ -60,6 +60,10 @@ class TrainConfig:
     val_data: str | None = None
     val_fraction: float = 0.05
     data_format: str = "auto"
+    # The data set's own list to train on (data.SPLITS: all, train, test) and a caption source
+    # other than the layout's (AFHQ's captions.jsonl, a CUB caption folder): docs/training-data.md
+    split: str = "all"
+    captions: str | None = None
     flip: bool = True
     val_every: int = 1000
     save_every: int = 1000
@@ -88,6 +92,8 @@ class TrainConfig:
             raise UsageError(f"--amp {self.amp}: use bf16 or fp16")
         if self.clip_preprocess not in ("release", "clip"):
             raise UsageError(f"--clip-preprocess {self.clip_preprocess}: use release or clip")
+        if self.split not in ("all", "train", "test"):
+            raise UsageError(f"--split {self.split}: use all, train or test")
 
     @classmethod
     def for_stage(cls, stage: int, *, lr: float | None = None, max_steps: int | None = None,

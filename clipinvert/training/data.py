@@ -10,12 +10,22 @@ Layouts (``docs/training-data.md``), chosen with ``--data-format`` or detected f
 * ``celeba`` — Multi-Modal CelebA-HQ: ``DIR/images/<stem>.<ext>`` +
   ``DIR/celeba-caption/<stem>.txt``;
 * ``cub`` — CUB-200-2011 with Reed et al.'s captions: ``DIR/images/<class>/<name>.jpg`` +
-  ``DIR/text_c10/<class>/<name>.txt``;
+  ``DIR/text_c10/<class>/<name>.txt`` (or AttnGAN's ``text/``; DIR may also be AttnGAN's
+  ``birds/`` folder holding ``CUB_200_2011/``).  With ``images.txt`` and ``bounding_boxes.txt``
+  beside ``images/`` each bird is cropped as AttnGAN cropped it (:func:`cub_crop_box`);
+* ``afhq`` — an AFHQ folder (``DIR/train/cat``, ``DIR/val/cat``, or one of those folders) whose
+  captions come from a JSONL manifest (``captions.jsonl`` in the image folder or in DIR);
 * ``sidecar`` — ``a.png`` + ``a.txt`` (or ``a.png.txt``) side by side, anywhere under DIR;
 * ``jsonl`` — a manifest (``DIR/captions.jsonl`` or any ``.jsonl`` file) of
   ``{"image": path, "captions": [...]}`` lines, paths relative to the manifest's folder.
 
 A caption file holds one caption per line (blank lines ignored); each sample draws one of them.
+
+Splits (``split``): ``all`` takes every image; ``train`` and ``test`` take the data set's own
+lists, as the paper did — AFHQ's ``train/`` and ``val/`` (or ``test/``) folders, AttnGAN's
+``train|test/filenames.pickle`` for CUB (else CUB's ``train_test_split.txt``), and Multi-Modal
+CelebA-HQ's ``train|test/filenames.pickle``.  Non-square images are squared by the domain's
+``resize`` policy (:func:`~clipinvert.imaging.fit_square`), exactly as ``edit`` and ``eval`` do.
 
 Reproducibility: the caption drawn and the horizontal flip of a sample depend only on
 ``(seed, epoch, index)`` — never on global RNG state — so a run resumed mid-epoch, data decoded in
@@ -30,6 +40,8 @@ import hashlib
 import json
 import math
 import operator
+import os
+import pickle
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -41,22 +53,37 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from clipinvert.errors import InputError, UsageError, first_line
-from clipinvert.imaging import UNREADABLE_IMAGE_EXTENSIONS, list_inputs, load_image, to_tensor
+from clipinvert.imaging import (
+    UNREADABLE_IMAGE_EXTENSIONS,
+    fit_square,
+    list_inputs,
+    load_image,
+    to_tensor,
+)
+from clipinvert.registry import RESIZE_POLICIES
 
 __all__ = [
     "DATA_FORMATS",
+    "SPLITS",
     "ImageCaptionDataset",
     "ResumableSampler",
     "Sample",
     "check_image",
     "collate",
+    "cub_crop_box",
     "derive_seed",
     "detect_format",
+    "find_cub",
+    "load_sample_image",
+    "read_name_list",
     "split_validation",
 ]
 
 #: Values of ``--data-format``.
-DATA_FORMATS: tuple[str, ...] = ("auto", "celeba", "cub", "sidecar", "jsonl")
+DATA_FORMATS: tuple[str, ...] = ("auto", "celeba", "cub", "afhq", "sidecar", "jsonl")
+
+#: Values of ``--split``: everything, or the data set's own train or test list.
+SPLITS: tuple[str, ...] = ("all", "train", "test")
 
 #: Name of the manifest ``auto`` looks for in a data folder.
 MANIFEST_NAME = "captions.jsonl"
@@ -66,11 +93,17 @@ MANIFEST_NAME = "captions.jsonl"
 CELEBA_IMAGE_FOLDERS = ("images", "CelebA-HQ-img")
 _CELEBA_CAPTIONS = "celeba-caption"
 _CUB_IMAGES = ("images",)
-_CUB_CAPTIONS = "text_c10"
+#: Caption folders of CUB: Reed et al.'s download, then AttnGAN's copy of it.
+CUB_CAPTION_FOLDERS = ("text_c10", "text")
+#: The folder of the CUB-200-2011 download inside AttnGAN's ``birds/`` data folder.
+CUB_SUBFOLDER = "CUB_200_2011"
+#: AFHQ's folders per split (v1 names its test images ``val``, v2 ``test``).
+AFHQ_SPLIT_FOLDERS = {"train": ("train",), "test": ("val", "test")}
 
 _FORMAT_NAMES = {
     "celeba": "Multi-Modal CelebA-HQ",
     "cub": "CUB",
+    "afhq": "AFHQ",
     "sidecar": "sidecar captions",
     "jsonl": "JSONL manifest",
 }
@@ -105,6 +138,8 @@ class Sample:
     path: Path
     captions: tuple[str, ...]
     name: str
+    # CUB: the bird's bounding box ``(x, y, w, h)`` from bounding_boxes.txt, cropped on loading
+    box: tuple[int, int, int, int] | None = None
 
 
 class _Scan:
@@ -126,7 +161,7 @@ class _Scan:
             self.warn(line)
 
     def add(self, image: Path, shown: Path | str, captions: Sequence[str] | None,
-            missing: str) -> None:
+            missing: str, box: tuple[int, int, int, int] | None = None) -> None:
         """Keep ``image`` with ``captions`` unless it has none or cannot be read.
 
         ``captions`` is ``None`` when no caption source exists (``missing`` says where it was
@@ -143,7 +178,7 @@ class _Scan:
             except InputError as exc:
                 self.skip(shown, str(exc))
                 return
-        self.samples.append(Sample(image.absolute(), tuple(captions), str(shown)))
+        self.samples.append(Sample(image.absolute(), tuple(captions), str(shown), box))
 
 
 def check_image(path: Path, max_pixels: int = 100_000_000) -> None:
@@ -219,13 +254,28 @@ def _list_images(folder: Path, scan: _Scan) -> list[tuple[Path, Path]]:
     return found
 
 
-def _scan_tree(images_dir: Path, captions_dir: Path, scan: _Scan) -> None:
-    """``images_dir/<rel>.<ext>`` pairs with ``captions_dir/<rel>.txt`` (celeba, cub)."""
+def _scan_tree(images_dir: Path, captions_dir: Path, scan: _Scan,
+               wanted: set[str] | None = None,
+               boxes: Mapping[str, tuple[int, int, int, int]] | None = None) -> None:
+    """``images_dir/<rel>.<ext>`` pairs with ``captions_dir/<rel>.txt`` (celeba, cub).
+
+    ``wanted``: the split's names (:func:`_in_list`); other images are left out silently (they
+    belong to the other split).  ``boxes``: CUB's bounding boxes by ``<rel>`` without suffix;
+    when given, an image without one is skipped.
+    """
     for image, rel in _list_images(images_dir, scan):
+        if wanted is not None and not _in_list(rel, wanted):
+            continue
         shown = images_dir / rel
+        box = None
+        if boxes is not None:
+            box = boxes.get(rel.with_suffix("").as_posix())
+            if box is None:
+                scan.skip(shown, "no bounding box in bounding_boxes.txt")
+                continue
         caption_file = captions_dir / rel.with_suffix(".txt")
         captions = _read_captions(caption_file, shown, scan)
-        scan.add(image, shown, captions, f"no caption file ({caption_file})")
+        scan.add(image, shown, captions, f"no caption file ({caption_file})", box)
 
 
 def _scan_sidecar(root: Path, scan: _Scan) -> None:
@@ -241,8 +291,14 @@ def _scan_sidecar(root: Path, scan: _Scan) -> None:
         scan.add(image, shown, captions, missing)
 
 
-def _scan_jsonl(manifest: Path, scan: _Scan) -> None:
-    """One ``{"image": ..., "captions": [...]}`` object per line; blank lines ignored."""
+def _manifest_entries(manifest: Path, scan: _Scan
+                      ) -> Iterator[tuple[str, Path, list[str] | None]]:
+    """``(where, image path, captions)`` of each usable line of a caption manifest.
+
+    One ``{"image": ..., "captions": [...]}`` object per line, blank lines ignored; a path is
+    relative to the manifest's folder.  ``captions`` is ``None`` when the line has none, ``[]``
+    when all are blank.  A line that is not such an object is skipped with its line number.
+    """
     try:
         text = manifest.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
@@ -277,14 +333,293 @@ def _scan_jsonl(manifest: Path, scan: _Scan) -> None:
             continue
         path = Path(image)
         resolved = path if path.is_absolute() else base / path
+        yield where, resolved, None if raw is None else [c.strip() for c in raw if c.strip()]
+
+
+def _scan_jsonl(manifest: Path, scan: _Scan) -> None:
+    """Every image a caption manifest names, with its captions."""
+    for where, resolved, captions in _manifest_entries(manifest, scan):
         if not resolved.is_file():
             scan.skip(resolved, f"image not found ({where})")
             continue
-        captions = None if raw is None else [c.strip() for c in raw if c.strip()]
         if captions == []:
             scan.skip(resolved, f"empty captions list ({where})")
             continue
         scan.add(resolved, resolved, captions, f'no "captions" ({where})')
+
+
+# ---------------------------------------------------------------------------------------------
+# Split lists
+# ---------------------------------------------------------------------------------------------
+class _NamesOnly(pickle.Unpickler):
+    """Unpickles plain containers of strings and numbers only: a list of image names names no
+    class, so any global it asks for means the file is something else (and must not run)."""
+
+    def find_class(self, module: str, name: str) -> object:
+        raise pickle.UnpicklingError(f"it names {module}.{name}, not a list of image names")
+
+
+def read_name_list(path: Path, what: str = "test list") -> set[str]:
+    """The image names of a split: a text file with one name per line, or a ``filenames.pickle``
+    of Multi-Modal CelebA-HQ or AttnGAN's CUB (a pickled list of names, written by Python 2 —
+    hence ``latin1`` — and read without allowing any class).  Names may lack the extension;
+    CUB's are ``<class>/<name>``.  Anything else is a one-line :class:`UsageError`."""
+    try:
+        if path.suffix.lower() in (".pickle", ".pkl"):
+            with path.open("rb") as fh:
+                names = _NamesOnly(fh, encoding="latin1").load()
+            if not isinstance(names, list | tuple) or not all(
+                    isinstance(n, str | bytes | int) for n in names):
+                raise pickle.UnpicklingError("it does not hold a list of image names")
+            wanted = {n.decode() if isinstance(n, bytes) else str(n) for n in names}
+        else:
+            wanted = {ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()
+                      if ln.strip()}
+    except (OSError, UnicodeDecodeError, pickle.UnpicklingError, EOFError, ValueError) as exc:
+        raise UsageError(f"cannot read the {what} {path}: {exc}") from None
+    if not wanted:
+        raise UsageError(f"the {what} {path} names no image")
+    return wanted
+
+
+def _in_list(rel: Path, wanted: set[str]) -> bool:
+    """True when a list names the image at ``rel``: with or without its suffix, by its path
+    below the image folder (CUB's ``class/name``) or by its file name (CelebA-HQ's ``12``)."""
+    stem = rel.with_suffix("")
+    return bool({rel.as_posix(), stem.as_posix(), rel.name, stem.name} & wanted)
+
+
+def _split_list(bases: Sequence[Path], split: str) -> Path | None:
+    """The first ``<base>/<split>/filenames.pickle`` (Multi-Modal CelebA-HQ, AttnGAN)."""
+    for base in bases:
+        if (base / split / "filenames.pickle").is_file():
+            return base / split / "filenames.pickle"
+    return None
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise UsageError(f"unknown split {split!r}: choose {', '.join(SPLITS)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# CUB-200-2011
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CubLayout:
+    """Where one CUB copy keeps its parts (:func:`find_cub`)."""
+
+    images: Path  # images/<class>/<name>.jpg
+    meta: Path  # the folder of images/: images.txt, bounding_boxes.txt, attributes/, ...
+    captions: Path | None  # text_c10/ or text/, <class>/<name>.txt
+
+    @property
+    def bases(self) -> tuple[Path, ...]:
+        """Folders that may hold AttnGAN's ``train/`` and ``test/`` lists: the download's
+        folder and the one above it (AttnGAN's ``birds/``)."""
+        return (self.meta, self.meta.parent)
+
+    def split_names(self, split: str, note: Warn | None = None) -> set[str] | None:
+        """The split's ``class/name`` list (``None`` for ``all``), or a UsageError.
+
+        AttnGAN's ``filenames.pickle`` first: its 8,855/2,933 split by species is the one the
+        paper used (2,933 test images); else the download's own ``train_test_split.txt``
+        (5,994/5,794 by image), said in a note as it is not the paper's.
+        """
+        if split == "all":
+            return None
+        listed = _split_list(self.bases, split)
+        if listed is not None:
+            return read_name_list(listed, f"{split} list")
+        index_file, split_file = self.meta / "images.txt", self.meta / "train_test_split.txt"
+        if not (index_file.is_file() and split_file.is_file()):
+            raise UsageError(f"--split {split}: {self.meta} has no {split}/filenames.pickle "
+                             "(AttnGAN's split) nor images.txt + train_test_split.txt")
+        if note is not None:
+            note(f"note: --split {split} from {split_file} (CUB's own split by image); the paper "
+                 f"used AttnGAN's split by species: put its {split}/filenames.pickle beside "
+                 f"{self.meta.name}/")
+        index = read_cub_index(self.meta)
+        flags = _read_id_table(split_file, 1)
+        want = "1" if split == "train" else "0"
+        return {Path(index[i]).with_suffix("").as_posix() for i, (flag,) in flags.items()
+                if flag == want and i in index}
+
+    def boxes(self) -> dict[str, tuple[int, int, int, int]] | None:
+        """Bounding boxes by ``class/name``, or ``None`` when the download has none."""
+        box_file = self.meta / "bounding_boxes.txt"
+        if not box_file.is_file() or not (self.meta / "images.txt").is_file():
+            return None
+        index = read_cub_index(self.meta)
+        boxes = {}
+        for i, values in _read_id_table(box_file, 4).items():
+            try:
+                # AttnGAN reads the file with pandas and casts it to int (truncating).
+                x, y, w, h = (int(float(v)) for v in values)
+            except ValueError:
+                continue
+            if i in index and w > 0 and h > 0:
+                boxes[Path(index[i]).with_suffix("").as_posix()] = (x, y, w, h)
+        return boxes
+
+
+def _read_id_table(path: Path, fields: int) -> dict[str, tuple[str, ...]]:
+    """``id v1 … vN`` lines of a CUB metadata file: the first ``fields`` values by id.
+
+    Lines too short are left out (a caller sees the id missing); extra fields are ignored.
+    """
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise UsageError(f"cannot read {path} ({exc.strerror or exc})") from None
+    table = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) > fields:
+            table[parts[0]] = tuple(parts[1:fields + 1])
+    return table
+
+
+def read_cub_index(meta: Path) -> dict[str, str]:
+    """CUB's ``images.txt``: image id → ``<class>/<name>.jpg`` below ``images/``."""
+    return {i: v for i, (v,) in _read_id_table(meta / "images.txt", 1).items()}
+
+
+def find_cub(root: Path, captions: Path | None = None) -> CubLayout | None:
+    """The CUB parts under ``root``, or ``None`` when it holds no CUB images folder.
+
+    ``root`` may be the CUB-200-2011 download (``images/``, ``images.txt`` ...) or AttnGAN's
+    ``birds/`` folder holding it as ``CUB_200_2011/``; captions come from ``captions`` if given,
+    else the first ``text_c10/`` or ``text/`` in ``root`` or beside ``images/``.
+    """
+    images = find_dir(root, _CUB_IMAGES) or find_dir(root / CUB_SUBFOLDER, _CUB_IMAGES)
+    if images is None:
+        return None
+    meta = images.parent
+    if captions is None:
+        captions = next((base / name for base in dict.fromkeys((root, meta))
+                         for name in CUB_CAPTION_FOLDERS if (base / name).is_dir()), None)
+    return CubLayout(images, meta, captions)
+
+
+def cub_crop_box(box: tuple[int, int, int, int], width: int, height: int
+                 ) -> tuple[int, int, int, int]:
+    """The crop ``(left, top, right, bottom)`` AttnGAN (``get_imgs``) took of a CUB bird.
+
+    A square of half-side ``r = int(max(w, h) * 0.75)`` — 1.5 times the box's longer side —
+    around the box's centre ``(int(x + w/2), int(y + h/2))``, clipped to the image; the
+    CLIPInverter release loaded its birds the same way.  Clipping can leave it non-square: the
+    domain's ``resize`` policy squares it afterwards.
+    """
+    x, y, w, h = box
+    r = int(max(w, h) * 0.75)
+    cx, cy = int((2 * x + w) / 2), int((2 * y + h) / 2)
+    return max(0, cx - r), max(0, cy - r), min(width, cx + r), min(height, cy + r)
+
+
+def load_sample_image(path: Path, box: tuple[int, int, int, int] | None = None,
+                      resize: str = "stretch", max_pixels: int = 100_000_000) -> Image.Image:
+    """The square the model sees of one data-set image, before :func:`to_tensor`.
+
+    Decoded with :func:`load_image` (an :class:`InputError` if it cannot be), cropped to a CUB
+    box (:func:`cub_crop_box`), then squared by the domain's ``resize`` policy
+    (:func:`~clipinvert.imaging.fit_square`): training and ``eval benchmark`` both read images
+    through here, and ``edit`` squares with the same policy.
+    """
+    image = load_image(path, max_pixels)
+    if box is not None:
+        image = image.crop(cub_crop_box(box, *image.size))
+    return fit_square(image, resize)
+
+
+def _scan_cub(root: Path, split: str, captions: Path | None, scan: _Scan) -> None:
+    layout = find_cub(root, captions)
+    if layout is None or layout.captions is None or not layout.captions.is_dir():
+        where = f"{captions}" if captions is not None else "text_c10/ or text/"
+        raise UsageError(f"{root} is not a CUB folder: needs images/ (or {CUB_SUBFOLDER}/images/)"
+                         f" and captions ({where})")
+    boxes = layout.boxes()
+    if boxes is None:
+        scan.note(f"note: no bounding_boxes.txt + images.txt in {layout.meta}: whole images "
+                  "are used, not the bird crops the paper trained on")
+    wanted = layout.split_names(split, scan.note)
+    _scan_tree(layout.images, layout.captions, scan, wanted, boxes)
+
+
+# ---------------------------------------------------------------------------------------------
+# AFHQ
+# ---------------------------------------------------------------------------------------------
+def _afhq_splits(base: Path) -> dict[str, Path]:
+    """AFHQ's split folders in ``base``: ``{"train": …, "test": …}`` when it has both."""
+    found = {key: hit for key, names in AFHQ_SPLIT_FOLDERS.items()
+             if (hit := find_dir(base, names)) is not None}
+    return found if len(found) == len(AFHQ_SPLIT_FOLDERS) else {}
+
+
+def find_afhq(root: Path, split: str = "all") -> tuple[Path, list[Path]] | None:
+    """``(AFHQ root, the split's image folders)``, or ``None`` when ``root`` is not AFHQ.
+
+    ``root`` is the AFHQ folder (``train/<animal>/``, ``val/<animal>/``; the animal is ``cat``,
+    the paper's, or the only one there) — ``all`` then takes both splits — or one of its image
+    folders (``afhq/train/cat``), which ``train``/``test`` swap for that split's folder of the
+    same animal and ``all`` keeps as given.
+    """
+    if not root.is_dir():
+        return None
+    splits = _afhq_splits(root)
+    if splits:
+        animals = sorted(p.name for p in splits["train"].iterdir()
+                         if p.is_dir() and not p.name.startswith("."))
+        if not animals:
+            return None
+        if "cat" not in animals and len(animals) > 1:
+            raise UsageError(f"{root}: AFHQ with {', '.join(animals)} but no cat/: give the "
+                             "animal's folder, e.g. afhq/train/dog")
+        animal, afhq = "cat" if "cat" in animals else animals[0], root
+    else:
+        afhq, animal = root.parent.parent, root.name
+        splits = _afhq_splits(afhq)
+        if root.parent not in splits.values():
+            return None
+        if split == "all":
+            return afhq, [root]
+    keys = tuple(AFHQ_SPLIT_FOLDERS) if split == "all" else (split,)
+    return afhq, [splits[key] / animal for key in keys]
+
+
+def _looks_like_afhq(root: Path) -> bool:
+    """True for an AFHQ folder or image folder, also one without the cat (:func:`find_afhq`
+    then says which animal folder to give)."""
+    try:
+        return find_afhq(root) is not None
+    except UsageError:
+        return True
+
+
+def _scan_afhq(root: Path, split: str, captions: Path | None, scan: _Scan) -> None:
+    """Each image of the split's folders with its captions from a manifest, matched by path
+    (the manifest's lines for other folders are left alone: they are the other split's)."""
+    found = find_afhq(root, split)
+    if found is None:
+        raise UsageError(f"{root} is not an AFHQ folder: needs train/<animal>/ and val/<animal>/")
+    afhq, folders = found
+    for folder in folders:
+        if not folder.is_dir():
+            raise UsageError(f"--split {split}: {folder} not found")
+        manifest = captions or next((d / MANIFEST_NAME for d in (folder, afhq)
+                                     if (d / MANIFEST_NAME).is_file()), None)
+        if manifest is None or not manifest.is_file():
+            raise UsageError(f"no captions for {folder}: expected {MANIFEST_NAME} there or in "
+                             f"{afhq} (clipinvert caption writes one), or pass --captions FILE")
+        listed = {os.path.abspath(image): (where, caps)
+                  for where, image, caps in _manifest_entries(manifest, scan)}
+        for image, rel in _list_images(folder, scan):
+            shown = folder / rel
+            where, caps = listed.get(os.path.abspath(image), ("", None))
+            if caps == []:
+                scan.skip(shown, f"empty captions list ({where})")
+                continue
+            scan.add(image, shown, caps, f"no captions in {manifest}")
 
 
 def find_dir(root: Path, names: Sequence[str]) -> Path | None:
@@ -311,29 +646,42 @@ def _check_root(root: Path) -> None:
 
 
 def detect_format(root: Path | str) -> str:
-    """The layout of ``root``: ``celeba``, ``cub``, ``sidecar`` or ``jsonl``, or a UsageError.
+    """The layout of ``root``: ``afhq``, ``jsonl``, ``celeba``, ``cub`` or ``sidecar``, or a
+    UsageError.
 
-    In order: a ``.jsonl`` file or a folder holding ``captions.jsonl`` → ``jsonl``;
-    ``images/`` (or ``CelebA-HQ-img/``) + ``celeba-caption/`` → ``celeba``; ``images/`` +
-    ``text_c10/`` → ``cub``; any ``.txt`` file under the folder → ``sidecar``.
+    In order: an AFHQ folder or one of its image folders (:func:`find_afhq`) → ``afhq``; a
+    ``.jsonl`` file or a folder holding ``captions.jsonl`` → ``jsonl``; ``images/`` (or
+    ``CelebA-HQ-img/``) + ``celeba-caption/`` → ``celeba``; ``images/`` (or
+    ``CUB_200_2011/images/``) + ``text_c10/``, ``text/`` or ``images.txt`` → ``cub``; any
+    ``.txt`` file under the folder → ``sidecar``.
     """
     root = Path(root)
     _check_root(root)
+    cub = None if root.is_file() else find_cub(root)
+    # AttnGAN's birds/ has train/ and test/ folders too: a CUB folder is never AFHQ
+    if cub is None and _looks_like_afhq(root):
+        return "afhq"
     if root.is_file() or (root / MANIFEST_NAME).is_file():
         return "jsonl"
     if find_dir(root, CELEBA_IMAGE_FOLDERS) and (root / _CELEBA_CAPTIONS).is_dir():
         return "celeba"
-    if find_dir(root, _CUB_IMAGES) and (root / _CUB_CAPTIONS).is_dir():
-        return "cub"
+    if cub is not None and (cub.captions is not None or (cub.meta / "images.txt").is_file()):
+        return "cub"  # the download itself: its captions may come from --captions
     if _has_text_file(root):
         return "sidecar"
     raise UsageError(
         f"cannot tell the layout of {root}: expected {MANIFEST_NAME}, images/ + celeba-caption/, "
-        "images/ + text_c10/, or <image>.txt captions beside the images (see --data-format)"
+        "images/ + text_c10/, AFHQ's train/ + val/, or <image>.txt captions beside the images "
+        "(see --data-format)"
     )
 
 
-def _scan(root: Path, data_format: str, scan: _Scan) -> None:
+def _scan(root: Path, data_format: str, scan: _Scan, split: str = "all",
+          captions: Path | None = None) -> None:
+    if split != "all" and data_format in ("jsonl", "sidecar"):
+        raise UsageError(f"--split {split}: a {_FORMAT_NAMES[data_format]} has no split of its "
+                         "own; give --data the AFHQ, CUB or CelebA-HQ folder (captions of AFHQ "
+                         "with --captions FILE), or split it into two folders")
     if data_format == "jsonl":
         manifest = root if root.is_file() else root / MANIFEST_NAME
         if not manifest.is_file():
@@ -344,16 +692,24 @@ def _scan(root: Path, data_format: str, scan: _Scan) -> None:
         raise UsageError(f"--data-format {data_format} needs a folder, not a file: {root}")
     if data_format == "sidecar":
         _scan_sidecar(root, scan)
-        return
-    if data_format == "celeba":
-        names, captions = CELEBA_IMAGE_FOLDERS, _CELEBA_CAPTIONS
+    elif data_format == "afhq":
+        _scan_afhq(root, split, captions, scan)
+    elif data_format == "cub":
+        _scan_cub(root, split, captions, scan)
     else:
-        names, captions = _CUB_IMAGES, _CUB_CAPTIONS
-    images_dir = find_dir(root, names)
-    if images_dir is None or not (root / captions).is_dir():
-        wanted = f"{names[0]}/ and {captions}/"
-        raise UsageError(f"{root} is not a {_FORMAT_NAMES[data_format]} folder: needs {wanted}")
-    _scan_tree(images_dir, root / captions, scan)
+        images_dir = find_dir(root, CELEBA_IMAGE_FOLDERS)
+        caption_dir = captions or root / _CELEBA_CAPTIONS
+        if images_dir is None or not caption_dir.is_dir():
+            raise UsageError(f"{root} is not a {_FORMAT_NAMES[data_format]} folder: needs "
+                             f"{CELEBA_IMAGE_FOLDERS[0]}/ and {_CELEBA_CAPTIONS}/")
+        wanted = None
+        if split != "all":
+            listed = _split_list((root,), split)
+            if listed is None:
+                raise UsageError(f"--split {split}: {root / split / 'filenames.pickle'} not "
+                                 "found (Multi-Modal CelebA-HQ's split)")
+            wanted = read_name_list(listed, f"{split} list")
+        _scan_tree(images_dir, caption_dir, scan, wanted)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,11 +725,15 @@ class ImageCaptionDataset(Dataset):
     ``skipped <path>: <reason>``.  A set left with fewer than ``min_samples`` usable pairs (2 by
     default: training rolls captions across a batch) is refused with a one-line
     :class:`UsageError` (exit 2) naming the folder, as is a missing folder or an unknown format.
+    ``split`` (:data:`SPLITS`) takes the data set's own train or test list; ``captions`` is a
+    caption source other than the layout's own (a CUB caption folder, AFHQ's manifest);
+    ``resize`` the domain's policy for non-square images (models.toml).
 
     ``dataset[index]`` (also ``dataset[(epoch, index)]``) returns
     ``{"image": float32 (3, size, size) in [-1, 1], "caption": str, "index": int, "path": str}``:
-    the image decoded with :func:`~clipinvert.imaging.load_image`, resized like
-    :func:`~clipinvert.imaging.to_tensor` (BILINEAR), then flipped left-right with probability
+    the image read by :func:`load_sample_image` (decoded, a CUB bird cropped from its box,
+    squared by the ``resize`` policy), resized like :func:`~clipinvert.imaging.to_tensor`
+    (BILINEAR), then flipped left-right with probability
     1/2 unless ``flip`` is false; the caption drawn uniformly from the image's captions.  Both
     draws come from a generator seeded by ``(seed, epoch, index)`` only (the caption draw first,
     then the flip draw, both always made), so the same key gives the same sample in any process.
@@ -396,20 +756,31 @@ class ImageCaptionDataset(Dataset):
         min_samples: int = 2,
         check_images: bool = True,
         max_pixels: int = 100_000_000,
+        split: str = "all",
+        captions: Path | str | None = None,
+        resize: str = "stretch",
     ) -> None:
         if data_format not in DATA_FORMATS:
             choices = ", ".join(DATA_FORMATS[:-1]) + " or " + DATA_FORMATS[-1]
             raise UsageError(f"unknown data format {data_format!r}: choose {choices}")
         if size <= 0:
             raise ValueError(f"size must be positive, got {size}")
+        _check_split(split)
+        if resize not in RESIZE_POLICIES:
+            raise UsageError(f"unknown resize policy {resize!r}: use {', '.join(RESIZE_POLICIES)}")
         root = Path(root)
         _check_root(root)
+        caption_source = Path(captions) if captions is not None else None
+        if caption_source is not None and not caption_source.exists():
+            raise UsageError(f"--captions {caption_source}: not found")
         resolved = detect_format(root) if data_format == "auto" else data_format
         scan = _Scan(warn, check_images, max_pixels)
-        _scan(root, resolved, scan)
+        _scan(root, resolved, scan, split, caption_source)
 
         self.root = root
         self.format = resolved
+        self.split = split
+        self.resize = resize
         self.seed = int(seed)
         self.flip = bool(flip)
         self.size = int(size)
@@ -493,7 +864,7 @@ class ImageCaptionDataset(Dataset):
             "path": str(sample.path),
         }
         try:
-            image = load_image(sample.path, self.max_pixels)
+            image = load_sample_image(sample.path, sample.box, self.resize, self.max_pixels)
         except InputError as exc:
             item["error"] = first_line(exc)
             return item
