@@ -33,6 +33,7 @@ from .cli_options import (
     FixedBatch,
     HelpGroup,
     Input,
+    Split,
     Strength,
     examples,
     existing_file,
@@ -357,7 +358,12 @@ def train(
         callback=within(0.0001, 0.9), metavar="P",
         help="Held-out fraction when there is no --val-data.")] = 0.05,
     data_format: Annotated[str, typer.Option(
-        metavar="FORMAT", help="auto, celeba, cub, sidecar or jsonl.")] = "auto",
+        metavar="FORMAT", help="auto, celeba, cub, afhq, sidecar or jsonl.")] = "auto",
+    split: Split = "all",
+    captions: Annotated[Path | None, typer.Option(
+        metavar="FILE|DIR", show_default=False,
+        help="Captions other than the layout's own: the captions.jsonl `clipinvert caption` "
+             "wrote for AFHQ, or a CUB caption folder (text_c10/).")] = None,
     flip: Annotated[bool, typer.Option(
         "--flip/--no-flip", help="Random horizontal flips of training images.")] = True,
     val_every: every("Validate") = 1000,
@@ -392,7 +398,8 @@ def train(
         batch_size=batch_size, init=str(init) if init else None,
         match_prob=match_prob,
         seed=opts.seed, val_data=str(val_data) if val_data else None, val_fraction=val_fraction,
-        data_format=data_format, flip=flip, val_every=val_every, save_every=save_every,
+        data_format=data_format, split=split, captions=str(captions) if captions else None,
+        flip=flip, val_every=val_every, save_every=save_every,
         log_every=log_every, image_every=image_every, workers=worker_count(opts.workers), amp=amp,
         clip_preprocess=clip_preprocess, models=str(opts.models) if opts.models else None,
         device=opts.device)

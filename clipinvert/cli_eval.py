@@ -18,6 +18,7 @@ from .cli_options import (
     Common,
     FixedBatch,
     HelpGroup,
+    Split,
     examples,
     shared,
     weights_registry,
@@ -103,8 +104,9 @@ def metrics(
 def benchmark(
     data: Annotated[Path, typer.Option(
         metavar="DIR|FILE",
-        help="CelebA-HQ (images/ or CelebA-HQ-img/ + CelebAMask-HQ-attribute-anno.txt) or a "
-             "JSONL of {image, attributes} lines.", show_default=False)],
+        help="CelebA-HQ (images/ or CelebA-HQ-img/ + CelebAMask-HQ-attribute-anno.txt), "
+             "CUB-200-2011 (birds), AFHQ (cats), or a JSONL of {image, attributes} lines (e.g. "
+             "the labels `clipinvert caption` wrote).", show_default=False)],
     edits: Annotated[Path | None, typer.Option(
         metavar="DIR",
         help="Score edits made elsewhere (EDITS/<target>/<stem>.png, as OUT/selection.json "
@@ -122,6 +124,7 @@ def benchmark(
     strength: Annotated[float, typer.Option(
         callback=within(-10, 10), metavar="X",
         help="Edit strength (-10..10; 1 = as trained).")] = 1.0,
+    split: Split = "all",
     batch_size: FixedBatch = 8,
     *,
     opts: Common,
@@ -132,7 +135,7 @@ def benchmark(
     report = run_benchmark(
         data, opts.output, domain=opts.domain, registry=weights_registry(opts),
         per_target=per_target, seed=opts.seed, gendered=gendered, edits=edits,
-        test_list=test_list, device=opts.device, batch_size=batch_size,
+        test_list=test_list, split=split, device=opts.device, batch_size=batch_size,
         strength=strength, metrics=opts.metrics, log=_say, fid_reference=opts.fid_reference,
         report_path=opts.report, summary=opts.summary, trust=opts.trust_checkpoint,
         params=opts.params, quiet=opts.quiet,

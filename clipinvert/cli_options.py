@@ -206,6 +206,14 @@ Summary = Annotated[bool, typer.Option("--summary/--no-summary",
                                        help="Also write OUT/summary.png.")]
 
 
+# The data set's own split (train, eval benchmark): one declaration for both.
+Split = Annotated[str, typer.Option(
+    metavar="all|train|test", callback=choice("all", "train", "test"),
+    help="Which of the data set's own lists: AFHQ train/ or val/ (test), CUB AttnGAN's "
+         "train|test/filenames.pickle, Multi-Modal CelebA-HQ's train|test/filenames.pickle; "
+         "all = every image.")]
+
+
 # ---- the shared options, declared once -------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Common:

@@ -315,3 +315,32 @@ def test_train_and_eval_pass_download_and_offline_to_the_registry(
     monkeypatch.setattr(training, "train", fake("train", None))
     assert main(["train", "--data", str(data), "-o", str(tmp_path / "r3"), "--download"]) == 0
     assert seen["train"] == (True, None)
+
+
+def test_split_and_captions_reach_training_and_the_benchmark(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--split` is one option of train and eval benchmark (the data set's own lists), and
+    train's `--captions` names a caption source other than the layout's (AFHQ's manifest)."""
+    import clipinvert.evaluation.benchmark as benchmark
+    import clipinvert.training.run as training
+
+    seen: dict[str, object] = {}
+
+    def fake_train(cfg, **kw):
+        seen["train"] = (cfg.split, cfg.captions)
+
+    def fake_benchmark(*args, split, **kw):
+        seen["benchmark"] = split
+        return {}
+
+    monkeypatch.setattr(training, "train", fake_train)
+    monkeypatch.setattr(benchmark, "run_benchmark", fake_benchmark)
+    data, caps = tmp_path / "afhq", tmp_path / "captions.jsonl"
+    data.mkdir()
+    caps.write_text("")
+    assert main(["train", "--data", str(data), "--split", "train", "--captions", str(caps),
+                 "-o", str(tmp_path / "r")]) == 0
+    assert main(["eval", "benchmark", "--data", str(data), "--split", "test",
+                 "-o", str(tmp_path / "b"), "-q"]) == 0
+    assert seen == {"train": ("train", str(caps)), "benchmark": "test"}
+    assert main(["train", "--data", str(data), "--split", "val", "-o", str(tmp_path / "x")]) == 2
