@@ -405,7 +405,9 @@ def path(
     typer.echo(str(found))
 
 
-@models_app.command("import")
+@models_app.command("import", epilog="\n".join((  # the Examples lines of -h, one per line
+    "clipinvert models import afhqcat.pkl -o stylegan2-afhqcat.pt",
+    "clipinvert models import network-snapshot-025000.pkl -o horses.pt --domain horses")))
 def import_(
     source: Annotated[Path, typer.Argument(
         help="An NVlabs StyleGAN2-ADA / StyleGAN3 (stylegan2) network pickle, an NVlabs "
