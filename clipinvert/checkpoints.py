@@ -206,7 +206,13 @@ def load_clipinverter(path: Path | str, *, trust: bool = False) -> CLIPInverterW
 
 
 def load_stylegan2(path: Path | str, *, trust: bool = False) -> tuple[Generator, torch.Tensor]:
-    """A rosinality file: ``g_ema`` and ``latent_avg`` (mean of 10,000 mapped z if absent)."""
+    """A rosinality file: ``g_ema`` and ``latent_avg`` (mean of 10,000 mapped z if absent).
+
+    Sizes — resolution, mapping depth, channel table — come from the keys, so any file
+    ``clipinvert models import`` writes loads (NVlabs' configs use 2 or 8 mapping layers and
+    several channel tables).  Its ``conv_clamp`` entry, when present, is applied: NVlabs'
+    generators clamp conv outputs and the imported weights reproduce their images only with it.
+    """
     path = Path(path)
     ckpt = read_checkpoint(path, "StyleGAN2", trust=trust)
     sd = ckpt.get("g_ema")
@@ -214,6 +220,12 @@ def load_stylegan2(path: Path | str, *, trust: bool = False) -> tuple[Generator,
         raise WeightsError(
             f"StyleGAN2 weights {path} have no 'g_ema' (found {describe_layout(ckpt)})")
     g = build_generator(sd, "StyleGAN2", path)
+    clamp = ckpt.get("conv_clamp")
+    if clamp is not None:
+        if isinstance(clamp, bool) or not isinstance(clamp, int | float) or clamp <= 0:
+            raise WeightsError(f"StyleGAN2 weights {path}: conv_clamp {clamp!r} is not a "
+                               "positive number")
+        g.set_conv_clamp(float(clamp))
     avg = ckpt.get("latent_avg")
     if isinstance(avg, torch.Tensor) and avg.numel() == g.style_dim:
         return g, avg.reshape(g.style_dim).float()

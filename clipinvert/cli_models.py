@@ -405,6 +405,63 @@ def path(
     typer.echo(str(found))
 
 
+@models_app.command("import", epilog="\n".join((  # the Examples lines of -h, one per line
+    "clipinvert models import afhqcat.pkl -o stylegan2-afhqcat.pt",
+    "clipinvert models import network-snapshot-025000.pkl -o horses.pt --domain horses")))
+def import_(
+    source: Annotated[Path, typer.Argument(
+        help="An NVlabs StyleGAN2-ADA / StyleGAN3 (stylegan2) network pickle, an NVlabs "
+        "TensorFlow StyleGAN2 pickle, or a rosinality .pt.", show_default=False)],
+    out: Annotated[Path, typer.Option(
+        "-o", "--output", help="The rosinality-layout .pt to write.", show_default=False)],
+    domain: Annotated[str | None, typer.Option(
+        "--domain", help="Register the result as this domain's stylegan2 file (and its "
+        "resolution), in your models.toml or --models FILE; a new name creates the domain.",
+        show_default=False)] = None,
+    models: Annotated[Path | None, typer.Option(
+        "--models", help="The models.toml to register in (default: your "
+        "~/.config/clipinvert/models.toml).", show_default=False)] = None,
+) -> None:
+    """Convert a StyleGAN2 generator to the rosinality layout clipinvert trains with.
+
+    Takes G_ema (never G), renames and reshapes, reads sizes from the file, keeps its
+    conv_clamp; never runs code from the pickle.  Conditional, resnet/orig and StyleGAN3-T/R
+    generators are refused.  Prints OUT; the source's sha256 and the conversion are recorded in
+    OUT (clipinvert_import).
+    """
+    import re
+
+    from .registry import register_role, user_registry
+    from .weights.convert import import_generator, save_imported
+
+    if domain is not None and not re.fullmatch(r"[A-Za-z0-9_-]+", domain):
+        raise UsageError(f"--domain {domain!r}: use letters, digits, '-' and '_' only")
+    if out.exists() and out.is_dir():
+        raise UsageError(f"-o {out} is a folder; name the .pt file to write")
+    if out.resolve() == source.resolve():
+        raise UsageError(f"-o {out} is the source file; write the result elsewhere")
+    imported = import_generator(source)
+    save_imported(imported, out)
+    info = imported.info
+    err = _err()
+    clamp = info["conv_clamp"]
+    err.print(escape(
+        f"imported {info['format']} generator: {info['resolution']} px, {info['n_mlp']} mapping "
+        f"layers, channel multiplier {info['channel_multiplier'] or 'none (custom table)'}, "
+        f"conv_clamp {clamp if clamp is not None else 'none'}"))
+    if info["n_mlp"] != 8 or info["channel_multiplier"] != 2:
+        err.print(escape("note: e4e and the released CLIPInverter code build 8 mapping layers "
+                         "and channel multiplier 2; this file loads in clipinvert and in "
+                         "rosinality's Generator built with its own sizes"))
+    if domain is not None:
+        registry = (models or user_registry()).expanduser()
+        replaced = register_role(registry, domain, "stylegan2", str(out.resolve()),
+                                 resolution=int(info["resolution"]))
+        err.print(escape(f"{'updated' if replaced else 'added'} domain {domain!r} in "
+                         f"{registry}: stylegan2 = {out.resolve()}"))
+    typer.echo(str(out))
+
+
 DEMO_CAPTIONS = "captions"  # the demo's tiny captioned image set, for `train --data`
 
 

@@ -84,6 +84,10 @@ class WeightEntry:
     # For a file nobody publishes: the command that makes it ("{path}": where it is looked
     # for).  ``models download`` then lists it in a note instead of failing.
     made_by: str | None = None
+    # A published file that must be converted after download ("nvlabs": an NVlabs network
+    # pickle → rosinality .pt, as ``clipinvert models import`` does); ``sha256``/``size`` then
+    # describe the published file, and the converted one's checksum is recorded at download.
+    convert: str | None = None
 
     def places(self) -> list[Path]:
         """Where the file may be, in search order: the explicit ``path``, then the cache."""
@@ -113,6 +117,18 @@ class Domain:
     @property
     def base_dir(self) -> Path:
         return self.source.parent
+
+
+CONVERTERS = ("nvlabs",)
+
+
+def _convert_kind(value: object, source: Path, name: str) -> str | None:
+    if value is None:
+        return None
+    if value not in CONVERTERS:
+        raise UsageError(f"registry {source}: [weights.{name}] convert must be one of "
+                         f"{', '.join(CONVERTERS)}, not {value!r}")
+    return str(value)
 
 
 def _as_tuple(value: object) -> tuple[str, ...]:
@@ -169,7 +185,8 @@ class Registry:
                 name=name, file=str(t.get("file") or Path(str(t["path"])).name),
                 urls=_as_tuple(t.get("urls", t.get("url"))), sha256=t.get("sha256") or None,
                 size=t.get("size"), license=t.get("license"), description=t.get("description"),
-                path=t.get("path"), source=source, made_by=t.get("made_by"))
+                path=t.get("path"), source=source, made_by=t.get("made_by"),
+                convert=_convert_kind(t.get("convert"), source, name))
         for name, t in dict(data.get("domains", {})).items():  # type: ignore[call-overload]
             if not isinstance(t, dict):
                 raise UsageError(f"registry {source}: [domains.{name}] must be a table")
@@ -385,3 +402,56 @@ def set_domain_table(path: Path, name: str, values: Mapping[str, str | int]) -> 
                          f"[domains.{name}]); add this table by hand: {table!r}")
     atomic_write_text(path, text)
     return replaced
+
+
+DOMAIN_FIELDS = ("description", "note", "label", "resolution", "align", "clip_arch")
+
+
+def domain_table(domain: Domain, reg: Registry, where: Path) -> dict[str, str | int]:
+    """The complete ``[domains.NAME]`` table of a merged domain, to be written into ``where``.
+
+    A plain-path role is relative to the file that named it, so it is made absolute when the
+    table moves to another file; names of ``[weights.*]`` entries stay as they are.
+    """
+    table: dict[str, str | int] = {}
+    for key in DOMAIN_FIELDS:
+        value = getattr(domain, key)
+        if value is not None:
+            table[key] = value
+    moved = domain.source.resolve().parent != where.resolve().parent
+    for role, ref in domain.weights.items():
+        if moved and ref not in reg.weights and not Path(ref).expanduser().is_absolute():
+            ref = str((domain.base_dir / Path(ref).expanduser()).resolve())
+        table[role] = ref
+    return table
+
+
+def register_role(path: Path, domain: str, role: str, value: str,
+                  **fields: str | int) -> bool:
+    """Name ``value`` (a file path or a ``[weights.*]`` name) as ``domain``'s ``role`` in the
+    registry file ``path`` (the user's models.toml or a --models FILE), creating the domain if
+    it is new; ``fields`` sets other keys (``resolution=512``, ``note=…``).  Returns whether a
+    table was replaced.
+
+    Why the whole table: registries merge table by table, so a ``[domains.NAME]`` written to the
+    user's file *replaces* the packaged one.  What is written is therefore the complete merged
+    table — every other role (clip, lpips, moco…) and key kept — with this one role set.  The
+    one function for every command that produces a domain's file (``models import``,
+    ``caption``, ``train``).
+    """
+    if role not in WEIGHT_ROLES:
+        raise UsageError(f"unknown role {role!r} (roles: {', '.join(WEIGHT_ROLES)})")
+    unknown = sorted(set(fields) - set(DOMAIN_FIELDS))
+    if unknown:
+        raise UsageError(f"unknown domain keys {unknown} (known: {', '.join(DOMAIN_FIELDS)})")
+    path = Path(path).expanduser()
+    is_user = path.resolve() == user_registry().resolve()
+    reg = Registry.load(None if is_user or not path.is_file() else path)
+    old = reg.domains.get(domain)
+    table = domain_table(old, reg, path) if old is not None else {}
+    table.update(fields)
+    if "resolution" not in table:
+        raise UsageError(f"domain {domain!r} is new: its resolution must be given")
+    table.setdefault("align", "none")
+    table[role] = value
+    return set_domain_table(path, domain, table)

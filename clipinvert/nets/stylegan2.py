@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +48,10 @@ class GeneratorConfig:
     lr_mlp: float = 0.01
     text_dim: int | None = None  # CLIPRemapper input size (CLIP embed dim); None = plain generator
     remap_hidden: int = 512
+    # NVlabs' generators clamp every conv and ToRGB output to ±conv_clamp (256 in their
+    # configs) even in float32; rosinality's have no clamp (None).  Not a weight: an imported
+    # file records it beside g_ema (docs/new-domain.md#import-a-generator).
+    conv_clamp: float | None = None
 
     def __post_init__(self) -> None:
         log = math.log2(self.size)
@@ -230,6 +234,7 @@ class StyledConv(nn.Module):
                                     blur_kernel=blur_kernel)
         self.noise = NoiseInjection()
         self.activate = FusedLeakyReLU(out_ch)
+        self.conv_clamp: float | None = None  # set by Generator.set_conv_clamp
 
     def forward(self, x: torch.Tensor, style: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         # = activate(noise(conv(x))).  Without autograd the noise, bias, leaky ReLU and √2 are
@@ -238,10 +243,12 @@ class StyledConv(nn.Module):
         # generator) the same maths runs out of place, since autograd needs the intermediates.
         out = self.conv(x, style)
         shift = self.noise.weight * noise + self.activate.bias.view(1, -1, 1, 1)
+        c = self.conv_clamp
         if out.requires_grad or shift.requires_grad:
-            return F.leaky_relu(out + shift, 0.2) * SQRT2
-        out = out.add_(shift)
-        return F.leaky_relu_(out, 0.2).mul_(SQRT2)
+            out = F.leaky_relu(out + shift, 0.2) * SQRT2
+            return out if c is None else out.clamp(-c, c)
+        out = F.leaky_relu_(out.add_(shift), 0.2).mul_(SQRT2)
+        return out if c is None else out.clamp_(-c, c)
 
 
 class ToRGB(nn.Module):
@@ -252,10 +259,13 @@ class ToRGB(nn.Module):
             self.upsample = Upsample(blur_kernel)
         self.conv = ModulatedConv2d(in_ch, 3, 1, style_dim, demodulate=False)
         self.bias = nn.Parameter(torch.zeros(1, 3, 1, 1))
+        self.conv_clamp: float | None = None  # set by Generator.set_conv_clamp
 
     def forward(self, x: torch.Tensor, style: torch.Tensor,
                 skip: torch.Tensor | None = None) -> torch.Tensor:
         out = self.conv(x, style) + self.bias
+        if self.conv_clamp is not None:  # NVlabs clamps this layer's output, before the skip
+            out = out.clamp(-self.conv_clamp, self.conv_clamp)
         if skip is not None:
             out = out + self.upsample(skip)
         return out
@@ -328,6 +338,21 @@ class Generator(nn.Module):
                 [_remap_block(cfg.text_dim, cfg.remap_hidden, sd) for _ in range(cfg.num_remap)])
             self.lambdas = nn.ParameterList(
                 [nn.Parameter(torch.tensor(0.05)) for _ in range(cfg.num_remap)])
+        self.set_conv_clamp(cfg.conv_clamp)
+
+    def set_conv_clamp(self, clamp: float | None) -> Generator:
+        """Clamp every conv and ToRGB output to ±``clamp`` as NVlabs' generators do (None: no
+        clamp, rosinality's maths).  A setting, not a weight, so it is applied after a strict
+        load of the state dict (:func:`clipinvert.checkpoints.load_stylegan2`)."""
+        clamp = None if clamp is None else float(clamp)
+        if clamp is not None and not clamp > 0:
+            raise ValueError(f"conv_clamp must be positive or None, got {clamp}")
+        for m in self.modules():
+            if isinstance(m, StyledConv | ToRGB):
+                m.conv_clamp = clamp
+        if self.config.conv_clamp != clamp:
+            self.config = replace(self.config, conv_clamp=clamp)
+        return self
 
     def set_formulation(self, form: str = "fused") -> Generator:
         """Choose how every modulated convolution runs, one of :data:`FORMULATIONS` (see

@@ -174,8 +174,13 @@ def record_checksum(dest_dir: Path, file: str, *, sha256: str, size: int, url: s
 
 def expected_sha256(entry: WeightEntry, dest_dir: Path | None = None
                     ) -> tuple[str | None, str]:
-    """The sha256 a file must have and where that comes from ("registry" / "recorded")."""
-    if entry.sha256:
+    """The sha256 a file must have and where that comes from ("registry" / "recorded").
+
+    For a converted entry the registry's sha256 is the published source's (checked at
+    download, :func:`_check_payload`); the file on disk is the conversion, whose checksum is
+    the one recorded.
+    """
+    if entry.sha256 and not entry.convert:
         return entry.sha256.lower(), f"registry {entry.source}"
     rec = recorded_checksums(dest_dir).get(entry.file, {})
     sha = rec.get("sha256") if isinstance(rec, dict) else None
@@ -195,14 +200,18 @@ class Verification:
     size: int | None = None
 
 
-def payload_problem(path: Path, entry: WeightEntry) -> str | None:
-    """Cheap checks (no hashing): empty, an HTML page, or the wrong size."""
+def payload_problem(path: Path, entry: WeightEntry, *, source: bool = False) -> str | None:
+    """Cheap checks (no hashing): empty, an HTML page, or the wrong size.
+
+    ``source``: ``path`` is what was downloaded, before any conversion (a converted entry's
+    registry ``size`` is the published file's, not the conversion's).
+    """
     size = path.stat().st_size
     if size == 0:
         return "is empty (0 bytes)"
     if file_looks_like_html(path):
         return "is an HTML page (quota or permission page), not the weights"
-    if entry.size is not None and size != int(entry.size):
+    if entry.size is not None and (source or not entry.convert) and size != int(entry.size):
         return f"is {size} bytes, expected {int(entry.size)} (truncated or a different file)"
     return None
 
@@ -424,14 +433,34 @@ def _download_one(url: str, work: Path, entry: WeightEntry, *, progress: bool, r
 
 def _check_payload(path: Path, entry: WeightEntry, dest_dir: Path) -> str:
     """Raise :class:`_BadPayload` unless ``path`` is the file; return its sha256."""
-    problem = payload_problem(path, entry)
+    problem = payload_problem(path, entry, source=True)
     if problem:
         raise _BadPayload(problem)
     digest = sha256_file(path)
-    want, origin = expected_sha256(entry, dest_dir)
+    if entry.convert:  # the published source: only the registry knows its checksum
+        want = entry.sha256.lower() if entry.sha256 else None
+        origin = f"registry {entry.source}"
+    else:
+        want, origin = expected_sha256(entry, dest_dir)
     if want and digest != want:
         raise _BadPayload(f"has sha256 {digest}, expected {want} ({origin})")
     return digest
+
+
+def _convert(staged: Path, entry: WeightEntry) -> Path:
+    """The converted file beside the downloaded one (``convert = "nvlabs"``: an NVlabs network
+    pickle → a rosinality .pt, as ``clipinvert models import`` writes it).  A source that cannot
+    be converted is a bad payload, deleted like any other."""
+    from .convert import import_generator, save_imported
+
+    try:
+        imported = import_generator(staged)
+    except WeightsError as exc:
+        raise _BadPayload(f"cannot be converted: {exc}") from None
+    out = staged.with_name(f"converted-{entry.file}")
+    save_imported(imported, out)
+    staged.unlink()
+    return out
 
 
 def _has_bytes(work: Path) -> bool:
@@ -478,6 +507,9 @@ def fetch(entry: WeightEntry, dest_dir: Path | None = None, *, offline: bool | N
             staged = _download_one(url, work, entry, progress=progress, retries=retries,
                                    timeout=timeout)
             digest = _check_payload(staged, entry, dest)
+            if entry.convert:
+                staged = _convert(staged, entry)
+                digest = sha256_file(staged)
         except _Interrupted as exc:
             reasons.append(str(exc))
             if _has_bytes(work):
@@ -499,7 +531,7 @@ def fetch(entry: WeightEntry, dest_dir: Path | None = None, *, offline: bool | N
         os.replace(staged, final)
         shutil.rmtree(work, ignore_errors=True)
         _prune_partials(dest)
-        if not entry.sha256 and entry.file not in recorded_checksums(dest):
+        if (not entry.sha256 or entry.convert) and entry.file not in recorded_checksums(dest):
             record_checksum(dest, entry.file, sha256=digest, size=size, url=url, name=entry.name)
         return final
     _prune_partials(dest)
