@@ -183,3 +183,22 @@ def remove_stale_temps(folder: Path | str) -> list[Path]:
                     p.unlink()
                     removed.append(p)
     return removed
+
+
+def read_toml(path: Path | str, what: str) -> dict:
+    """A TOML file's tables, or one usage-error line naming ``what`` it is and why it cannot be
+    read: the registry and the caption vocabularies are files users edit by hand, and a typo in
+    one must be a line that points at it, never a traceback."""
+    from .errors import UsageError
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{what} {path}: cannot read it ({exc})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"{what} {path}: not valid TOML ({exc})") from None

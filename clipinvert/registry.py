@@ -19,6 +19,7 @@ from pathlib import Path
 import platformdirs
 
 from .errors import UsageError, WeightsError
+from .fileio import read_toml
 from .locations import cache_dir, is_offline
 from .weights.download import find_or_fetch, made_by
 
@@ -168,13 +169,7 @@ class Registry:
 
     def add_file(self, path: Path) -> None:
         path = path.resolve()
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UsageError(f"cannot read registry {path}: {exc}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise UsageError(f"registry {path} is not valid TOML: {exc}") from None
-        self.add_mapping(data, path)
+        self.add_mapping(read_toml(path, "registry"), path)
 
     def add_mapping(self, data: Mapping[str, object], source: Path) -> None:
         self.files.append(source)

@@ -38,12 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
-
 from .errors import UsageError
+from .fileio import read_toml
 
 #: Where the packaged vocabularies live (package data).
 PACKAGED_DIR = Path(__file__).with_name("vocabularies")
@@ -151,13 +147,7 @@ def load_vocabulary(spec: str | Path) -> Vocabulary:
         known = ", ".join(PACKAGED)
         what = "is a folder" if path.is_dir() else "not found"
         raise UsageError(f"vocabulary {spec}: {what} (give {known} or a .toml file)")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"vocabulary {path}: cannot read it ({exc})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise UsageError(f"vocabulary {path}: not valid TOML ({exc})") from None
-    return parse_vocabulary(data, path)
+    return parse_vocabulary(read_toml(path, "vocabulary"), path)
 
 
 def parse_vocabulary(data: Mapping[str, Any], source: Path | None = None) -> Vocabulary:

@@ -20,13 +20,13 @@ from clipinvert.cli import main
 from clipinvert.errors import UsageError
 from clipinvert.evaluation import protocol
 from clipinvert.evaluation.benchmark import read_labelled
+from clipinvert.fileio import read_toml
 from clipinvert.training.data import ImageCaptionDataset
 from clipinvert.vocabulary import (
     PACKAGED_DIR,
     join_phrases,
     load_vocabulary,
     parse_vocabulary,
-    tomllib,
 )
 
 CATS = load_vocabulary("cats")
@@ -212,7 +212,7 @@ def test_an_interrupted_run_resumes_without_duplicates(tmp_path: Path) -> None:
 
 
 def _raw(name: str) -> dict:
-    return tomllib.loads((PACKAGED_DIR / f"{name}.toml").read_text(encoding="utf-8"))
+    return read_toml(PACKAGED_DIR / f"{name}.toml", "vocabulary")
 
 
 def test_foreign_files_are_never_merged_into(tmp_path: Path) -> None:
