@@ -457,6 +457,10 @@ def caption(
              "--data` reads (default: <captions stem>-labels.jsonl beside the captions).")
     ] = None,
     batch_size: FixedBatch = 32,
+    register: Annotated[bool, typer.Option(
+        "--register",
+        help="Name the captions in the domain's table of your models.toml (or --models FILE), "
+             "so `clipinvert train --domain D` finds them without --captions.")] = False,
     *,
     opts: Common,
 ) -> None:
@@ -487,6 +491,13 @@ def caption(
         batch_size=batch_size, workers=workers, overwrite=opts.overwrite, quiet=opts.quiet,
         params=opts.params, settings={"clip": {"domain": dom.name, "arch": dom.clip_arch,
                                                "weights": dom.weights.get("clip")}})
+    if register:  # the chain: the next command finds the captions by --domain alone
+        from .registry import register_role, user_registry
+
+        where = (opts.models or user_registry()).expanduser()
+        register_role(where, opts.domain, "captions", str(outputs.captions.resolve()))
+        print(f"registered: captions = {outputs.captions.resolve()} in domain {opts.domain!r} "
+              f"of {where}", file=sys.stderr)
     # stdout: the result; the next step of the chain goes to stderr.
     if not opts.quiet:
         print(f"captioned: clipinvert train --domain {opts.domain} --data {outputs.captions}; "

@@ -114,10 +114,20 @@ class Domain:
     # Shown by ``models list`` next to each of the domain's files (e.g. "random weights").
     label: str | None = None
     resize: str = "stretch"  # non-square inputs on align = "none": RESIZE_POLICIES
+    # The captions manifest `clipinvert caption --register` made for this domain's images:
+    # `train` reads it when no --captions is given (docs/new-domain.md#the-chain).
+    captions: str | None = None
 
     @property
     def base_dir(self) -> Path:
         return self.source.parent
+
+    @property
+    def captions_path(self) -> Path | None:
+        """``captions`` as a path: relative to the models.toml that names it."""
+        if self.captions is None:
+            return None
+        return self.base_dir / Path(self.captions).expanduser()
 
 
 CONVERTERS = ("nvlabs",)
@@ -203,7 +213,8 @@ class Registry:
                 name=name, resolution=resolution, align=align,
                 clip_arch=str(t.get("clip_arch", "ViT-B-32-quickgelu")), weights=roles,
                 description=t.get("description"), note=t.get("note"), source=source,
-                label=t.get("label"), resize=resize)
+                label=t.get("label"), resize=resize,
+                captions=str(t["captions"]) if t.get("captions") else None)
 
     def domain(self, name: str) -> Domain:
         try:
@@ -399,7 +410,11 @@ def set_domain_table(path: Path, name: str, values: Mapping[str, str | int]) -> 
     return replaced
 
 
-DOMAIN_FIELDS = ("description", "note", "label", "resolution", "align", "clip_arch")
+DOMAIN_FIELDS = ("description", "note", "label", "resolution", "align", "clip_arch", "resize",
+                 "captions")
+# Domain keys that are files (relative to their models.toml) but not weights: what a step of
+# the chain makes that is not a network (``caption --register``).
+PATH_FIELDS = ("captions",)
 
 
 def domain_table(domain: Domain, reg: Registry, where: Path) -> dict[str, str | int]:
@@ -414,6 +429,13 @@ def domain_table(domain: Domain, reg: Registry, where: Path) -> dict[str, str | 
         if value is not None:
             table[key] = value
     moved = domain.source.resolve().parent != where.resolve().parent
+    arch = Path(domain.clip_arch).expanduser()
+    if moved and domain.clip_arch.lower().endswith(".json") and not arch.is_absolute():
+        table["clip_arch"] = str((domain.base_dir / arch).resolve())  # a config beside it
+    for key in PATH_FIELDS:
+        path = getattr(domain, f"{key}_path")
+        if moved and path is not None:
+            table[key] = str(path.resolve())
     for role, ref in domain.weights.items():
         if moved and ref not in reg.weights and not Path(ref).expanduser().is_absolute():
             ref = str((domain.base_dir / Path(ref).expanduser()).resolve())
@@ -434,8 +456,9 @@ def register_role(path: Path, domain: str, role: str, value: str,
     one function for every command that produces a domain's file (``models import``,
     ``caption``, ``train``).
     """
-    if role not in WEIGHT_ROLES:
-        raise UsageError(f"unknown role {role!r} (roles: {', '.join(WEIGHT_ROLES)})")
+    if role not in WEIGHT_ROLES + PATH_FIELDS:
+        raise UsageError(f"unknown role {role!r} (roles: {', '.join(WEIGHT_ROLES)}; "
+                         f"files: {', '.join(PATH_FIELDS)})")
     unknown = sorted(set(fields) - set(DOMAIN_FIELDS))
     if unknown:
         raise UsageError(f"unknown domain keys {unknown} (known: {', '.join(DOMAIN_FIELDS)})")

@@ -147,14 +147,16 @@ def build(cfg: TrainConfig, registry: Registry, device: torch.device, *,
     files = locate_training_files(registry, domain)
     if cfg.init and not Path(cfg.init).is_file():
         raise UsageError(f"--init {cfg.init}: file not found")
+    # --captions, else the manifest `caption --register` named in the domain (the chain)
+    captions = cfg.captions or (str(domain.captions_path) if domain.captions else None)
     data = ImageCaptionDataset(cfg.data, cfg.data_format, seed=cfg.seed, flip=cfg.flip,
-                               warn=warn, split=cfg.split, captions=cfg.captions,
+                               warn=warn, split=cfg.split, captions=captions,
                                resize=domain.resize)
     if cfg.val_data:
         train_set = data
         val_set = ImageCaptionDataset(cfg.val_data, cfg.data_format, seed=cfg.seed,
                                       flip=False, warn=warn, min_samples=1,
-                                      captions=cfg.captions, resize=domain.resize)
+                                      captions=captions, resize=domain.resize)
     else:
         train_set, val_set = split_validation(data, cfg.val_fraction, cfg.seed)
         val_set.flip = False

@@ -1,0 +1,90 @@
+"""The chain of registries (docs/new-domain.md#the-chain): after each step of the road to a new
+domain, the next command finds what the step made by ``--domain`` alone, and every table
+written is the complete merged domain table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from clipinvert.registry import PACKAGED_REGISTRY, Registry, register_role
+
+
+def test_registered_captions_and_generator_keep_the_whole_table(tmp_path: Path) -> None:
+    """caption --register then models import --domain into one --models file: the cats table
+    keeps the packaged roles, the resize policy and each step's result."""
+    models = tmp_path / "mine.toml"
+    caps = tmp_path / "cats" / "captions.jsonl"
+    caps.parent.mkdir()
+    caps.write_text("")
+    packaged = Registry.load(PACKAGED_REGISTRY, user=False).domain("cats")
+    register_role(models, "cats", "captions", str(caps))
+    register_role(models, "cats", "stylegan2", str(tmp_path / "g.pt"), resolution=512)
+    cats = Registry.load(models).domain("cats")
+    assert cats.source == models.resolve()
+    assert cats.captions_path == caps and cats.weights["stylegan2"] == str(tmp_path / "g.pt")
+    assert cats.resize == packaged.resize == "center-crop"
+    for role in ("clip", "moco", "lpips", "inception"):
+        assert cats.weights[role] == packaged.weights[role]
+    # a relative captions path is read from the models.toml that names it
+    rel = tmp_path / "rel.toml"
+    rel.write_text('[domains.d]\nresolution = 32\ncaptions = "cats/captions.jsonl"\n')
+    assert Registry.load(rel).domain("d").captions_path == caps
+
+
+def test_train_reads_the_registered_captions_without_captions_flag(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`train --domain D --data afhq` takes the manifest `caption --register` named; an
+    explicit --captions still wins."""
+    from clipinvert.testing.training import write_training_domain
+    from clipinvert.training import build as build_module
+    from clipinvert.training.config import TrainConfig
+
+    toml = write_training_domain(tmp_path / "dom")
+    caps = tmp_path / "caps.jsonl"
+    caps.write_text("")
+    register_role(toml, "trainable", "captions", str(caps))
+    seen: list[object] = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_dataset(data, fmt, *, captions, **kw):
+        seen.append(captions)
+        raise Stop
+
+    monkeypatch.setattr("clipinvert.training.data.ImageCaptionDataset", fake_dataset)
+    for given in (None, "other.jsonl"):
+        cfg = TrainConfig.for_stage(1, domain="trainable", data=str(tmp_path), captions=given,
+                                    run_dir=str(tmp_path / "run"))
+        with pytest.raises(Stop):
+            build_module.build(cfg, Registry.load(toml), torch.device("cpu"))
+    assert seen == [str(caps), "other.jsonl"]
+
+
+def test_caption_register_names_the_manifest_in_the_users_domain(
+        tmp_path: Path, tiny_models: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """`caption --register` (no --models): the user's registry gets the domain's complete table
+    with `captions` set, so the next step needs only --domain."""
+    from PIL import Image
+
+    from clipinvert.cli import main
+    from clipinvert.registry import domain_table, set_domain_table, user_registry
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    reg = Registry.load(tiny_models)
+    set_domain_table(user_registry(), "tiny",
+                     domain_table(reg.domain("tiny"), reg, user_registry()))
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(2):
+        Image.new("RGB", (40, 30), (60 * i, 90, 20)).save(data / f"cat{i}.png")
+    out = tmp_path / "work" / "captions.jsonl"
+    assert main(["caption", str(data), "-o", str(out), "--domain", "tiny", "--vocabulary",
+                 "cats", "--device", "cpu", "--workers", "0", "--register", "-q"]) == 0
+    assert capsys.readouterr().out == f"{out}\n"
+    tiny = Registry.load().domain("tiny")
+    assert tiny.captions_path == out.resolve() and tiny.source == user_registry().resolve()
+    assert tiny.weights.keys() == reg.domain("tiny").weights.keys()
