@@ -184,3 +184,33 @@ def test_step_equals_e4e_coach(tmp_path_factory: pytest.TempPathFactory) -> None
     # the heads of stages not reached (3..7) and the lateral layers they read never moved
     assert all(float(update[k].abs().max()) == 0 for k in update
                if k.startswith(("styles.3", "styles.7", "latlayer")))
+
+
+def test_checkpoint_has_e4e_layout_and_load_e4e_reads_it(tmp_path: Path) -> None:
+    """latest/best in e4e's layout: load_e4e reads the encoder and latent_avg back exactly;
+    opts carry e4e's own names (its setup_model was checked to build pSp from such a file,
+    strict, with the fetched encoder4editing code)."""
+    from clipinvert.checkpoints import load_e4e
+    from clipinvert.nets import Encoder4Editing, Generator, LatentDiscriminator
+    from clipinvert.training.checkpoint import e4e_checkpoint, e4e_opts, save_e4e
+
+    torch.manual_seed(0)
+    enc = Encoder4Editing(n_styles=6, style_dim=16,
+                          stages=((16, 16, 1), (16, 32, 1), (32, 48, 1), (48, 64, 1)))
+    dec = Generator(size=16, style_dim=16, channels={4: 8, 8: 8, 16: 8}, n_mlp=2)
+    avg = torch.randn(6, 16)
+    opts = e4e_opts(stylegan_size=16, settings=E4ESettings(), lr=1e-4, batch_size=8,
+                    max_steps=200_000, identity="moco", domain="cats")
+    save_e4e(tmp_path / "e4e.pt", e4e_checkpoint(enc, dec, avg, LatentDiscriminator(16), opts))
+    ckpt = torch.load(tmp_path / "e4e.pt", weights_only=True)
+    assert set(ckpt) == {"state_dict", "latent_avg", "opts", "discriminator_state_dict"}
+    assert {k.split(".")[0] for k in ckpt["state_dict"]} == {"encoder", "decoder"}
+    assert ckpt["opts"]["encoder_type"] == "Encoder4Editing"
+    assert ckpt["opts"]["progressive_steps"][:3] == [0, 20_000, 22_000]
+    assert ckpt["opts"]["w_discriminator_lambda"] == 0.1 and ckpt["opts"]["use_w_pool"]
+    back = load_e4e(tmp_path / "e4e.pt")
+    assert torch.equal(back.latent_avg, avg)
+    for k, v in enc.state_dict().items():
+        assert torch.equal(back.encoder.state_dict()[k], v), k
+    LatentDiscriminator.from_state_dict(ckpt["discriminator_state_dict"]).load_state_dict(
+        ckpt["discriminator_state_dict"])
