@@ -30,7 +30,7 @@ else:  # pragma: no cover - Python 3.10
 
 PACKAGED_REGISTRY = Path(__file__).with_name("models.toml")
 WEIGHT_ROLES = ("clip", "e4e", "clipinverter", "stylegan2", "arcface", "moco", "lpips",
-                "inception", "attributes", "landmarks")
+                "inception", "attributes", "landmarks", "encoder_init")
 # Which commands read each role's file.  ``models list`` shows it ("needed by"), and
 # ``models download DOMAIN`` takes the "edit" roles (align/invert/edit/interpolate need them)
 # unless --all: then also TRAIN_EVAL_ROLES, the files only ``train`` and ``eval`` read.
@@ -45,6 +45,10 @@ NEEDED_BY: dict[str, tuple[str, ...]] = {
     "inception": ("eval",),
     "attributes": ("eval",),
     "landmarks": ("edit",),
+    # The IR-SE50 body `train --stage e4e` starts its encoder from (e4e's `ir_se50` path): the
+    # ArcFace file, but its own role, apart from the identity network — a cats domain starts
+    # its encoder from ArcFace's body yet keeps MoCo as its identity loss and metric.
+    "encoder_init": ("train",),
 }
 EDIT_ROLES = tuple(r for r in WEIGHT_ROLES if "edit" in NEEDED_BY[r])
 TRAIN_EVAL_ROLES = tuple(r for r in WEIGHT_ROLES if r not in EDIT_ROLES)

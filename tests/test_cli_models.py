@@ -270,13 +270,13 @@ def test_all_roles_are_the_train_and_eval_roles():
     from clipinvert.registry import EDIT_ROLES, NEEDED_BY, TRAIN_EVAL_ROLES, WEIGHT_ROLES
 
     assert TRAIN_EVAL_ROLES == ("stylegan2", "arcface", "moco", "lpips", "inception",
-                                "attributes")
+                                "attributes", "encoder_init")
     assert set(EDIT_ROLES) | set(TRAIN_EVAL_ROLES) == set(WEIGHT_ROLES) == set(NEEDED_BY)
     assert all("edit" not in NEEDED_BY[r] for r in TRAIN_EVAL_ROLES)
     code, out, _ = run("models", "download", "--help")
     assert code == 0
     text = " ".join(out.replace("│", " ").split())  # rich wraps the help in a box
-    assert "stylegan2, arcface, moco, lpips, inception, attributes" in text
+    assert "stylegan2, arcface, moco, lpips, inception, attributes, encoder_init" in text
     assert "(default: faces)" in text
 
 
@@ -295,8 +295,9 @@ def test_download_all_succeeds_when_only_unpublished_files_are_left(tmp_path):
     code, out, err = run("models", "download", "faces", "--all")
     assert code == 0, err
     # stdout: one path per file now in place (the result); the notes are on stderr
-    ready = sorted(home / reg.weights[ref].file for ref in reg.domain("faces").weights.values()
-                   if reg.weights[ref].urls)
+    # one line per file (arcface and encoder_init name the same IR-SE50 entry)
+    ready = sorted({home / reg.weights[ref].file for ref in reg.domain("faces").weights.values()
+                    if reg.weights[ref].urls})
     assert sorted(Path(line) for line in out.splitlines()) == ready
     line = next(ln for ln in err.splitlines() if "not downloadable" in ln)
     assert "faces attributes" in line and "clipinvert eval train-classifier" in line

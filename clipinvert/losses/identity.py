@@ -121,6 +121,18 @@ class IdentityLoss(nn.Module):
             e_tgt = self.identity.embed(target)
         return reduce(1 - (e_out * e_tgt.to(e_out)).sum(dim=1), reduction)
 
+    def with_improvement(self, output: torch.Tensor,
+                         target: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """The batch-mean loss and e4e's logged ``id_improve``: mean of
+        ``cos(ŷ, y) − cos(y, x)``, which for an inversion (input = target) is the output's
+        similarity minus the target's with itself (≈ 1 − 1e-7, hence a number near −loss)."""
+        e_out = self.identity.embed(output)
+        with torch.no_grad():
+            e_tgt = self.identity.embed(target).to(e_out)
+        sim = (e_out * e_tgt).sum(dim=1)
+        improve = (sim.detach() - (e_tgt * e_tgt).sum(dim=1)).mean()
+        return (1 - sim).mean(), float(improve)
+
 
 class DlibFaceNet(nn.Module):
     """dlib's face-recognition network on FFHQ-aligned 256 px crops: (B, 3, 256, 256) in [−1, 1]

@@ -124,16 +124,27 @@ class Encoder4Editing(nn.Module):
         assert (c1.shape[1], c2.shape[1], x.shape[1]) == self.tap_widths
         return c1, c2, x
 
-    def forward_styles(self, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor) -> torch.Tensor:
-        """FPN + style heads: ``w[:,0]`` broadcast to all, plus per-index deltas."""
+    def forward_styles(self, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor, *,
+                       stage: int | None = None) -> torch.Tensor:
+        """FPN + style heads: ``w[:,0]`` broadcast to all, plus per-index deltas.
+
+        ``stage`` (e4e's progressive training, docs/training.md#e4e-stage): only the deltas
+        ``1..stage`` are computed, every later index is ``w0`` alone — the heads (and lateral
+        layers) not yet reached are not called at all, so they get no gradient, exactly as in
+        e4e's ``ProgressiveStage``.  None (inference) computes every delta.
+        """
         assert (c1.shape[1], c2.shape[1], c3.shape[1]) == self.tap_widths, (
             f"features of widths {(c1.shape[1], c2.shape[1], c3.shape[1])}, "
             f"expected {self.tap_widths}")
+        last = self.n_styles - 1 if stage is None else min(int(stage), self.n_styles - 1)
         w0 = self.styles[0](c3)
         w = [w0]
         features = c3
         p2 = None
         for i in range(1, self.n_styles):
+            if i > last:
+                w.append(w0)
+                continue
             if i == COARSE_END:
                 p2 = _upsample_add(c3, self.latlayer1(c2))
                 features = p2
@@ -143,5 +154,23 @@ class Encoder4Editing(nn.Module):
             w.append(w0 + self.styles[i](features))
         return torch.stack(w, dim=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_styles(*self.forward_features(x))
+    def progressive_groups(self) -> list[list[nn.Parameter]]:
+        """The parameters each progressive stage brings into training: group 0 the body and
+        ``styles.0`` (w0), group ``i`` the head of delta ``i`` (plus ``latlayer1`` with delta 3
+        and ``latlayer2`` with delta 7, the first to read them).  e4e's Ranger counts its
+        steps per parameter, so a head reached at step 20000 starts its own count then; an
+        optimizer that counts per group reproduces that when group ``i`` joins at stage ``i``."""
+        groups: list[list[nn.Parameter]] = [
+            [*self.input_layer.parameters(), *self.body.parameters(),
+             *self.styles[0].parameters()]]
+        for i in range(1, self.n_styles):
+            params = list(self.styles[i].parameters())
+            if i == COARSE_END:
+                params += list(self.latlayer1.parameters())
+            elif i == MEDIUM_END:
+                params += list(self.latlayer2.parameters())
+            groups.append(params)
+        return groups
+
+    def forward(self, x: torch.Tensor, *, stage: int | None = None) -> torch.Tensor:
+        return self.forward_styles(*self.forward_features(x), stage=stage)

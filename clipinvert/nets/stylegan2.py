@@ -401,21 +401,33 @@ class Generator(nn.Module):
         return torch.stack(out, dim=1)
 
     def forward(self, w: torch.Tensor, text: torch.Tensor | None = None,
-                mix: float = 1.0) -> torch.Tensor:
-        """Decode W+ ``(B, n_latent, style_dim)`` or W ``(B, style_dim)`` to RGB ``(B,3,S,S)``."""
+                mix: float = 1.0, *, noise: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Decode W+ ``(B, n_latent, style_dim)`` or W ``(B, style_dim)`` to RGB ``(B,3,S,S)``.
+
+        ``noise``: per-layer noise maps instead of the stored buffers (e4e trains with fresh
+        noise every step, :func:`noise_maps`)."""
         if w.ndim == 2:
             w = w[:, None].expand(-1, self.n_latent, -1)
         remapped = None
         if text is not None and self.has_remapper:
             remapped = self.remap(w, text, mix)
-        return self.synthesis(w, remapped)
+        return self.synthesis(w, remapped, noise=noise)
 
-    def synthesis(self, w: torch.Tensor, remapped: torch.Tensor | None = None) -> torch.Tensor:
+    def noise_maps(self, batch: int, generator: torch.Generator) -> list[torch.Tensor]:
+        """Fresh per-sample noise for every layer, ``(batch, 1, res, res)`` each, drawn in layer
+        order from ``generator`` (on the CPU, so every device and rank draws the same)."""
+        return [torch.randn((batch, 1, *b.shape[2:]), generator=generator)
+                for b in self.noise_buffers()]
+
+    def synthesis(self, w: torch.Tensor, remapped: torch.Tensor | None = None, *,
+                  noise: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Decode W+ with, optionally, already-remapped conv latents (``remap``'s output).
 
         Split from :meth:`forward` so a caller that keeps the remapped latents computes them
         once.
         """
+        if noise is not None:
+            return self._synthesis(w, remapped, noise)
         assert w.shape[1:] == (self.n_latent, self.style_dim), (
             f"expected latents (B, {self.n_latent}, {self.style_dim}), got {tuple(w.shape)}")
         n = self.micro_batch
@@ -425,9 +437,11 @@ class Generator(nn.Module):
                 for i in range(0, w.shape[0], n)])
         return self._synthesis(w, remapped)
 
-    def _synthesis(self, w: torch.Tensor, remapped: torch.Tensor | None) -> torch.Tensor:
+    def _synthesis(self, w: torch.Tensor, remapped: torch.Tensor | None,
+                   noise: list[torch.Tensor] | None = None) -> torch.Tensor:
         conv_w = w[:, 1 : 1 + len(self.convs)] if remapped is None else remapped
-        noise = self.noise_buffers()
+        if noise is None:
+            noise = self.noise_buffers()
 
         out = self.conv1(self.input(w.shape[0]), w[:, 0], noise[0])
         skip = self.to_rgb1(out, w[:, 1])

@@ -26,7 +26,8 @@ def write_training_domain(directory: Path, *, name: str = "trainable", size: int
     write_arcface(directory / "arcface.pt", tiny=True)
     write_alexnet_trunk(directory / "alexnet.pt")
     edit = (directory / "edit.toml").read_text(encoding="utf-8")
-    extra = 'stylegan2 = "stylegan2.pt"\narcface = "arcface.pt"\nlpips = "alexnet.pt"\n'
+    extra = ('stylegan2 = "stylegan2.pt"\narcface = "arcface.pt"\nlpips = "alexnet.pt"\n'
+             'encoder_init = "arcface.pt"\n')  # the e4e stage starts its encoder from it
     toml = directory / "models.toml"
     toml.write_text(edit.rstrip("\n") + "\n" + extra, encoding="utf-8")
     return toml

@@ -8,6 +8,7 @@ state, step, sampler position and every RNG state — enough to continue bit for
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 from typing import Any
@@ -94,3 +95,51 @@ def load_resume(path: Path) -> dict[str, Any]:
 
         raise UsageError(f"{path} is not a clipinvert training state")
     return state
+
+
+def e4e_opts(*, stylegan_size: int, settings: Any, lr: float, batch_size: int, max_steps: int,
+             identity: str, domain: str) -> dict[str, Any]:
+    """``opts`` under e4e's own option names (``options/train_options.py``), so e4e's
+    ``setup_model`` rebuilds the network from our checkpoint (``checkpoint_path`` and
+    ``device`` it sets itself).  ``settings``: an :class:`~.e4e_step.E4ESettings`."""
+    from .e4e_step import progressive_steps
+
+    w = settings.weights
+    n_styles = 2 * int(math.log2(stylegan_size)) - 2
+    return {
+        "encoder_type": "Encoder4Editing", "stylegan_size": int(stylegan_size),
+        "start_from_latent_avg": True, "dataset_type": f"{domain}_encode",
+        "batch_size": int(batch_size), "learning_rate": float(lr), "optim_name": "ranger",
+        "train_decoder": False, "max_steps": int(max_steps), "lpips_type": "alex",
+        "lpips_lambda": float(w.lpips), "id_lambda": float(w.id), "l2_lambda": float(w.l2),
+        "w_discriminator_lambda": float(w.adv), "w_discriminator_lr": float(settings.d_lr),
+        "r1": float(settings.r1), "d_reg_every": int(settings.d_reg_every),
+        "use_w_pool": settings.w_pool_size > 0, "w_pool_size": int(settings.w_pool_size),
+        "delta_norm": int(settings.delta_norm), "delta_norm_lambda": float(w.delta),
+        "progressive_start": int(settings.progressive_start),
+        "progressive_step_every": int(settings.progressive_step_every),
+        "progressive_steps": progressive_steps(settings.progressive_start,
+                                               settings.progressive_step_every, n_styles),
+        "identity": identity, "tool": "clipinvert",
+    }
+
+
+def e4e_checkpoint(encoder: torch.nn.Module, decoder: torch.nn.Module, latent_avg: torch.Tensor,
+                   discriminator: torch.nn.Module | None, opts: dict[str, Any]) -> dict[str, Any]:
+    """e4e's checkpoint layout (its coach's ``__get_save_dict``): ``state_dict`` with
+    ``encoder.*`` + ``decoder.*``, ``latent_avg`` (n_styles, 512), ``opts``, and
+    ``discriminator_state_dict`` — what ``load_e4e`` and e4e's ``setup_model`` read."""
+    def cpu(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.detach().to("cpu", copy=True) for k, v in sd.items()}
+
+    state = {f"encoder.{k}": v for k, v in cpu(encoder.state_dict()).items()}
+    state.update({f"decoder.{k}": v for k, v in cpu(decoder.state_dict()).items()})
+    ckpt: dict[str, Any] = {"state_dict": state, "latent_avg": latent_avg.detach().cpu().clone(),
+                            "opts": dict(opts)}
+    if discriminator is not None:
+        ckpt["discriminator_state_dict"] = cpu(discriminator.state_dict())
+    return ckpt
+
+
+def save_e4e(path: Path, ckpt: dict[str, Any]) -> None:
+    atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
