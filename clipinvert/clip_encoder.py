@@ -304,6 +304,10 @@ class ClipEncoder:
             ) from err
         del state_dict
         _rebuild_meta_buffers(model, self.arch)
+        # assign=True keeps the file's tensors as they are, and OpenAI's archive stores them in
+        # float16: without this the towers would run in the file's precision (the image tower
+        # then refused float32 pixels). The released code, too, runs CLIP in float32 on the CPU.
+        model.float()
         model.to(self.device)
         if dtype in _LOW_PRECISION:
             # open_clip's "fp16"/"bf16" precision: matmul weights in low precision, LayerNorms

@@ -106,9 +106,13 @@ def test_half_precision_openai_archive_loads_into_fp32_model(tmp_path: Path) -> 
     config, oa = write_tiny_clip(tmp_path, fmt="openai", dtype=torch.float16)
     _, oc = write_tiny_clip(tmp_path, fmt="open_clip", dtype=torch.float16)
     assert load_clip_state_dict(oa)["text_projection"].dtype == torch.float16
-    a = ClipEncoder(str(config), oa).encode_text(PROMPTS[:1])
+    enc = ClipEncoder(str(config), oa)
+    a = enc.encode_text(PROMPTS[:1])
     b = ClipEncoder(str(config), oc).encode_text(PROMPTS[:1])
     assert a.dtype == torch.float32 and torch.equal(a, b)
+    # the towers run in float32, not in the file's precision: the image tower takes pixels
+    assert {p.dtype for p in enc.model.parameters()} == {torch.float32}
+    assert enc.encode_image([_face()]).dtype == torch.float32
 
 
 def test_wrapped_and_module_prefixed_state_dicts_load(tiny: dict[str, Path], encoder: ClipEncoder):
