@@ -25,7 +25,7 @@ import torch
 from .fileio import atomic_write
 from .locations import cache_dir
 
-VERSION = 1  # bump when the embedding's computation changes
+VERSION = 2  # bump when the embedding's computation changes (2: CLIP always in float32)
 
 
 @dataclass(frozen=True)
