@@ -75,13 +75,14 @@ def set_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def save_resume(path: Path, *, model: CLIPInverter, optimizer: torch.optim.Optimizer,
-                step: int, epoch: int, position: int, best: float | None,
-                cfg: TrainConfig) -> None:
+def save_resume(path: Path, *, trained: dict[str, Any], step: int, epoch: int, position: int,
+                best: float | None, cfg: TrainConfig) -> None:
+    """``resume.pt``: the loop's position and RNG states plus ``trained``, the stage's own
+    networks and optimizers (stages 1–2: ``model`` and ``optimizer``; e4e: ``training/
+    e4e_train.py``) — tensors and plain types, so the safe reader loads it."""
     state = {"format": "clipinvert-train/1", "step": step, "epoch": epoch,
              "position": position, "best_val": best, "config": cfg.to_dict(),
-             "model": released_state(model), "optimizer": optimizer.state_dict(),
-             "rng": rng_states()}
+             **trained, "rng": rng_states()}
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 

@@ -27,6 +27,10 @@ lists, as the paper did — AFHQ's ``train/`` and ``val/`` (or ``test/``) folder
 CelebA-HQ's ``train|test/filenames.pickle``.  Non-square images are squared by the domain's
 ``resize`` policy (:func:`~clipinvert.imaging.fit_square`), exactly as ``edit`` and ``eval`` do.
 
+Images only (``images_only=True``, the e4e stage: docs/training.md#e4e-stage): the same layouts,
+splits, crops and draws, but no caption is read or needed — every readable image of the layout is
+a sample (its caption ``""``), and a folder of bare images (no layout at all) is one too.
+
 Reproducibility: the caption drawn and the horizontal flip of a sample depend only on
 ``(seed, epoch, index)`` — never on global RNG state — so a run resumed mid-epoch, data decoded in
 worker processes, or several DDP ranks all see exactly the samples an uninterrupted single-process
@@ -44,7 +48,7 @@ import os
 import pickle
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -145,7 +149,9 @@ class Sample:
 class _Scan:
     """What a folder scan found: usable samples, and each skipped file with its reason."""
 
-    def __init__(self, warn: Warn | None, check_images: bool, max_pixels: int) -> None:
+    def __init__(self, warn: Warn | None, check_images: bool, max_pixels: int,
+                 images_only: bool = False) -> None:
+        self.images_only = images_only  # captions are neither read nor required
         self.samples: list[Sample] = []
         self.skipped: list[tuple[Path, str]] = []
         self.warn = warn
@@ -165,8 +171,11 @@ class _Scan:
         """Keep ``image`` with ``captions`` unless it has none or cannot be read.
 
         ``captions`` is ``None`` when no caption source exists (``missing`` says where it was
-        looked for), an empty list when the source holds no caption.
+        looked for), an empty list when the source holds no caption.  Images only: every
+        readable image is kept, with the one caption ``""`` (so its draws stay the same).
         """
+        if self.images_only:
+            captions = ("",)
         if captions is None:
             self.skip(shown, missing)
             return
@@ -226,7 +235,10 @@ def _read_captions(path: Path, shown: Path | str, scan: _Scan) -> list[str] | No
     """The non-blank, stripped lines of a caption file; ``None`` if it does not exist.
 
     An unreadable or empty file is reported (against ``shown``, the image) and gives ``[]``.
+    Images only: never read (``None``).
     """
+    if scan.images_only:
+        return None
     try:
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
@@ -342,7 +354,7 @@ def _scan_jsonl(manifest: Path, scan: _Scan) -> None:
         if not resolved.is_file():
             scan.skip(resolved, f"image not found ({where})")
             continue
-        if captions == []:
+        if captions == [] and not scan.images_only:
             scan.skip(resolved, f"empty captions list ({where})")
             continue
         scan.add(resolved, resolved, captions, f'no "captions" ({where})')
@@ -534,7 +546,9 @@ def load_sample_image(path: Path, box: tuple[int, int, int, int] | None = None,
 
 def _scan_cub(root: Path, split: str, captions: Path | None, scan: _Scan) -> None:
     layout = find_cub(root, captions)
-    if layout is None or layout.captions is None or not layout.captions.is_dir():
+    if layout is not None and scan.images_only:  # the birds (cropped) without their captions
+        layout = replace(layout, captions=layout.captions or layout.meta / CUB_CAPTION_FOLDERS[0])
+    elif layout is None or layout.captions is None or not layout.captions.is_dir():
         where = f"{captions}" if captions is not None else "text_c10/ or text/"
         raise UsageError(f"{root} is not a CUB folder: needs images/ (or {CUB_SUBFOLDER}/images/)"
                          f" and captions ({where})")
@@ -608,6 +622,10 @@ def _scan_afhq(root: Path, split: str, captions: Path | None, scan: _Scan) -> No
             raise UsageError(f"--split {split}: {folder} not found")
         manifest = captions or next((d / MANIFEST_NAME for d in (folder, afhq)
                                      if (d / MANIFEST_NAME).is_file()), None)
+        if scan.images_only:
+            for image, rel in _list_images(folder, scan):
+                scan.add(image, folder / rel, None, "")
+            continue
         if manifest is None or not manifest.is_file():
             raise UsageError(f"no captions for {folder}: expected {MANIFEST_NAME} there or in "
                              f"{afhq} (clipinvert caption writes one), or pass --captions FILE")
@@ -727,7 +745,9 @@ class ImageCaptionDataset(Dataset):
     :class:`UsageError` (exit 2) naming the folder, as is a missing folder or an unknown format.
     ``split`` (:data:`SPLITS`) takes the data set's own train or test list; ``captions`` is a
     caption source other than the layout's own (a CUB caption folder, AFHQ's manifest);
-    ``resize`` the domain's policy for non-square images (models.toml).
+    ``resize`` the domain's policy for non-square images (models.toml).  ``images_only``: no
+    caption is read or required (the e4e stage); a folder that is no known layout is taken as
+    bare images, all of them under it.
 
     ``dataset[index]`` (also ``dataset[(epoch, index)]``) returns
     ``{"image": float32 (3, size, size) in [-1, 1], "caption": str, "index": int, "path": str}``:
@@ -759,6 +779,7 @@ class ImageCaptionDataset(Dataset):
         split: str = "all",
         captions: Path | str | None = None,
         resize: str = "stretch",
+        images_only: bool = False,
     ) -> None:
         if data_format not in DATA_FORMATS:
             choices = ", ".join(DATA_FORMATS[:-1]) + " or " + DATA_FORMATS[-1]
@@ -773,8 +794,15 @@ class ImageCaptionDataset(Dataset):
         caption_source = Path(captions) if captions is not None else None
         if caption_source is not None and not caption_source.exists():
             raise UsageError(f"--captions {caption_source}: not found")
-        resolved = detect_format(root) if data_format == "auto" else data_format
-        scan = _Scan(warn, check_images, max_pixels)
+        resolved = data_format
+        if data_format == "auto":
+            try:
+                resolved = detect_format(root)
+            except UsageError:
+                if not images_only or not root.is_dir():
+                    raise
+                resolved = "sidecar"  # bare images: sidecar's listing, no captions read
+        scan = _Scan(warn, check_images, max_pixels, images_only)
         _scan(root, resolved, scan, split, caption_source)
 
         self.root = root
@@ -792,12 +820,13 @@ class ImageCaptionDataset(Dataset):
 
         usable = len(self.samples)
         if usable < max(1, min_samples):
-            what = _FORMAT_NAMES[resolved]
+            what = "images" if images_only and resolved == "sidecar" else _FORMAT_NAMES[resolved]
             why = f"; {len(self.skipped)} skipped (see the lines above)" if self.skipped else ""
+            pair = "image" if images_only else "image-caption pair"
             if usable == 0:
-                raise UsageError(f"no usable image-caption pairs in {root} ({what}){why}")
+                raise UsageError(f"no usable {pair}s in {root} ({what}){why}")
             raise UsageError(
-                f"only {usable} usable image-caption pair{'s' if usable != 1 else ''} in {root}"
+                f"only {usable} usable {pair}{'s' if usable != 1 else ''} in {root}"
                 f" ({what}), training needs at least {min_samples}{why}"
             )
 
