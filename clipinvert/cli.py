@@ -308,11 +308,23 @@ def every(what: str) -> typing.Any:
                                        help=f"{what} every this many steps.")]
 
 
+def stage_choice(value: str) -> str:
+    if value not in ("1", "2", "e4e"):
+        raise typer.BadParameter(f"{value}: use 1, 2 or e4e")
+    return value
+
+
+def e4e_option(help: str, lo: int = 0) -> typing.Any:
+    """An integer option of ``--stage e4e`` (None: e4e's recipe, E4ESettings)."""
+    return Annotated[int | None, typer.Option(callback=within(lo, 10**9), show_default=False,
+                                              metavar="N", help=help)]
+
+
 @app.command(epilog=examples(
     "clipinvert train --data celeba-hq/ -o runs/stage1",
     "clipinvert train --data celeba-hq/ --stage 2 --init runs/stage1/checkpoints/best.pt "
     "-o runs/stage2",
-    "clipinvert train -o runs/stage1 --resume"))
+    "clipinvert train --stage e4e --domain cats --data afhq/train/cat -o runs/e4e-cats"))
 @shared(("output", "domain", "models", "workers", "quiet", "device", "seed", "download",
          "offline", "trust_checkpoint"), output=Path("runs/train"), workers=2, help={
     "output": "The run's folder: config.json, checkpoints, logs and the models.toml to edit "
@@ -323,23 +335,26 @@ def every(what: str) -> typing.Any:
 def train(
     data: Annotated[Path | None, typer.Option(
         metavar="DIR|FILE", show_default=False,
-        help="Training images with captions (a folder or a .jsonl manifest); required unless "
-             "--resume.")] = None,
-    stage: Annotated[int, typer.Option(
-        callback=within(1, 2), metavar="1|2",
-        help="1: train the adapter; 2: the remapper (needs --init).")] = 1,
+        help="Training images with captions (a folder or a .jsonl manifest; --stage e4e: "
+             "images alone will do); required unless --resume.")] = None,
+    stage: Annotated[str, typer.Option(
+        callback=stage_choice, metavar="1|2|e4e",
+        help="1: train the adapter; 2: the remapper (needs --init); e4e: the domain's e4e "
+             "encoder, as encoder4editing trains it.")] = "1",
     init: Annotated[Path | None, typer.Option(
         callback=existing_file, show_default=False, metavar="FILE",
-        help="Stage 2: the stage-1 checkpoint; stage 1: a CLIPInverter file to fine-tune.")] = None,
+        help="Stage 2: the stage-1 checkpoint; stage 1: a CLIPInverter file to fine-tune; "
+             "e4e: an e4e checkpoint to go on from (default: the encoder_init IR-SE50 body).")
+    ] = None,
     resume: Annotated[bool, typer.Option(
         "--resume", help="Continue the run in -o RUN_DIR with its saved settings.")] = False,
     batch_size: FixedBatch = 8,
     max_steps: Annotated[int | None, typer.Option(
         callback=within(1, 10**9), show_default=False, metavar="N",
-        help="Steps to train (default 200000 in stage 1, 20000 in stage 2).")] = None,
+        help="Steps to train (default 200000 in stages 1 and e4e, 20000 in stage 2).")] = None,
     lr: Annotated[float | None, typer.Option(
         callback=finite, show_default=False, metavar="X",
-        help="Learning rate (default 5e-4 stage 1, 1.5e-4 stage 2).")] = None,
+        help="Learning rate (default 5e-4 stage 1, 1.5e-4 stage 2, 1e-4 e4e).")] = None,
     match_prob: Annotated[float, typer.Option(
         callback=within(0, 1), metavar="P",
         help="Probability that a step uses the true captions (else mismatched ones).")] = 0.25,
@@ -347,7 +362,8 @@ def train(
     lpips: Weight = None,
     id: Annotated[float | None, typer.Option(
         "--id", callback=finite, show_default=False, metavar="X",
-        help="Identity loss weight (default: the released recipe's).")] = None,
+        help="Identity loss weight (default: the released recipe's; e4e: 0.1 arcface, 0.5 "
+             "moco).")] = None,
     w_norm: Weight = None,
     clip: Weight = None,
     cycle: Weight = None,
@@ -377,22 +393,52 @@ def train(
         metavar="MODE",
         help="release (as trained: upsample and pool) or clip (CLIP's normalisation).")
     ] = "release",
+    identity: Annotated[str | None, typer.Option(
+        show_default=False, metavar="arcface|moco",
+        help="--stage e4e identity network (default: arcface for faces, else moco).")] = None,
+    w_discriminator: Annotated[float | None, typer.Option(
+        callback=finite, show_default=False, metavar="X",
+        help="--stage e4e adversarial loss weight, e4e's w_discriminator_lambda (default "
+             "0.1).")] = None,
+    delta_reg: Annotated[float | None, typer.Option(
+        callback=finite, show_default=False, metavar="X",
+        help="--stage e4e weight of Σ‖w_i − w_0‖, e4e's delta_norm_lambda (default "
+             "2e-4).")] = None,
+    d_lr: Annotated[float | None, typer.Option(
+        callback=finite, show_default=False, metavar="X",
+        help="--stage e4e discriminator learning rate (default 2e-5).")] = None,
+    r1: Annotated[float | None, typer.Option(
+        "--r1", callback=finite, show_default=False, metavar="X",
+        help="--stage e4e R1 weight on the discriminator (default 10).")] = None,
+    d_reg_every: e4e_option("--stage e4e: R1 every this many steps (default 16).", 1) = None,
+    progressive_start: e4e_option(
+        "--stage e4e: the step the first delta starts training (default 20000).") = None,
+    progressive_step_every: e4e_option(
+        "--stage e4e: one more delta every this many steps (default 2000).", 1) = None,
+    w_pool_size: e4e_option(
+        "--stage e4e: latent codes the discriminator's pools hold, 0 = no pool (default "
+        "50).") = None,
     *,
     opts: Common,
 ) -> None:
-    """Train CLIPInverter on a domain: stage 1 the adapter, stage 2 the remapper."""
+    """Train CLIPInverter on a domain (stage 1 the adapter, stage 2 the remapper), or the
+    domain's e4e encoder (--stage e4e)."""
     if data is None and not resume:  # before anything is loaded or checked
         raise UsageError("missing option --data (the training images; only --resume goes "
                          "without it)")
     for flag, path in (("--data", data), ("--val-data", val_data)):
         if path is not None and not path.exists():  # before any weight check (exit 3)
             raise UsageError(f"{flag} {path}: not found")
-    from .training.config import TrainConfig
+    from .training.config import TrainConfig, parse_stage
     from .training.run import check_run_dir, resolve_resume
     from .training.run import train as run_training
 
     weights = {"l2": l2, "lpips": lpips, "id": id, "w_norm": w_norm, "clip": clip,
                "cycle": cycle}
+    e4e = {"identity": identity, "w_discriminator": w_discriminator, "delta_reg": delta_reg,
+           "d_lr": d_lr, "r1": r1, "d_reg_every": d_reg_every,
+           "progressive_start": progressive_start,
+           "progressive_step_every": progressive_step_every, "w_pool_size": w_pool_size}
     flags = dict(
         max_steps=max_steps, lr=lr, domain=opts.domain, data=str(data) if data else None,
         batch_size=batch_size, init=str(init) if init else None,
@@ -406,12 +452,22 @@ def train(
     if resume:
         saved = check_run_dir(opts.output, resume=True)
         assert saved is not None
-        given = {"stage": stage, **flags, **weights}
+        given = {"stage": parse_stage(stage), **flags, **weights, **e4e}
         options = inspect.signature(train).parameters  # defaults as declared, shared ones too
         defaults = {k: json_safe(options[k].default) for k in given}
+        defaults["stage"] = parse_stage(defaults["stage"])  # type: ignore[arg-type]
         cfg = resolve_resume(saved, given, defaults)
     else:
-        cfg = TrainConfig.for_stage(stage, weights=weights, run_dir=str(opts.output), **flags)
+        if stage == "e4e":
+            from .training.build import identity_role
+
+            if captions is not None:
+                raise UsageError("--captions: the e4e stage trains on images alone")
+            # e4e's choice: ArcFace where the domain has it (faces), else MoCo
+            e4e["identity"] = identity or identity_role(
+                weights_registry(opts, opts.models).domain(opts.domain))
+        cfg = TrainConfig.for_stage(parse_stage(stage), weights=weights, e4e=e4e,
+                                    run_dir=str(opts.output), **flags)
         check_run_dir(opts.output, resume=False)
     # what the Ctrl-C / SIGTERM line says
     StopSignals.hint(functools.partial(_train_resume_hint, opts.output))
@@ -421,8 +477,8 @@ def train(
     if toml is not None:  # None: a torchrun process other than rank 0 (it prints nothing)
         name = Path(cfg.run_dir).resolve().name
         # stdout: the result (the run's models.toml); how to use it goes to stderr.
-        print(f"trained: clipinvert edit IMAGES PROMPT --models {toml} --domain {name}",
-              file=sys.stderr)
+        use = "invert IMAGES" if cfg.stage == "e4e" else "edit IMAGES PROMPT"
+        print(f"trained: clipinvert {use} --models {toml} --domain {name}", file=sys.stderr)
         print(toml)
 
 

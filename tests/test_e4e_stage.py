@@ -214,3 +214,179 @@ def test_checkpoint_has_e4e_layout_and_load_e4e_reads_it(tmp_path: Path) -> None
         assert torch.equal(back.encoder.state_dict()[k], v), k
     LatentDiscriminator.from_state_dict(ckpt["discriminator_state_dict"]).load_state_dict(
         ckpt["discriminator_state_dict"])
+
+
+# ---- the command: clipinvert train --stage e4e on the tiny training domain -------------------
+E4E_NAMES = ("d_real_loss", "d_fake_loss", "discriminator_loss", "encoder_discriminator_loss",
+             "total_delta_loss", "loss_id", "id_improve", "loss_l2", "loss_lpips", "loss")
+
+
+@pytest.fixture(scope="module")
+def domain(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from clipinvert.testing.training import write_training_domain
+
+    return write_training_domain(tmp_path_factory.mktemp("trainable"))
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Six bare images: no captions, no manifest (the e4e stage needs none)."""
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("bare") / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(
+            folder / f"img{i}.png")
+    return folder
+
+
+def _e4e(domain: Path, images: Path, run: Path, *extra: str) -> int:
+    """Progression from step 1, one delta a step, R1 every 2 steps: 4 steps reach stage 3."""
+    from clipinvert.cli import main
+
+    return main(["train", "--stage", "e4e", "--data", str(images), "-o", str(run), "--models",
+                 str(domain), "--domain", "trainable", "--device", "cpu", "--workers", "0",
+                 "-b", "2", "--val-fraction", "0.34", "--log-every", "1", "--val-every", "2",
+                 "--save-every", "2", "--image-every", "2", "--progressive-start", "1",
+                 "--progressive-step-every", "1", "--d-reg-every", "2", "--w-pool-size", "3",
+                 "--quiet", *extra])
+
+
+def _metrics(run: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def e4e_run(domain: Path, images: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four uninterrupted e4e steps on bare images (shared by the run, resume and --init
+    checks)."""
+    run = tmp_path_factory.mktemp("e4e-runs") / "full"
+    assert _e4e(domain, images, run, "--max-steps", "4") == 0
+    return run
+
+
+def test_e4e_run_writes_its_folder_in_e4e_names_and_layout(e4e_run: Path, images: Path,
+                                                           tmp_path: Path) -> None:
+    import json
+    import math
+
+    from clipinvert.checkpoints import load_e4e
+    from clipinvert.cli import main
+
+    cfg = json.loads((e4e_run / "config.json").read_text())
+    assert cfg["stage"] == "e4e" and cfg["lr"] == 1e-4 and cfg["max_steps"] == 4
+    assert cfg["e4e"]["identity"] == "arcface" and cfg["weights"]["id"] == 0.1  # faces-like
+    assert cfg["e4e"]["w_discriminator"] == 0.1 and cfg["e4e"]["delta_reg"] == 2e-4
+    train = [m for m in _metrics(e4e_run) if m["split"] == "train"]
+    assert [m["step"] for m in train] == [1, 2, 3, 4]
+    for m in train:
+        for name in E4E_NAMES:
+            assert math.isfinite(m[name]), name
+    # R1 on the 0-based steps 0 and 2; delta i from step i (progressive start 1, every 1)
+    assert ["discriminator_r1_loss" in m for m in train] == [True, False, True, False]
+    assert [sorted(k for k in m if k.startswith("delta")) for m in train] == [
+        [], ["delta1_loss"], ["delta1_loss", "delta2_loss"],
+        ["delta1_loss", "delta2_loss", "delta3_loss"]]
+    val = [m for m in _metrics(e4e_run) if m["split"] == "val"]
+    assert [m["step"] for m in val] == [2, 4] and all("loss" in m for m in val)
+    assert list((e4e_run / "images").glob("step_*.png"))
+    ckpts = e4e_run / "checkpoints"
+    for name in ("latest.pt", "best.pt"):
+        ckpt = torch.load(ckpts / name, weights_only=True)
+        assert set(ckpt) == {"state_dict", "latent_avg", "opts", "discriminator_state_dict"}
+        assert ckpt["opts"]["encoder_type"] == "Encoder4Editing"
+        assert ckpt["opts"]["progressive_steps"][:3] == [0, 1, 2]
+        back = load_e4e(ckpts / name)
+        assert back.encoder.n_styles == 8 and back.latent_avg.shape == (8, 64)
+    state = torch.load(ckpts / "resume.pt", weights_only=True)
+    assert state["step"] == 4 and len(state["optimizer"]["param_groups"]) == 4  # heads 0..3
+    assert state["real_pool"]["codes"].shape == (3, 64)  # the pool filled to its size
+    # The run's models.toml names best.pt as the domain's e4e: `invert` uses it.
+    toml = (e4e_run / "models.toml").read_text()
+    assert f'e4e = "{(ckpts / "best.pt").resolve()}"' in toml and "clipinverter" not in toml
+    img = next(images.glob("*.png"))
+    rc = main(["invert", str(img), "--models", str(e4e_run / "models.toml"), "--domain", "full",
+               "--device", "cpu", "--workers", "0", "-o", str(tmp_path / "inv"), "--quiet"])
+    assert rc == 0 and (tmp_path / "inv" / f"{img.stem}.png").exists()
+
+
+def test_e4e_resume_is_bit_exact(domain: Path, images: Path, e4e_run: Path,
+                                 tmp_path: Path, capsys) -> None:
+    """Stopped after step 2 (R1 done, a head joined) and resumed: the same weights, the
+    discriminator's included, as the uninterrupted run."""
+    part = tmp_path / "part"
+    assert _e4e(domain, images, part, "--max-steps", "2") == 0
+    assert _e4e(domain, images, part, "--resume", "--max-steps", "4") == 0
+    for name in ("latest.pt", "resume.pt"):
+        a = torch.load(e4e_run / "checkpoints" / name, weights_only=True)
+        b = torch.load(part / "checkpoints" / name, weights_only=True)
+        for key in ("state_dict", "discriminator_state_dict", "encoder", "discriminator"):
+            if key in a:
+                assert a[key].keys() == b[key].keys()
+                for k in a[key]:
+                    assert torch.equal(a[key][k], b[key][k]), (name, key, k)
+    assert [m["step"] for m in _metrics(part) if m["split"] == "train"] == [1, 2, 3, 4]
+    capsys.readouterr()
+    assert _e4e(domain, images, part, "--resume", "--r1", "5") == 2
+    assert "--r1 5.0 (the run has 10.0)" in capsys.readouterr().err
+
+
+def test_e4e_init_takes_encoder_decoder_latent_avg_and_discriminator(
+        domain: Path, images: Path, e4e_run: Path, tmp_path: Path) -> None:
+    """--init an e4e checkpoint: with both learning rates 0 nothing moves, so the run's
+    checkpoint is the init file's networks (BatchNorm statistics aside)."""
+    init = e4e_run / "checkpoints" / "latest.pt"
+    run = tmp_path / "ft"
+    assert _e4e(domain, images, run, "--init", str(init), "--max-steps", "1", "--lr", "0",
+                "--d-lr", "0") == 0
+    a = torch.load(init, weights_only=True)
+    b = torch.load(run / "checkpoints" / "latest.pt", weights_only=True)
+    assert torch.equal(a["latent_avg"], b["latent_avg"])
+    for k, v in a["state_dict"].items():
+        if "running_" not in k and "num_batches" not in k:
+            assert torch.equal(v, b["state_dict"][k]), k
+    for k, v in a["discriminator_state_dict"].items():
+        assert torch.equal(v, b["discriminator_state_dict"][k]), k
+
+
+def test_e4e_refusals_name_what_is_wrong_in_one_line(domain: Path, images: Path,
+                                                     tmp_path: Path, capsys) -> None:
+    """Missing roles all named at once (exit 3, nothing written); captions are not asked for,
+    and CLIPInverter-only flags or e4e-only flags on the wrong stage are refused (exit 2)."""
+    from clipinvert.cli import main
+
+    text = domain.read_text().replace('lpips = "alexnet.pt"', 'lpips = "gone.pt"') \
+        .replace('encoder_init = "arcface.pt"', 'encoder_init = "nowhere.pt"')
+    broken = domain.with_name("broken.toml")
+    broken.write_text(text)
+    assert _e4e(broken, images, tmp_path / "m", "--max-steps", "1") == 3
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "lpips" in err and "encoder_init" in err, err
+    assert "clip" not in err.replace("clipinvert", "") and "captions" not in err
+    assert not (tmp_path / "m").exists()
+    for extra, words in ((["--w-norm", "0.1"], "--w-norm: not a term of the e4e stage"),
+                         (["--captions", str(images)], "--captions: the e4e stage"),
+                         (["--amp", "bf16"], "float32")):
+        assert _e4e(domain, images, tmp_path / "x", "--max-steps", "1", *extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and words in err, err
+    rc = main(["train", "--data", str(images), "-o", str(tmp_path / "s1"), "--models",
+               str(domain), "--domain", "trainable", "--device", "cpu", "--r1", "5", "--quiet"])
+    assert rc == 2 and "--r1: options of --stage e4e only" in capsys.readouterr().err
+
+
+def test_train_help_lists_the_e4e_flags_with_an_example(capsys) -> None:
+    from clipinvert.cli import main
+
+    assert main(["train", "-h"]) == 0
+    out = capsys.readouterr().out
+    for flag in ("1|2|e4e", "--progressive-start", "--progressive-step-every", "--w-pool-size",
+                 "--identity", "--w-discriminator", "--delta-reg", "--d-lr", "--r1",
+                 "--d-reg-every"):
+        assert flag in out, flag
+    assert "clipinvert train --stage e4e" in out.split("Examples:")[1]

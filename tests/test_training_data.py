@@ -447,3 +447,36 @@ def test_ranks_partition_the_data(n: int, world: int, drop_last: bool) -> None:
     for r, p in enumerate(per_rank):
         padded = (single * 2)[: len(flat)]
         assert p == padded[r::world]
+
+
+def test_images_only_reads_every_layout_without_captions(tmp_path: Path) -> None:
+    """The e4e stage's data: bare images and a manifest without captions train; the draws
+    (flips) and the order are those of the captioned set, and captions are never read."""
+    import numpy as np
+
+    bare = tmp_path / "bare"
+    (bare / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    names = ["a.png", "b.png", "sub/c.png"]
+    for name in names:
+        Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(bare / name)
+    with pytest.raises(UsageError, match="cannot tell the layout"):
+        ImageCaptionDataset(bare)  # captions required: refused as before
+    ds = ImageCaptionDataset(bare, images_only=True, size=16, seed=4)
+    assert sorted(Path(s.name).relative_to(bare).as_posix() for s in ds.samples) == names
+    assert ds.skipped == [] and {ds[i]["caption"] for i in range(3)} == {""}
+    # the same images with captions (one an empty caption file): same samples, same flips
+    captioned = tmp_path / "captioned"
+    captioned.mkdir()
+    for i, name in enumerate(names):
+        Image.open(bare / name).save(captioned / f"{i}.png")
+        (captioned / f"{i}.txt").write_text("" if i == 0 else "a caption\n")
+    both = ImageCaptionDataset(captioned, images_only=True, size=16, seed=4)
+    assert len(both) == 3 and both.skipped == []  # the empty caption file is not read
+    assert [both.draws(i, 2)[1] for i in range(3)] == [ds.draws(i, 2)[1] for i in range(3)]
+    manifest = tmp_path / "set.jsonl"
+    manifest.write_text("".join(json.dumps({"image": str(bare / n)}) + "\n" for n in names))
+    assert len(ImageCaptionDataset(manifest, images_only=True)) == 3
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match="no usable images in"):
+        ImageCaptionDataset(tmp_path / "empty", images_only=True)

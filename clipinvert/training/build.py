@@ -34,10 +34,12 @@ def training_roles(domain: Domain) -> list[str]:
     return ["e4e", "stylegan2", "clip", "lpips", identity_role(domain)]
 
 
-def locate_training_files(registry: Registry, domain: Domain) -> dict[str, Path]:
-    """Every file training needs, or one exit-3 line naming all that are missing."""
+def locate_training_files(registry: Registry, domain: Domain,
+                          roles: list[str] | None = None) -> dict[str, Path]:
+    """Every file training needs (``roles``, default stages 1–2's), or one exit-3 line naming
+    all that are missing."""
     try:
-        return registry.locate_all(domain, training_roles(domain))
+        return registry.locate_all(domain, roles or training_roles(domain))
     except MissingWeights as exc:
         if {"e4e", "stylegan2"} & set(exc.roles) and domain.note:
             # The note (e.g. cats, birds: nothing released) is already in the message.
@@ -137,29 +139,44 @@ class Parts:
     files: dict[str, Path]
 
 
+def check_init(cfg: TrainConfig) -> None:
+    if cfg.init and not Path(cfg.init).is_file():
+        raise UsageError(f"--init {cfg.init}: file not found")
+
+
+def build_datasets(cfg: TrainConfig, domain: Domain, *, warn=print,
+                   images_only: bool = False) -> tuple[Any, Any]:
+    """``(train, validation)``: ``--val-data``, else a held-out ``--val-fraction`` of
+    ``--data``; validation never flipped.  ``images_only``: captions neither read nor needed
+    (the e4e stage)."""
+    from .data import ImageCaptionDataset, split_validation
+
+    # --captions, else the manifest `caption --register` named in the domain (the chain)
+    captions = None if images_only else \
+        cfg.captions or (str(domain.captions_path) if domain.captions else None)
+    data = ImageCaptionDataset(cfg.data, cfg.data_format, seed=cfg.seed, flip=cfg.flip,
+                               warn=warn, split=cfg.split, captions=captions,
+                               resize=domain.resize, images_only=images_only)
+    if cfg.val_data:
+        val_set = ImageCaptionDataset(cfg.val_data, cfg.data_format, seed=cfg.seed,
+                                      flip=False, warn=warn, min_samples=1,
+                                      captions=captions, resize=domain.resize,
+                                      images_only=images_only)
+        return data, val_set
+    train_set, val_set = split_validation(data, cfg.val_fraction, cfg.seed)
+    val_set.flip = False
+    return train_set, val_set
+
+
 def build(cfg: TrainConfig, registry: Registry, device: torch.device, *,
           warn=print, trust: bool = False) -> Parts:
     """Everything a :class:`~clipinvert.training.loop.Trainer` receives, from the registry."""
     from ..clip_encoder import ClipEncoder
-    from .data import ImageCaptionDataset, split_validation
 
     domain = registry.domain(cfg.domain)
     files = locate_training_files(registry, domain)
-    if cfg.init and not Path(cfg.init).is_file():
-        raise UsageError(f"--init {cfg.init}: file not found")
-    # --captions, else the manifest `caption --register` named in the domain (the chain)
-    captions = cfg.captions or (str(domain.captions_path) if domain.captions else None)
-    data = ImageCaptionDataset(cfg.data, cfg.data_format, seed=cfg.seed, flip=cfg.flip,
-                               warn=warn, split=cfg.split, captions=captions,
-                               resize=domain.resize)
-    if cfg.val_data:
-        train_set = data
-        val_set = ImageCaptionDataset(cfg.val_data, cfg.data_format, seed=cfg.seed,
-                                      flip=False, warn=warn, min_samples=1,
-                                      captions=captions, resize=domain.resize)
-    else:
-        train_set, val_set = split_validation(data, cfg.val_fraction, cfg.seed)
-        val_set.flip = False
+    check_init(cfg)
+    train_set, val_set = build_datasets(cfg, domain, warn=warn)
     clip = ClipEncoder(domain.clip_arch, files["clip"], device=device,
                        base_dir=domain.base_dir, trust=trust)
     model = build_model(files, cfg, clip.embed_dim, trust=trust).to(device)

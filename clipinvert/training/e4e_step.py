@@ -176,6 +176,27 @@ def _codes(parts: E4EParts, x: torch.Tensor, stage: int) -> torch.Tensor:
     return codes + parts.latent_avg.to(codes).unsqueeze(0)
 
 
+@torch.no_grad()
+def real_and_fake(parts: E4EParts, x: torch.Tensor, *, step: int, seed: int, stage: int,
+                  rank: int = 0, world_size: int = 1, pool: bool = True
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """e4e's ``sample_real_and_fake_latents``: mapped z of ``(seed, step)`` and the encoder's
+    codes (one per sample), through the w-pools when ``pool`` (training; validation leaves
+    them alone, so how often it runs never changes what training draws)."""
+    global_batch = x.shape[0] * world_size
+    z = rank_rows(real_z(seed, step, global_batch, parts.latent_avg.shape[-1]), rank,
+                  world_size).to(x.device)
+    real_w = parts.decoder.mapping(z)
+    fake_w = _codes(parts, x, stage)[:, : stage + 1, :]
+    if pool:
+        rng = random.Random(derive_seed("e4e_w_pool", seed, step, rank))
+        real_w = parts.real_pool.query(real_w, rng)
+        fake_w = parts.fake_pool.query(fake_w, rng)
+    if fake_w.ndim == 3:
+        fake_w = fake_w[:, 0, :]
+    return real_w, fake_w
+
+
 def discriminator_step(parts: E4EParts, x: torch.Tensor, *, step: int, seed: int,
                        settings: E4ESettings, stage: int, rank: int = 0,
                        world_size: int = 1) -> dict[str, float]:
@@ -184,18 +205,9 @@ def discriminator_step(parts: E4EParts, x: torch.Tensor, *, step: int, seed: int
     logs: dict[str, float] = {}
     disc = parts.discriminator
     _requires_grad(disc, True)
-    global_batch = x.shape[0] * world_size
-    with torch.no_grad():
-        z = rank_rows(real_z(seed, step, global_batch, parts.latent_avg.shape[-1]), rank,
-                      world_size).to(x.device)
-        real_w = parts.decoder.mapping(z)
-        fake_w = _codes(parts, x, stage)[:, : stage + 1, :]
-        if settings.w_pool_size > 0:
-            rng = random.Random(derive_seed("e4e_w_pool", seed, step, rank))
-            real_w = parts.real_pool.query(real_w, rng)
-            fake_w = parts.fake_pool.query(fake_w, rng)
-        if fake_w.ndim == 3:
-            fake_w = fake_w[:, 0, :]
+    real_w, fake_w = real_and_fake(parts, x, step=step, seed=seed, stage=stage, rank=rank,
+                                   world_size=world_size,
+                                   pool=settings.w_pool_size > 0)
     real_loss, fake_loss = discriminator_logistic(disc(real_w), disc(fake_w))
     loss = real_loss + fake_loss
     logs["d_real_loss"], logs["d_fake_loss"] = _value(real_loss), _value(fake_loss)
@@ -232,7 +244,10 @@ def encoder_loss(parts: E4EParts, x: torch.Tensor, *, step: int, seed: int,
     logs: dict[str, float] = {}
     loss = x.new_zeros(())
     if w.adv > 0:
-        adv = encoder_adversarial(parts.discriminator, codes, range(stage + 1))
+        # The plain discriminator (frozen here): through a DDP wrapper this forward would ready
+        # its reducer for a backward that never reaches the discriminator's parameters.
+        disc = getattr(parts.discriminator, "module", parts.discriminator)
+        adv = encoder_adversarial(disc, codes, range(stage + 1))
         logs["encoder_discriminator_loss"] = _value(adv)
         loss = loss + w.adv * adv
     if w.delta > 0:  # e4e regularises whenever progressive training is on (ours always is)

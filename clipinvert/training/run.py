@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -29,6 +30,9 @@ from ..errors import DiskFullError, UsageError
 from ..fileio import atomic_write_text
 from ..registry import Domain, Registry
 from .config import TrainConfig
+
+if TYPE_CHECKING:
+    from .loop import Loop
 
 
 def check_run_dir(run_dir: Path | str, resume: bool) -> TrainConfig | None:
@@ -67,7 +71,9 @@ def resolve_resume(saved: TrainConfig, given: dict[str, object],
     for key, value in given.items():
         if value == defaults.get(key):
             continue
-        was = d["weights"][key] if key in d["weights"] else d.get(key)
+        saved_e4e = d.get("e4e") or {}  # the e4e stage's own settings
+        was = d["weights"][key] if key in d["weights"] else \
+            saved_e4e[key] if key in saved_e4e else d.get(key)
         if key == "max_steps":
             if int(value) < saved.max_steps:  # type: ignore[call-overload]
                 changed.append(f"--max-steps {value} is below the run's {saved.max_steps}")
@@ -85,12 +91,14 @@ def resolve_resume(saved: TrainConfig, given: dict[str, object],
 
 
 def run_registry(run_dir: Path, domain: Domain, files: dict[str, Path], checkpoint: Path,
-                 registry: Registry) -> str:
-    """A complete domain table named after the run folder, absolute paths throughout."""
+                 registry: Registry, role: str = "clipinverter") -> str:
+    """A complete domain table named after the run folder, absolute paths throughout, the
+    run's checkpoint as ``role`` (the e4e stage's: ``e4e``)."""
     name = Path(run_dir).resolve().name
     roles = dict(files)
-    roles["clipinverter"] = Path(checkpoint).resolve()
-    lines = [f"# Written by clipinvert train: clipinvert edit --models {run_dir}/models.toml "
+    roles[role] = Path(checkpoint).resolve()
+    use = "invert" if role == "e4e" else "edit"
+    lines = [f"# Written by clipinvert train: clipinvert {use} --models {run_dir}/models.toml "
              f"--domain {name} …", f"[domains.{name}]",
              f'description = "trained with clipinvert train from domain {domain.name}"',
              f"resolution = {domain.resolution}", f'align = "{domain.align}"']
@@ -98,9 +106,10 @@ def run_registry(run_dir: Path, domain: Domain, files: dict[str, Path], checkpoi
     if (domain.base_dir / arch).is_file():
         arch = str((domain.base_dir / arch).resolve())
     lines.append(f'clip_arch = "{arch}"')
-    for role in ("clip", "e4e", "clipinverter", "stylegan2", "lpips", "arcface", "moco"):
-        if role in roles:
-            lines.append(f'{role} = "{Path(roles[role]).resolve()}"')
+    for each in ("clip", "e4e", "clipinverter", "stylegan2", "lpips", "arcface", "moco",
+                 "encoder_init"):
+        if each in roles:
+            lines.append(f'{each} = "{Path(roles[each]).resolve()}"')
     if "landmarks" in domain.weights:
         lines.append(f'landmarks = "{registry.locate(domain, "landmarks").resolve()}"')
     return "\n".join(lines) + "\n"
@@ -131,23 +140,56 @@ def _silent(line: str) -> None:
     pass
 
 
+def on_disk(registry: Registry, domain: Domain, roles: tuple[str, ...]) -> dict[str, Path]:
+    """The files of ``roles`` the domain names that are already on disk (nothing fetched)."""
+    found = {}
+    for role in roles:
+        places, _ = registry.candidates(domain, role)
+        hit = next((p for p in places if p.is_file()), None)
+        if hit is not None:
+            found[role] = hit
+    return found
+
+
+def _build_trainer(cfg: TrainConfig, registry: Registry, *, trust: bool,
+                   log: Callable[[str], None], launch: Launch, device: torch.device
+                   ) -> tuple[Loop, dict[str, Path], str]:
+    """The stage's trainer, the files its models.toml names, and the role its checkpoint
+    takes there (``clipinverter``; the e4e stage's ``e4e``)."""
+    common = {"device": device, "log": log, "rank": launch.rank,
+              "world_size": launch.world_size}
+    if cfg.stage == "e4e":
+        from .e4e_train import E4ETrainer, build_e4e
+
+        built = build_e4e(cfg, registry, device, warn=log, trust=trust)
+        # The new encoder makes the domain's CLIPInverter (trained on another encoder's
+        # features) unfit: the run's table names CLIP for the next stage, not that model.
+        files = {**on_disk(registry, registry.domain(cfg.domain), ("clip",)), **built.files}
+        return (E4ETrainer(cfg, built.model, built.criteria, built.train_set, built.val_set,
+                           **common), files, "e4e")
+    from .build import build
+    from .loop import Trainer
+
+    parts = build(cfg, registry, device, warn=log, trust=trust)
+    trainer = Trainer(cfg, parts.model, lambda caps: parts.clip.encode_text(caps),
+                      parts.criteria, parts.train_set, parts.val_set, **common)
+    return trainer, parts.files, "clipinverter"
+
+
 def _train(cfg: TrainConfig, *, resume: bool, registry: Registry | None, trust: bool,
            log: Callable[[str], None], launch: Launch, device: torch.device) -> Path | None:
-    from .build import build
-    from .loop import Trainer, truncate_metrics
+    from .loop import truncate_metrics
 
     registry = registry or Registry.load(cfg.models)
     run_dir = Path(cfg.run_dir)
-    parts = build(cfg, registry, device, warn=log, trust=trust)
+    trainer, files, role = _build_trainer(cfg, registry, trust=trust, log=log, launch=launch,
+                                          device=device)
     # Every process has checked the run folder (the CLI does, before this) and built its parts
     # before rank 0 writes anything: no rank can find a folder another rank just started.
     barrier(launch, device)
     if launch.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(run_dir / "config.json")
-    trainer = Trainer(cfg, parts.model, lambda caps: parts.clip.encode_text(caps),
-                      parts.criteria, parts.train_set, parts.val_set, device=device, log=log,
-                      rank=launch.rank, world_size=launch.world_size)
     if resume and (run_dir / "checkpoints" / "resume.pt").exists():
         trainer.resume()  # every rank reads rank 0's files: RUN_DIR must be shared by the nodes
         if launch.is_main:
@@ -163,7 +205,7 @@ def _train(cfg: TrainConfig, *, resume: bool, registry: Registry | None, trust: 
         chosen = best if best.exists() else run_dir / "checkpoints" / "latest.pt"
         domain = registry.domain(cfg.domain)
         toml = run_dir / "models.toml"
-        atomic_write_text(toml, run_registry(run_dir, domain, parts.files, chosen, registry))
+        atomic_write_text(toml, run_registry(run_dir, domain, files, chosen, registry, role))
     except DiskFullError as exc:
         # Writes are atomic: every checkpoint on disk is whole, the last saved one included.
         saved = (f"the checkpoints of step {trainer.saved_step} are intact"
