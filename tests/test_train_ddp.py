@@ -370,3 +370,72 @@ def test_two_processes_resume_exactly(torchrun: list[str], domain: Path, data: P
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert _train_steps(part) == [1, 2, 3, 4]
+
+
+# Run under torchrun in place of `-m clipinvert`: the CLI, each rank saving its own encoder and
+# discriminator after training to $E4E_RANK_STATES/rank<R>.pt (the run folder is rank 0's).
+_RANK_STATES = '''
+import os, sys, torch
+from clipinvert.training.e4e_train import E4ETrainer
+fit = E4ETrainer.fit
+def fit_and_keep(self):
+    fit(self)
+    torch.save({"encoder": self.model.encoder.state_dict(),
+                "discriminator": self.model.discriminator.state_dict()},
+               os.path.join(os.environ["E4E_RANK_STATES"], f"rank{self.rank}.pt"))
+E4ETrainer.fit = fit_and_keep
+from clipinvert.cli import main
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+@pytest.mark.slow  # two processes of the e4e stage: ~20 s
+def test_e4e_two_processes_keep_encoder_and_discriminator_identical(
+        torchrun: list[str], domain: Path, tmp_path: Path) -> None:
+    """`--stage e4e` under torchrun (gloo): one run folder written by rank 0 alone, and the
+    DDP-averaged encoder and discriminator (R1 steps included) identical on both ranks after
+    training — all but the BatchNorm statistics of each rank's last forward (DDP broadcasts
+    rank 0's buffers before every forward; checkpoints hold rank 0's).  Not compared with
+    one process of the global batch: BatchNorm normalises per rank (SyncBatchNorm needs CUDA)
+    and each rank keeps its own w-pool (docs/training-ddp.md#e4e-stage)."""
+    import numpy as np
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(5)
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(
+            images / f"{i}.png")
+    script = tmp_path / "ranks.py"
+    script.write_text(_RANK_STATES)
+    states = tmp_path / "states"
+    states.mkdir()
+    run = tmp_path / "e4e"
+    args = _train_args(domain, images, run, "--stage", "e4e", "--progressive-start", "1",
+                       "--progressive-step-every", "1", "--d-reg-every", "2",
+                       "--w-pool-size", "2")
+    for flag in ("--max-steps", "--save-every", "--val-every", "--image-every"):
+        args[args.index(flag) + 1] = "3"
+    [(rc, out, err)] = run_all(
+        [[*torchrun, "--standalone", "--nproc-per-node", "2", str(script), *args[2:]]],
+        tmp_path, launch_env(E4E_RANK_STATES=str(states)))
+    assert rc == 0, err
+    assert out.splitlines() == [str(run / "models.toml")], out
+    assert err.count("trained: clipinvert invert") == 1 and "Traceback" not in err, err
+    assert err.count("step 3/3:") == 1, err
+    assert _train_steps(run) == [1, 2, 3]
+    a, b = (torch.load(states / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for part in ("encoder", "discriminator"):
+        for k, v in a[part].items():
+            if "running_" in k:  # each rank's last forward updated its own statistics
+                assert float((v - b[part][k]).abs().max()) < 0.05, k
+            else:
+                assert torch.equal(v, b[part][k]), (part, k)
+    saved = torch.load(run / "checkpoints" / "latest.pt", weights_only=True)
+    assert not any(".module." in k or k.startswith("module.") for k in saved["state_dict"])
+    for k, v in a["discriminator"].items():
+        assert torch.equal(v, saved["discriminator_state_dict"][k]), k
+    state = torch.load(run / "checkpoints" / "resume.pt", weights_only=True)
+    # 8 training images = 2 steps of 2 × 2 per epoch: step 3 took the first 4 of epoch 1
+    assert (state["step"], state["epoch"], state["position"]) == (3, 1, 4)
