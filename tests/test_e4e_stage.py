@@ -231,16 +231,9 @@ def domain(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Six bare images: no captions, no manifest (the e4e stage needs none)."""
-    import numpy as np
-    from PIL import Image
+    from clipinvert.testing.training import write_image_set
 
-    folder = tmp_path_factory.mktemp("bare") / "images"
-    folder.mkdir()
-    rng = np.random.default_rng(3)
-    for i in range(6):
-        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(
-            folder / f"img{i}.png")
-    return folder
+    return write_image_set(tmp_path_factory.mktemp("bare") / "images", 6, size=40, seed=3)
 
 
 def _e4e(domain: Path, images: Path, run: Path, *extra: str) -> int:

@@ -398,15 +398,9 @@ def test_e4e_two_processes_keep_encoder_and_discriminator_identical(
     rank 0's buffers before every forward; checkpoints hold rank 0's).  Not compared with
     one process of the global batch: BatchNorm normalises per rank (SyncBatchNorm needs CUDA)
     and each rank keeps its own w-pool (docs/training-ddp.md#e4e-stage)."""
-    import numpy as np
-    from PIL import Image
+    from clipinvert.testing.training import write_image_set
 
-    images = tmp_path / "images"
-    images.mkdir()
-    rng = np.random.default_rng(5)
-    for i in range(10):
-        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(
-            images / f"{i}.png")
+    images = write_image_set(tmp_path / "images", 10, size=40, seed=5)
     script = tmp_path / "ranks.py"
     script.write_text(_RANK_STATES)
     states = tmp_path / "states"

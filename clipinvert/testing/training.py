@@ -37,13 +37,20 @@ CAPTIONS = ("a person with blond hair", "a person with a beard", "a smiling pers
             "a person wearing glasses", "a person with red lipstick", "a person with grey hair")
 
 
-def write_caption_set(directory: Path, n: int = 6, *, size: int = 48, seed: int = 0) -> Path:
-    """``n`` small random images with sidecar captions (two lines each)."""
+def write_image_set(directory: Path, n: int = 6, *, size: int = 48, seed: int = 0) -> Path:
+    """``n`` small random images ``img000.png``…, nothing else (the e4e stage's data)."""
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     for i in range(n):
         arr = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
         Image.fromarray(arr).save(directory / f"img{i:03d}.png")
+    return directory
+
+
+def write_caption_set(directory: Path, n: int = 6, *, size: int = 48, seed: int = 0) -> Path:
+    """``n`` small random images with sidecar captions (two lines each)."""
+    write_image_set(directory, n, size=size, seed=seed)
+    for i in range(n):
         lines = [CAPTIONS[i % len(CAPTIONS)], CAPTIONS[(i + 1) % len(CAPTIONS)]]
         (directory / f"img{i:03d}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return directory
