@@ -326,7 +326,10 @@ def e4e_option(help: str, lo: int = 0) -> typing.Any:
     "-o runs/stage2",
     "clipinvert train --stage e4e --domain cats --data afhq/train/cat -o runs/e4e-cats"))
 @shared(("output", "domain", "models", "workers", "quiet", "device", "seed", "download",
-         "offline", "trust_checkpoint"), output=Path("runs/train"), workers=2, help={
+         "offline", "trust_checkpoint", "register"), output=Path("runs/train"), workers=2, help={
+    "register": "Name the run's best checkpoint as the domain's e4e (stage e4e) or "
+                "clipinverter (stages 1, 2) in your models.toml (or --models FILE), so the next "
+                "stage and edit find it by --domain alone.",
     "output": "The run's folder: config.json, checkpoints, logs and the models.toml to edit "
               "with.",
     "workers": "Data-loading processes: 0 = in-process, up to twice the cores, or auto (one "
@@ -479,7 +482,22 @@ def train(
         # stdout: the result (the run's models.toml); how to use it goes to stderr.
         use = "invert IMAGES" if cfg.stage == "e4e" else "edit IMAGES PROMPT"
         print(f"trained: clipinvert {use} --models {toml} --domain {name}", file=sys.stderr)
+        if opts.register:  # the chain: the next stage (or edit) finds it by --domain alone
+            best = Path(cfg.run_dir) / "checkpoints" / "best.pt"
+            chosen = best if best.exists() else best.with_name("latest.pt")
+            _register(opts, "e4e" if cfg.stage == "e4e" else "clipinverter", chosen)
         print(toml)
+
+
+def _register(opts: Common, role: str, made: Path) -> None:
+    """The chain of registries: name ``made`` as the domain's ``role`` in the user's
+    models.toml (or --models FILE), the whole merged table written (registry.register_role)."""
+    from .registry import register_role, user_registry
+
+    where = (opts.models or user_registry()).expanduser()
+    register_role(where, opts.domain, role, str(made.resolve()))
+    print(f"registered: {role} = {made.resolve()} in domain {opts.domain!r} of {where}",
+          file=sys.stderr)
 
 
 @app.command(epilog=examples(
@@ -487,7 +505,9 @@ def train(
     "clipinvert caption cub/ --domain birds --vocabulary my-birds.toml -o birds/captions.jsonl",
     "clipinvert caption afhq/train/cat -o cats/captions.jsonl --device cuda -b 64"))
 @shared(("domain", "models", "device", "workers", "overwrite", "quiet", "report", "download",
-         "offline", "trust_checkpoint"), domain="cats", help={
+         "offline", "trust_checkpoint", "register"), domain="cats", help={
+    "register": "Name the captions in the domain's table of your models.toml (or --models "
+                "FILE), so `clipinvert train --domain D` finds them without --captions.",
     "domain": "Domain from models.toml whose CLIP labels the images (and whose vocabulary is "
               "the default).",
     "workers": "Processes decoding images ahead of CLIP: 0 = in-process, up to twice the "
@@ -513,10 +533,6 @@ def caption(
              "--data` reads (default: <captions stem>-labels.jsonl beside the captions).")
     ] = None,
     batch_size: FixedBatch = 32,
-    register: Annotated[bool, typer.Option(
-        "--register",
-        help="Name the captions in the domain's table of your models.toml (or --models FILE), "
-             "so `clipinvert train --domain D` finds them without --captions.")] = False,
     *,
     opts: Common,
 ) -> None:
@@ -547,13 +563,8 @@ def caption(
         batch_size=batch_size, workers=workers, overwrite=opts.overwrite, quiet=opts.quiet,
         params=opts.params, settings={"clip": {"domain": dom.name, "arch": dom.clip_arch,
                                                "weights": dom.weights.get("clip")}})
-    if register:  # the chain: the next command finds the captions by --domain alone
-        from .registry import register_role, user_registry
-
-        where = (opts.models or user_registry()).expanduser()
-        register_role(where, opts.domain, "captions", str(outputs.captions.resolve()))
-        print(f"registered: captions = {outputs.captions.resolve()} in domain {opts.domain!r} "
-              f"of {where}", file=sys.stderr)
+    if opts.register:  # the chain: the next command finds the captions by --domain alone
+        _register(opts, "captions", outputs.captions)
     # stdout: the result; the next step of the chain goes to stderr.
     if not opts.quiet:
         print(f"captioned: clipinvert train --domain {opts.domain} --data {outputs.captions}; "

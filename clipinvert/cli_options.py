@@ -206,6 +206,14 @@ Summary = Annotated[bool, typer.Option("--summary/--no-summary",
                                        help="Also write OUT/summary.png.")]
 
 
+# The chain of registries (docs/new-domain.md#the-chain): a step names what it made in the
+# domain's table, so the next command finds it by --domain alone.
+Register = Annotated[bool, typer.Option(
+    "--register",
+    help="Name the result in the domain's table of your models.toml (or --models FILE), "
+         "so the next command finds it by --domain alone.")]
+
+
 # The data set's own split (train, eval benchmark): one declaration for both.
 Split = Annotated[str, typer.Option(
     metavar="all|train|test", callback=choice("all", "train", "test"),
@@ -248,6 +256,7 @@ class Common:
     ama_multiple_threshold: AmaMultipleThreshold = 0.9
     identity: IdentityOpt = "auto"
     summary: Summary = True
+    register: Register = False
     params: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
 

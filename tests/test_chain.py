@@ -88,3 +88,30 @@ def test_caption_register_names_the_manifest_in_the_users_domain(
     tiny = Registry.load().domain("tiny")
     assert tiny.captions_path == out.resolve() and tiny.source == user_registry().resolve()
     assert tiny.weights.keys() == reg.domain("tiny").weights.keys()
+
+
+def test_train_register_names_the_new_encoder_as_the_domains_e4e(tmp_path: Path,
+                                                                capsys) -> None:
+    """`train --stage e4e --register`: the run's checkpoint becomes the domain's e4e in the
+    --models file, the rest of the table kept, so stage 1 and edit find it by --domain."""
+    from clipinvert.cli import main
+    from clipinvert.testing.training import write_image_set, write_training_domain
+
+    toml = write_training_domain(tmp_path / "dom")
+    before = Registry.load(toml).domain("trainable")
+    images = write_image_set(tmp_path / "images", 4, size=40, seed=1)
+    run = tmp_path / "run"
+    assert main(["train", "--stage", "e4e", "--data", str(images), "-o", str(run), "--models",
+                 str(toml), "--domain", "trainable", "--device", "cpu", "--workers", "0",
+                 "-b", "2", "--val-fraction", "0.5", "--max-steps", "1", "--quiet",
+                 "--register"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"{run / 'models.toml'}\n"
+    assert "registered: e4e = " in captured.err
+    after = Registry.load(toml).domain("trainable")
+    saved = run / "checkpoints"
+    assert Path(after.weights["e4e"]) in {(saved / "best.pt").resolve(),
+                                          (saved / "latest.pt").resolve()}
+    # the same file: every other role kept as written (relative to it)
+    assert {r: v for r, v in after.weights.items() if r != "e4e"} == \
+        {r: v for r, v in before.weights.items() if r != "e4e"}
