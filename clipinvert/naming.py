@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
+import tempfile
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -132,9 +134,12 @@ def check_output_folder(output: Path, inputs: Path | None = None) -> None:
     (``-o edited.png``) is refused: outputs are always named after their inputs inside a
     folder, and silently making a folder called ``edited.png`` surprises everyone.
 
-    A missing folder is created and removed again to prove it can be made; the run itself
-    creates it when it takes the folder (:func:`clipinvert.outlock.claim_output`) and removes
-    it again if it stops before writing anything, so a refused run leaves no folder behind.
+    A missing folder is not created here: its nearest existing parent must be a folder this
+    process may write into.  The run itself creates it when it takes the folder
+    (:func:`clipinvert.outlock.claim_output`) and removes it again if it stops before writing
+    anything, so a refused run leaves no folder behind.  (Creating and removing it here raced
+    with a process that had just taken the folder: the ranks of one torchrun launch all check
+    it while rank 0 takes it.)
     """
     output = Path(output)
     if output.exists() and not output.is_dir():
@@ -146,18 +151,25 @@ def check_output_folder(output: Path, inputs: Path | None = None) -> None:
     if inputs is not None and Path(inputs).is_dir() and _same(output, Path(inputs)):
         raise UsageError(f"-o {output} is the input folder: outputs would mix with (and with "
                          "--overwrite replace) the input images; choose another -o")
-    from .outlock import create_folder, remove_if_unused
-
-    created = create_folder(output)
-    probe = output / f".clipinvert-write-test-{os.getpid()}"
+    if not output.is_dir():
+        parent = output.parent
+        while not parent.exists() and parent.parent != parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise UsageError(f"-o {output}: a parent is not a folder ({parent})")
+        try:  # a probe of our own beside where the folder will go, never the folder itself
+            os.rmdir(tempfile.mkdtemp(prefix=".clipinvert-write-test-", dir=parent))
+        except OSError as exc:
+            raise UsageError(f"-o {output}: cannot create the folder ({exc.strerror or exc})") \
+                from None
+        return
+    probe = output / f".clipinvert-write-test-{os.getpid()}-{secrets.token_hex(4)}"
     try:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
         raise UsageError(f"-o {output}: cannot write into the folder "
                          f"({exc.strerror or exc})") from None
-    finally:
-        remove_if_unused(created)
 
 
 def _same(a: Path, b: Path) -> bool:

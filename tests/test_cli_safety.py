@@ -164,7 +164,7 @@ def test_foreign_files_in_out_are_not_skipped_or_replaced(photos: Path, tiny_mod
     (["invert", "{img}", "-b", "0"], "0 is not in the range 1..4096"),
     (["edit", "{img}", "x", "--ref-image", "{tmp}/missing.jpg"], "missing.jpg: file not found"),
     (["invert", "{img}", "-o", "{img}"], "exists and is not a folder"),
-    (["invert", "{img}", "-o", "{img}/sub"], "Not a directory"),
+    (["invert", "{img}", "-o", "{img}/sub"], "a parent is not a folder"),
     (["invert", "{img}", "-o", "/proc/clipinvert-test-out"], "cannot create the folder"),
 ])
 def test_bad_options_are_one_line_usage_errors(args: list[str], needle: str, tmp_path: Path,

@@ -217,3 +217,24 @@ def test_second_run_is_refused_killed_run_is_resumed(inputs: Path, tiny_models: 
                                 "failed": 0}
     fourth = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=WAIT)
     assert fourth.returncode == 0 and _outputs(out) == now, fourth.stderr
+
+
+def test_checking_an_output_folder_never_makes_or_removes_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every torchrun rank checks -o while rank 0 takes it: a check that created and removed
+    the folder could remove it under rank 0's new lock file (seen as 'cannot create its lock
+    file'). The check probes beside the folder instead, and leaves nothing behind."""
+    from clipinvert.naming import check_output_folder
+
+    made: list[Path] = []
+    real_mkdir = Path.mkdir
+
+    def mkdir(self: Path, *args, **kwargs) -> None:
+        made.append(self)
+        real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    out = tmp_path / "a" / "b" / "out"
+    check_output_folder(out)
+    assert made == [] and not (tmp_path / "a").exists()
+    assert list(tmp_path.iterdir()) == []  # the probe went too
