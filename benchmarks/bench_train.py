@@ -476,6 +476,7 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
                                else _peak_rss_mib())
             med = statistics.median(t for t, _ in plain)
             row.update(step_times_s=[t for t, _ in plain], s_per_step=med,
+                       step_cpu_s=[c for _, c in plain],
                        # below ~90 % on the CPU: the step waited for CPUs another process held
                        cpu_use=sum(c for _, c in plain + r1) / sum(t for t, _ in plain + r1)
                        / threads)
@@ -506,7 +507,8 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
     if done:
         # the row's headline: the first phase (stages 1, 2: the only one; e4e: every delta)
         result.update({k: done[0][k] for k in ("s_per_step", "steps_per_s", "images_per_s",
-                                               "warmup_s", "cpu_use", "step_times_s")})
+                                               "warmup_s", "cpu_use", "step_times_s",
+                                               "step_cpu_s")})
         result["recipe_days"] = recipe_days(phases, built.info.get("progressive_start"))
     elif phases:
         result["warmup_s"] = phases[0].get("warmup_s")

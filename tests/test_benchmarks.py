@@ -103,7 +103,7 @@ def test_bench_train_e4e_stage_end_to_end(tmp_path: Path, capsys) -> None:
     assert (full["progressive_stage"], zero["progressive_stage"]) == (row["n_styles"] - 1, 0)
     for ph in (full, zero):
         assert ph["plain_s"] > 0 and ph["r1_s"] > 0 and ph["warmup_s"] > 0
-        assert len(ph["step_times_s"]) == 1 and len(ph["r1_times_s"]) == 1
+        assert len(ph["step_times_s"]) == len(ph["step_cpu_s"]) == len(ph["r1_times_s"]) == 1
         assert ph["s_per_step"] == pytest.approx((15 * ph["plain_s"] + ph["r1_s"]) / 16)
         assert ph["peak_mib"] > 0
     assert row["s_per_step"] == full["s_per_step"] and row["memory"] == "rss"
