@@ -83,3 +83,44 @@ def test_bench_edit_threads_sweep_idle_and_loaded(tmp_path: Path, capsys) -> Non
     assert "busy processes" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         bench_edit.main(["--threads-sweep", "1,auto"])
+
+
+def test_bench_train_e4e_stage_end_to_end(tmp_path: Path, capsys) -> None:
+    """The e4e configuration at --quick size with tiny networks, through the watched
+    subprocesses: plain and R1 steps at the full progressive stage and at stage 0, peak RSS,
+    the recipe's days; the table and the JSON say the same."""
+    import bench_train
+
+    out = tmp_path / "train.json"
+    assert bench_train.main(["--quick", "--tiny", "--stages", "e4e", "--device", "cpu",
+                             "--workdir", str(tmp_path / "w"), "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    assert figures["meta"]["tiny"] and figures["meta"]["recipe_steps"] == 200_000
+    (row,) = figures["rows"]
+    assert (row["stage"], row["resolution"], row["batch"], row["status"]) == ("e4e", 256, 2, "ok")
+    assert row["d_reg_every"] == 16 and row["identity"] == "arcface"
+    full, zero = row["phases"]
+    assert (full["progressive_stage"], zero["progressive_stage"]) == (row["n_styles"] - 1, 0)
+    for ph in (full, zero):
+        assert ph["plain_s"] > 0 and ph["r1_s"] > 0 and ph["warmup_s"] > 0
+        assert len(ph["step_times_s"]) == len(ph["step_cpu_s"]) == len(ph["r1_times_s"]) == 1
+        assert ph["s_per_step"] == pytest.approx((15 * ph["plain_s"] + ph["r1_s"]) / 16)
+        assert ph["peak_mib"] > 0
+    assert row["s_per_step"] == full["s_per_step"] and row["memory"] == "rss"
+    assert row["peak_mib"] == max(full["peak_mib"], zero["peak_mib"])
+    days = (20_000 * zero["s_per_step"] + 180_000 * full["s_per_step"]) / 86400
+    assert row["recipe_days"] == pytest.approx(days)
+    table = capsys.readouterr().out
+    assert f"e4e k={row['n_styles'] - 1}" in table and "e4e k=0" in table and "R1 s" in table
+    assert "stage e4e, 256 px:" in table and "TINY" in table
+    assert not (tmp_path / "w").exists()
+
+
+def test_bench_train_stage_selection() -> None:
+    import bench_train
+
+    parse = bench_train.build_parser().parse_args
+    assert parse([]).stages == (1, 2, "e4e")
+    assert parse(["--stages", "e4e,1,e4e"]).stages == ("e4e", 1)
+    with pytest.raises(SystemExit):
+        parse(["--stages", "3"])
