@@ -115,3 +115,29 @@ def test_train_register_names_the_new_encoder_as_the_domains_e4e(tmp_path: Path,
     # the same file: every other role kept as written (relative to it)
     assert {r: v for r, v in after.weights.items() if r != "e4e"} == \
         {r: v for r, v in before.weights.items() if r != "e4e"}
+
+
+def test_a_plain_folder_takes_its_captions_from_a_manifest(tmp_path: Path) -> None:
+    """What `caption` wrote for a read-only folder (by --captions, or the domain's registered
+    captions): each image of the folder finds its captions by path; one it lacks is skipped."""
+    import json
+
+    from PIL import Image
+
+    from clipinvert.training.data import ImageCaptionDataset
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("a", "b", "c"):
+        Image.new("RGB", (20, 12), (9, 9, 9)).save(folder / f"{name}.png")
+    manifest = tmp_path / "work" / "captions.jsonl"
+    manifest.parent.mkdir()
+    manifest.write_text("".join(json.dumps({"image": f"../photos/{n}.png",
+                                            "captions": [f"cat {n}"]}) + "\n" for n in "ab"))
+    lines: list[str] = []
+    ds = ImageCaptionDataset(folder, captions=manifest, size=16, warn=lines.append)
+    assert {Path(s.path).name: s.captions for s in ds.samples} == {"a.png": ("cat a",),
+                                                                    "b.png": ("cat b",)}
+    assert len(lines) == 1 and "c.png" in lines[0]
+    with pytest.raises(Exception, match="cannot tell the layout"):
+        ImageCaptionDataset(folder, size=16)  # without a caption source: as before

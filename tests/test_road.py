@@ -135,12 +135,11 @@ def test_road_from_an_nvlabs_snapshot_to_scored_edits(
     assert road.captions_path == caps.resolve()
     assert Path(road.weights["e4e"]) == best.resolve()  # the earlier steps' keys kept
 
-    # 5. train --stage 1 on the manifest.  `--data IMAGES` (the registered captions found by
-    #    --domain) works for AFHQ layouts only: a plain image folder is "cannot tell the
-    #    layout" (exit 2), so the manifest itself is the data.
+    # 5. train --stage 1 on the image folder: its captions are the ones `caption --register`
+    #    named in the domain, found by --domain alone.
     s1 = tmp_path / "runs" / "road-s1"
     out = run(capsys, "train", "--stage", "1", "--domain", "road", "--models", models,
-              "--data", caps, "-o", s1, *TRAIN_COMMON)
+              "--data", data, "-o", s1, *TRAIN_COMMON)
     assert out.strip().splitlines()[-1] == str(s1 / "models.toml")
     finite_losses(s1, 2)
     latest = s1 / "checkpoints" / "latest.pt"
@@ -149,7 +148,7 @@ def test_road_from_an_nvlabs_snapshot_to_scored_edits(
     # 6. train --stage 2 from stage 1's checkpoint.
     s2 = tmp_path / "runs" / "road-s2"
     out = run(capsys, "train", "--stage", "2", "--init", latest, "--domain", "road",
-              "--models", models, "--data", caps, "-o", s2, *TRAIN_COMMON)
+              "--models", models, "--data", data, "-o", s2, *TRAIN_COMMON)
     assert out.strip().splitlines()[-1] == str(s2 / "models.toml")
     finite_losses(s2, 2)
     assert any(k.startswith("decoder.affine_mlps.") for k in torch.load(
@@ -206,8 +205,6 @@ def check_scores(capsys: pytest.CaptureFixture[str], edits: Path, scores: Path, 
         assert all(math.isfinite(v) for v in pair["scores"].values())
 
 
-@pytest.mark.xfail(strict=True, reason="training/run.py run_registry writes no `resize`: the "
-                   "run's domain stretches what its training centre-cropped")
 def test_run_registry_keeps_the_domains_resize_policy(tmp_path: Path) -> None:
     """The run's models.toml is "a complete domain named after the run" (docs/new-domain.md):
     it should square photos as the domain it was trained from did."""
@@ -216,9 +213,14 @@ def test_run_registry_keeps_the_domains_resize_policy(tmp_path: Path) -> None:
     clip_arch, clip = write_tiny_clip(tmp_path / "w")
     toml = tmp_path / "models.toml"
     toml.write_text(f'[domains.road]\nresolution = 32\nalign = "none"\nresize = "center-crop"\n'
-                    f'clip_arch = "{clip_arch}"\nclip = "{clip}"\n', encoding="utf-8")
+                    f'clip_arch = "{clip_arch}"\nclip = "{clip}"\ninception = "inception-fid"\n'
+                    'note = "nothing released"\n', encoding="utf-8")
     reg = Registry.load(toml)
     run_dir = tmp_path / "road-s1"
     text = run_registry(run_dir, reg.domain("road"), {"clip": clip}, tmp_path / "best.pt", reg)
     (tmp_path / "run.toml").write_text(text, encoding="utf-8")
-    assert Registry.load(tmp_path / "run.toml").domain("road-s1").resize == "center-crop"
+    run = Registry.load(tmp_path / "run.toml").domain("road-s1")
+    assert run.resize == "center-crop"
+    # the eval roles come along (FID on the run's domain), the source's note does not
+    assert run.weights["inception"] == "inception-fid" and run.note is None
+    assert run.weights["clipinverter"] == str((tmp_path / "best.pt").resolve())

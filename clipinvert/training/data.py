@@ -629,15 +629,22 @@ def _scan_afhq(root: Path, split: str, captions: Path | None, scan: _Scan) -> No
         if manifest is None or not manifest.is_file():
             raise UsageError(f"no captions for {folder}: expected {MANIFEST_NAME} there or in "
                              f"{afhq} (clipinvert caption writes one), or pass --captions FILE")
-        listed = {os.path.abspath(image): (where, caps)
-                  for where, image, caps in _manifest_entries(manifest, scan)}
-        for image, rel in _list_images(folder, scan):
-            shown = folder / rel
-            where, caps = listed.get(os.path.abspath(image), ("", None))
-            if caps == []:
-                scan.skip(shown, f"empty captions list ({where})")
-                continue
-            scan.add(image, shown, caps, f"no captions in {manifest}")
+        _scan_folder_by_manifest(folder, manifest, scan)
+
+
+def _scan_folder_by_manifest(folder: Path, manifest: Path, scan: _Scan) -> None:
+    """The images under ``folder``, each with its captions from ``manifest`` matched by path:
+    what `clipinvert caption` wrote for a folder it could only read (AFHQ's image folders, or
+    any plain folder given with --captions or the domain's registered ``captions``)."""
+    listed = {os.path.abspath(image): (where, caps)
+              for where, image, caps in _manifest_entries(manifest, scan)}
+    for image, rel in _list_images(folder, scan):
+        shown = folder / rel
+        where, caps = listed.get(os.path.abspath(image), ("", None))
+        if caps == []:
+            scan.skip(shown, f"empty captions list ({where})")
+            continue
+        scan.add(image, shown, caps, f"no captions in {manifest}")
 
 
 def find_dir(root: Path, names: Sequence[str]) -> Path | None:
@@ -708,7 +715,9 @@ def _scan(root: Path, data_format: str, scan: _Scan, split: str = "all",
         return
     if not root.is_dir():
         raise UsageError(f"--data-format {data_format} needs a folder, not a file: {root}")
-    if data_format == "sidecar":
+    if data_format == "sidecar" and captions is not None and captions.is_file():
+        _scan_folder_by_manifest(root, captions, scan)  # a plain folder + a caption manifest
+    elif data_format == "sidecar":
         _scan_sidecar(root, scan)
     elif data_format == "afhq":
         _scan_afhq(root, split, captions, scan)
@@ -799,9 +808,12 @@ class ImageCaptionDataset(Dataset):
             try:
                 resolved = detect_format(root)
             except UsageError:
-                if not images_only or not root.is_dir():
+                plain_with_manifest = caption_source is not None and caption_source.is_file()
+                if not (images_only or plain_with_manifest) or not root.is_dir():
                     raise
-                resolved = "sidecar"  # bare images: sidecar's listing, no captions read
+                # bare images (the e4e stage), or a plain folder whose captions come from a
+                # manifest (--captions, a domain's registered captions): sidecar's listing
+                resolved = "sidecar"
         scan = _Scan(warn, check_images, max_pixels, images_only)
         _scan(root, resolved, scan, split, caption_source)
 

@@ -92,27 +92,32 @@ def resolve_resume(saved: TrainConfig, given: dict[str, object],
 
 def run_registry(run_dir: Path, domain: Domain, files: dict[str, Path], checkpoint: Path,
                  registry: Registry, role: str = "clipinverter") -> str:
-    """A complete domain table named after the run folder, absolute paths throughout, the
-    run's checkpoint as ``role`` (the e4e stage's: ``e4e``)."""
+    """A complete domain table named after the run folder, the run's checkpoint as ``role``
+    (the e4e stage's: ``e4e``).
+
+    The domain's whole merged table is the start (``registry.domain_table``: its resize policy,
+    the eval roles inception and attributes, captions…, relative paths made absolute), so
+    editing and scoring with the run's domain see what training saw; the files training
+    loaded are pinned by absolute path.  An e4e run leaves out the domain's ``clipinverter``:
+    it was trained on another encoder's features.
+    """
+    from ..registry import domain_table, toml_table
+
     name = Path(run_dir).resolve().name
-    roles = dict(files)
-    roles[role] = Path(checkpoint).resolve()
-    use = "invert" if role == "e4e" else "edit"
-    lines = [f"# Written by clipinvert train: clipinvert {use} --models {run_dir}/models.toml "
-             f"--domain {name} …", f"[domains.{name}]",
-             f'description = "trained with clipinvert train from domain {domain.name}"',
-             f"resolution = {domain.resolution}", f'align = "{domain.align}"']
-    arch = domain.clip_arch
-    if (domain.base_dir / arch).is_file():
-        arch = str((domain.base_dir / arch).resolve())
-    lines.append(f'clip_arch = "{arch}"')
-    for each in ("clip", "e4e", "clipinverter", "stylegan2", "lpips", "arcface", "moco",
-                 "encoder_init"):
-        if each in roles:
-            lines.append(f'{each} = "{Path(roles[each]).resolve()}"')
+    toml = Path(run_dir) / "models.toml"
+    table = domain_table(domain, registry, toml)
+    table.pop("note", None)  # the source domain's note ("nothing was released…") is not ours
+    table["description"] = f"trained with clipinvert train from domain {domain.name}"
+    for each, path in files.items():
+        table[each] = str(Path(path).resolve())
+    if role == "e4e":
+        table.pop("clipinverter", None)
+    table[role] = str(Path(checkpoint).resolve())
     if "landmarks" in domain.weights:
-        lines.append(f'landmarks = "{registry.locate(domain, "landmarks").resolve()}"')
-    return "\n".join(lines) + "\n"
+        table["landmarks"] = str(registry.locate(domain, "landmarks").resolve())
+    use = "invert" if role == "e4e" else "edit"
+    return (f"# Written by clipinvert train: clipinvert {use} --models {toml} --domain {name} …\n"
+            + toml_table(f"domains.{name}", table))
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, registry: Registry | None = None,
