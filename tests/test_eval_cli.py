@@ -178,3 +178,29 @@ def test_train_classifier_resume_means_what_it_means_for_train(tmp_path: Path, c
     assert "--resume" in capsys.readouterr().err  # the stop line says how to go on
     assert main([*base, "--overwrite"]) == 130
     assert [(c["resume"], c["overwrite"]) for c in calls] == [(True, False), (False, True)]
+
+
+def test_stretched_inputs_of_an_edit_folder_are_scored_and_unknown_shapes_are_not(
+        domain: Path, tmp_path: Path, capsys) -> None:
+    """A domain that stretches (the default) turns a 48×32 photo into a square edit: the edit
+    folder's report says so, and eval compares them as the model saw the input.  A manifest
+    of unknown provenance with shapes that differ is still skipped."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (32, 48, 3), dtype=np.uint8)
+                    ).save(photos / "wide.png")
+    edited = tmp_path / "edited"
+    assert main(["edit", str(photos), "blond hair", "-o", str(edited), "--workers", "0",
+                 *_args(domain), "--quiet"]) == 0
+    out = tmp_path / "scores"
+    assert main(["eval", "metrics", str(edited), "-o", str(out), "--metrics", "mse",
+                 *_args(domain), "--quiet"]) == 0
+    report = json.loads((out / "clipinvert-report.json").read_text())
+    assert report["counts"]["scored"] == 1 and report["pairs"][0]["resize"] == "stretch"
+    manifest = tmp_path / "pairs.jsonl"
+    manifest.write_text(json.dumps({"input": str(photos / "wide.png"),
+                                    "output": str(edited / "wide.png")}) + "\n")
+    capsys.readouterr()
+    assert main(["eval", "metrics", str(manifest), "-o", str(tmp_path / "m"), "--metrics",
+                 "mse", *_args(domain), "--quiet"]) == 2
+    assert "differ in shape" in capsys.readouterr().err

@@ -42,7 +42,9 @@ class Pair:
     prompt: str | None = None
     attributes: tuple[str, ...] = ()
     transform: Path | None = None  # the run's FFHQ transform: re-crop ``input`` with it
-    resize: str = "stretch"  # the run's domain squared ``input`` so (imaging.fit_square)
+    # How the run's domain squared ``input`` (imaging.fit_square); None when unknown (a
+    # manifest of another method's outputs): then shapes must agree to be compared.
+    resize: str | None = None
 
     @property
     def key(self) -> str:

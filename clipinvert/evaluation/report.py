@@ -37,7 +37,7 @@ def build_report(scores: Scores, *, command: str, params: dict[str, Any],
             rec["attributes"] = list(pair.attributes)
         if pair.transform is not None:
             rec["transform"] = str(pair.transform)
-        if pair.resize != "stretch":
+        if pair.resize is not None:
             rec["resize"] = pair.resize
         rec["scores"] = {name: r.per_pair[i] for name, r in scores.results.items()
                          if i in r.per_pair}
@@ -120,7 +120,7 @@ def write_summary(report: dict[str, Any], path: Path, *, samples: int = 6) -> No
         r = len(bars) + k
         pair = Pair(Path(rec["input"]), Path(rec["output"]), rec.get("prompt"),
                     transform=Path(rec["transform"]) if rec.get("transform") else None,
-                    resize=rec.get("resize", "stretch"))
+                    resize=rec.get("resize"))
         try:
             source, output = read_pair(pair)
         except Exception:  # noqa: BLE001 - a sample that cannot be shown is left blank

@@ -144,23 +144,27 @@ def _batch(chunk: list[tuple[int, Pair, Image.Image, Image.Image]], size: int) -
                  output_images=[c[3] for c in chunk], input_images=[c[2] for c in chunk])
 
 
-def read_source(path: Path, transform: Path | None, resize: str = "stretch") -> Image.Image:
+def read_source(path: Path, transform: Path | None, resize: str | None = None) -> Image.Image:
     """The image the method saw: the input squared by the run's ``resize`` policy
-    (:func:`~clipinvert.imaging.fit_square`), or the FFHQ crop the run made of it (re-made from
-    the transform it saved)."""
+    (:func:`~clipinvert.imaging.fit_square`; None, unknown, leaves it as it is), or the FFHQ
+    crop the run made of it (re-made from the transform it saved)."""
     source = imaging.load_image(path)
-    return imaging.fit_square(source, resize) if transform is None else realign(source,
-                                                                                 transform)
+    if transform is not None:
+        return realign(source, transform)
+    return source if resize is None else imaging.fit_square(source, resize)
 
 
 def read_pair(pair: Pair,
-              source_of: Callable[[Path, Path | None, str], Image.Image] = read_source
+              source_of: Callable[[Path, Path | None, str | None], Image.Image] = read_source
               ) -> tuple[Image.Image, Image.Image]:
-    """The image the method saw and the output; their shapes must agree."""
+    """The image the method saw and the output; their shapes must agree, unless the run's
+    domain is known to have stretched the input to its square (both are then compared at one
+    square size, as the model saw the input)."""
     source = source_of(pair.input, pair.transform, pair.resize)
     output = imaging.load_image(pair.output)
     a, b = source.width / source.height, output.width / output.height
-    if abs(a - b) > ASPECT_TOLERANCE * max(a, b):
+    stretched = pair.resize == "stretch" and pair.transform is None
+    if not stretched and abs(a - b) > ASPECT_TOLERANCE * max(a, b):
         raise ValueError(f"input {source.width}×{source.height} and output "
                          f"{output.width}×{output.height} differ in shape")
     return source, output
