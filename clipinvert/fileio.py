@@ -24,29 +24,34 @@ from .errors import DiskFullError
 
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
-# The names _temp_sibling gives: ".<name>.<8 hex>.partial<suffix>".  Only files matching this
+# The names _temp_name gives: ".<name>.<8 hex>.partial<suffix>".  Only files matching this
 # are ever removed as leftovers of a killed run.
 TEMP_PATTERN = re.compile(r"^\..+\.[0-9a-f]{8}\.partial(\.[^./]*)?$")
 
 
-def _temp_sibling(path: Path) -> Path:
-    """Create (exclusively) and return an empty temporary file next to ``path``.
+def _temp_name(path: Path) -> Path:
+    """A fresh temporary name next to ``path`` (the file is not created here).
 
     Same directory so ``os.replace`` is an atomic rename; hidden so folder listings (ours
     included) ignore it; ``.partial`` plus the real suffix so writers that pick the format from
-    the name (PIL, ffmpeg) still do the right thing.  Created with ``O_EXCL`` and mode 0o666 so
-    it is unique and the final file gets the user's normal umask permissions (``mkstemp`` would
-    leave outputs readable by the owner only).
+    the name (PIL, ffmpeg) still do the right thing.
     """
     stem = path.name[:120]  # keep the temporary name within NAME_MAX for long output names
+    return path.parent / f".{stem}.{secrets.token_hex(4)}.partial{path.suffix}"
+
+
+def _create_temp(path: Path, name: list[Path]) -> None:
+    """Create (exclusively) an empty temporary file next to ``path``; its name goes into
+    ``name[0]`` *before* the file exists, so a Ctrl-C at any instant leaves the caller a name
+    to remove.  ``O_EXCL`` makes it unique and mode 0o666 gives the final file the user's
+    umask permissions (``mkstemp`` would leave outputs readable by the owner only)."""
     for _ in range(100):
-        tmp = path.parent / f".{stem}.{secrets.token_hex(4)}.partial{path.suffix}"
+        name[:] = [_temp_name(path)]
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            os.close(os.open(name[0], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return
         except FileExistsError:
-            continue
-        os.close(fd)
-        return tmp
+            name.clear()  # another writer's file: never ours to remove
     raise FileExistsError(f"cannot create a temporary file next to {path}")
 
 
@@ -63,17 +68,22 @@ def atomic_write(path: Path | str, write: Callable[[Path], None]) -> None:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _temp_sibling(path)
     except OSError as exc:
         _raise_if_full(exc, path, path.parent)
         raise
+    # The temporary file is created inside the try, its name known before it exists: a Ctrl-C
+    # (or SIGTERM) arriving at any bytecode still removes it.
+    name: list[Path] = []
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        _create_temp(path, name)
+        write(name[0])
+        os.replace(name[0], path)
     except BaseException as exc:
-        full = disk_full(exc, tmp)  # looked at before the temporary file frees its space
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+        where = name[0] if name else path.parent
+        full = disk_full(exc, where)  # looked at before the temporary file frees its space
+        if name:
+            with contextlib.suppress(OSError):
+                name[0].unlink()
         if full:
             raise DiskFullError(f"disk full writing {path} ({_why(exc)})", path) from exc
         raise
@@ -171,7 +181,7 @@ def append_line(path: Path | str, line: str) -> None:
 def remove_stale_temps(folder: Path | str) -> list[Path]:
     """Remove the temporary files a killed run left in ``folder`` (recursively); return them.
 
-    Only names :func:`_temp_sibling` makes are touched, and only by a run that holds the
+    Only names :func:`_temp_name` makes are touched, and only by a run that holds the
     folder's lock (:mod:`clipinvert.outlock`), so no live writer's temporary file is removed.
     """
     removed = []

@@ -40,3 +40,26 @@ def test_first_line() -> None:
     assert first_line(KeyError()) == "KeyError"
     long = first_line(ValueError("x" * 500), limit=50)
     assert len(long) == 50 and long.endswith("...")
+
+
+def test_ctrl_c_right_after_the_temporary_file_is_made_leaves_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A signal lands between bytecodes: even one arriving the instant the temporary file
+    exists, before any write, must not leave a .partial file behind (seen once in the Ctrl-C
+    test of a real run)."""
+    from clipinvert import fileio
+
+    real_close = os.close
+    calls = {"n": 0}
+
+    def close(fd: int) -> None:
+        real_close(fd)
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(fileio.os, "close", close)
+    with pytest.raises(KeyboardInterrupt):
+        fileio.atomic_write(tmp_path / "out.png", lambda tmp: tmp.write_bytes(b"x"))
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []
