@@ -85,6 +85,7 @@ def test_bench_edit_threads_sweep_idle_and_loaded(tmp_path: Path, capsys) -> Non
         bench_edit.main(["--threads-sweep", "1,auto"])
 
 
+@pytest.mark.slow  # 15-30 s of watched subprocesses; the stage's own tests are fast
 def test_bench_train_e4e_stage_end_to_end(tmp_path: Path, capsys) -> None:
     """The e4e configuration at --quick size with tiny networks, through the watched
     subprocesses: plain and R1 steps at the full progressive stage and at stage 0, peak RSS,
