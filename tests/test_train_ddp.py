@@ -49,8 +49,11 @@ def _train_args(domain: Path, data: Path, run: Path, *extra: str) -> list[str]:
 
 
 def _train_steps(run: Path) -> list[int]:
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    return [m["step"] for m in map(json.loads, lines) if m["split"] == "train"]
+    return [m["step"] for m in _metrics(run) if m["split"] == "train"]
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def _state(run: Path) -> dict[str, torch.Tensor]:
@@ -372,16 +375,24 @@ def test_two_processes_resume_exactly(torchrun: list[str], domain: Path, data: P
     assert _train_steps(part) == [1, 2, 3, 4]
 
 
-# Run under torchrun in place of `-m clipinvert`: the CLI, each rank saving its own encoder and
-# discriminator after training to $E4E_RANK_STATES/rank<R>.pt (the run folder is rank 0's).
+# Run under torchrun (or plain python) in place of `-m clipinvert`: the CLI, each rank saving
+# its encoder, discriminator and w-pools before and after training to
+# $E4E_RANK_STATES/rank<R>.pt (the run folder is rank 0's).
 _RANK_STATES = '''
 import os, sys, torch
 from clipinvert.training.e4e_train import E4ETrainer
 fit = E4ETrainer.fit
+def state(self):
+    p = self.parts
+    return {"encoder": {k: v.clone() for k, v in self.model.encoder.state_dict().items()},
+            "discriminator": {k: v.clone()
+                              for k, v in self.model.discriminator.state_dict().items()},
+            "real_pool": p.real_pool.state_dict()["codes"],
+            "fake_pool": p.fake_pool.state_dict()["codes"]}
 def fit_and_keep(self):
+    start = state(self)
     fit(self)
-    torch.save({"encoder": self.model.encoder.state_dict(),
-                "discriminator": self.model.discriminator.state_dict()},
+    torch.save({"start": start, "end": state(self)},
                os.path.join(os.environ["E4E_RANK_STATES"], f"rank{self.rank}.pt"))
 E4ETrainer.fit = fit_and_keep
 from clipinvert.cli import main
@@ -389,46 +400,63 @@ sys.exit(main(sys.argv[1:]))
 '''
 
 
-@pytest.mark.slow  # two processes of the e4e stage: ~20 s
-def test_e4e_two_processes_keep_encoder_and_discriminator_identical(
+@pytest.mark.slow  # two processes of the e4e stage and a one-process twin: ~35 s
+def test_e4e_two_processes_train_like_one_process_with_both_batches(
         torchrun: list[str], domain: Path, tmp_path: Path) -> None:
-    """`--stage e4e` under torchrun (gloo): one run folder written by rank 0 alone, and the
-    DDP-averaged encoder and discriminator (R1 steps included) identical on both ranks after
-    training — all but the BatchNorm statistics of each rank's last forward (DDP broadcasts
-    rank 0's buffers before every forward; checkpoints hold rank 0's).  Not compared with
-    one process of the global batch: BatchNorm normalises per rank (SyncBatchNorm needs CUDA)
-    and each rank keeps its own w-pool (docs/training-ddp.md#e4e-stage)."""
+    """`--stage e4e` under torchrun (gloo): one run folder written by rank 0 alone; both ranks
+    end identical — encoder, discriminator (R1 steps included), BatchNorm statistics (global
+    BatchNorm: :mod:`clipinvert.nets.batchnorm`) and the w-pools (filled from the gathered
+    global batch) — and equal, to rounding, to one process training on both ranks' images
+    (-b 4): the same updates, the same pools, the same logged losses."""
     from clipinvert.testing.training import write_image_set
 
     images = write_image_set(tmp_path / "images", 10, size=40, seed=5)
     script = tmp_path / "ranks.py"
     script.write_text(_RANK_STATES)
-    states = tmp_path / "states"
-    states.mkdir()
-    run = tmp_path / "e4e"
+    run, one = tmp_path / "e4e", tmp_path / "one"
     args = _train_args(domain, images, run, "--stage", "e4e", "--progressive-start", "1",
                        "--progressive-step-every", "1", "--d-reg-every", "2",
-                       "--w-pool-size", "2")
+                       "--w-pool-size", "6")
     for flag in ("--max-steps", "--save-every", "--val-every", "--image-every"):
         args[args.index(flag) + 1] = "3"
+    single = [a if a != str(run) else str(one) for a in args]
+    single[single.index("-b") + 1] = "4"
+    (tmp_path / "ddp").mkdir()
+    (tmp_path / "single").mkdir()
     [(rc, out, err)] = run_all(
         [[*torchrun, "--standalone", "--nproc-per-node", "2", str(script), *args[2:]]],
-        tmp_path, launch_env(E4E_RANK_STATES=str(states)))
+        tmp_path, launch_env(E4E_RANK_STATES=str(tmp_path / "ddp")))
     assert rc == 0, err
     assert out.splitlines() == [str(run / "models.toml")], out
     assert err.count("trained: clipinvert invert") == 1 and "Traceback" not in err, err
     assert err.count("step 3/3:") == 1, err
     assert _train_steps(run) == [1, 2, 3]
-    a, b = (torch.load(states / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    [(rc, _, err)] = run_all([[sys.executable, str(script), *single[2:]]], tmp_path,
+                             launch_env(E4E_RANK_STATES=str(tmp_path / "single")))
+    assert rc == 0, err
+    a, b = (torch.load(tmp_path / "ddp" / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    o = torch.load(tmp_path / "single" / "rank0.pt", weights_only=True)
     for part in ("encoder", "discriminator"):
-        for k, v in a[part].items():
-            if "running_" in k:  # each rank's last forward updated its own statistics
-                assert float((v - b[part][k]).abs().max()) < 0.05, k
-            else:
-                assert torch.equal(v, b[part][k]), (part, k)
+        for k, v in a["end"][part].items():
+            assert torch.equal(v, b["end"][part][k]), (part, k)
+        start, ddp, ref = a["start"][part], a["end"][part], o["end"][part]
+        assert all(torch.equal(v, o["start"][part][k]) for k, v in start.items())
+        trained = [k for k, v in start.items() if v.is_floating_point()
+                   and not torch.equal(v, ref[k])]
+        moved = max(float((ref[k] - start[k]).abs().max()) for k in trained)
+        apart = max(float((ddp[k] - ref[k]).abs().max()) for k in trained)
+        assert moved > 0 and apart <= 2e-2 * moved, (part, apart, moved)
+    for pool in ("real_pool", "fake_pool"):
+        assert a["end"][pool].shape[0] == 6
+        assert torch.equal(a["end"][pool], b["end"][pool])
+        torch.testing.assert_close(a["end"][pool], o["end"][pool], rtol=1e-4, atol=1e-5)
+    logged = [[r for r in _metrics(r_) if r["split"] == "train"] for r_ in (run, one)]
+    for x, y in zip(*logged, strict=True):
+        for key in ("loss", "loss_l2", "loss_lpips", "discriminator_loss", "total_delta_loss"):
+            assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), (x["step"], key)
     saved = torch.load(run / "checkpoints" / "latest.pt", weights_only=True)
     assert not any(".module." in k or k.startswith("module.") for k in saved["state_dict"])
-    for k, v in a["discriminator"].items():
+    for k, v in a["end"]["discriminator"].items():
         assert torch.equal(v, saved["discriminator_state_dict"][k]), k
     state = torch.load(run / "checkpoints" / "resume.pt", weights_only=True)
     # 8 training images = 2 steps of 2 × 2 per epoch: step 3 took the first 4 of epoch 1

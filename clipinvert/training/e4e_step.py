@@ -15,7 +15,9 @@ The order and every term are those of encoder4editing's ``training/coach.py``:
 Randomness comes from ``(seed, step)`` alone (:func:`~clipinvert.training.data.derive_seed`):
 the discriminator's z, the generator's noise and the w-pool's draws, each drawn for the global
 batch and cut into the rows of this rank (``r::world_size``, as the sampler deals the samples),
-so a resumed run and a DDP run draw what an uninterrupted single process draws.
+so a resumed run and a DDP run draw what an uninterrupted single process draws.  Under DDP the
+w-pools see the codes of the global batch (gathered), so every process holds the same pools —
+those of one process of the global batch.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..losses.e4e import (
@@ -126,6 +129,16 @@ def rank_rows(t: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
     return t[rank::world_size] if world_size > 1 else t
 
 
+def global_rows(t: torch.Tensor, world_size: int) -> torch.Tensor:
+    """The inverse of :func:`rank_rows`: every rank's rows gathered into the global batch's
+    order (global row ``i`` is row ``i // N`` of rank ``i % N``).  Collective under DDP."""
+    if world_size <= 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(world_size)]
+    dist.all_gather(parts, t.contiguous())
+    return torch.stack(parts, 1).flatten(0, 1)
+
+
 def real_z(seed: int, step: int, global_batch: int, style_dim: int = 512) -> torch.Tensor:
     """The discriminator's z of ``step`` for the whole global batch (CPU)."""
     g = torch.Generator().manual_seed(derive_seed("e4e_real_z", seed, step))
@@ -189,9 +202,14 @@ def real_and_fake(parts: E4EParts, x: torch.Tensor, *, step: int, seed: int, sta
     real_w = parts.decoder.mapping(z)
     fake_w = _codes(parts, x, stage)[:, : stage + 1, :]
     if pool:
-        rng = random.Random(derive_seed("e4e_w_pool", seed, step, rank))
-        real_w = parts.real_pool.query(real_w, rng)
-        fake_w = parts.fake_pool.query(fake_w, rng)
+        # One pool for the global batch, the same in every process: the codes of all ranks
+        # are gathered in the sampler's order, queried with the draws of ``(seed, step)``,
+        # and each rank keeps its rows (as one process of the global batch would).
+        rng = random.Random(derive_seed("e4e_w_pool", seed, step, 0))
+        real_w = rank_rows(parts.real_pool.query(global_rows(real_w, world_size), rng), rank,
+                           world_size)
+        fake_w = rank_rows(parts.fake_pool.query(global_rows(fake_w, world_size), rng), rank,
+                           world_size)
     if fake_w.ndim == 3:
         fake_w = fake_w[:, 0, :]
     return real_w, fake_w

@@ -26,6 +26,7 @@ from torch import nn
 from ..errors import WeightsError
 from ..losses.e4e import discriminator_logistic
 from ..nets import Encoder4Editing, Generator, LatentDiscriminator
+from ..nets.batchnorm import synchronise_batchnorm
 from ..registry import Domain, Registry
 from .build import _own, _seeded, build_datasets, check_init, locate_training_files
 from .checkpoint import e4e_checkpoint, e4e_opts, save_e4e
@@ -190,6 +191,8 @@ class E4ETrainer(Loop):
             fake_pool=WPool(self.settings.w_pool_size))
         self._ddp: E4EParts | None = None
         if world_size > 1:
+            # The encoder's BatchNorm normalises over the global batch, as one process of it.
+            synchronise_batchnorm(model.encoder)
             ids = [self.device.index if self.device.index is not None
                    else torch.cuda.current_device()] if self.device.type == "cuda" else None
             ddp = torch.nn.parallel.DistributedDataParallel

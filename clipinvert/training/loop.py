@@ -119,6 +119,21 @@ class Loop:
         agreed, unusable = (int(v) for v in flags.tolist())
         return agreed, not unusable
 
+    def mean_across_ranks(self, logs: dict[str, float]) -> dict[str, float]:
+        """Distributed: each logged term averaged over the ranks (one all-reduce), so
+        metrics.jsonl describes the global batch — every term is a mean over samples, and the
+        ranks hold equal shares — as a single process of that batch logs it.  Alone: as
+        given.  Every rank logs the same keys at the same steps."""
+        if self.world_size == 1 or not logs:
+            return logs
+        import torch.distributed as dist
+
+        keys = sorted(logs)
+        values = torch.tensor([float(logs[k]) for k in keys], dtype=torch.float64,
+                              device=self.device)
+        dist.all_reduce(values)
+        return {k: v / self.world_size for k, v in zip(keys, values.tolist(), strict=True)}
+
     # ---- state ---------------------------------------------------------------------------
     @property
     def is_main(self) -> bool:
@@ -199,7 +214,7 @@ class Loop:
                 logs = self.train_step(batch)
                 self.step += 1
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-                    self.write_metrics("train", logs)
+                    self.write_metrics("train", self.mean_across_ranks(logs))
                 if self.val_set is not None and (self.step % cfg.val_every == 0
                                                  or self.step == cfg.max_steps):
                     self.validate()
