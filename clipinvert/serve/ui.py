@@ -203,9 +203,8 @@ def build(service: Service, *, queue_size: int = 16):
                                    object_fit="contain", elem_id="frames")
             animations = gr.File(label="Download the animation", file_count="multiple",
                                  elem_id="animations")
-        with gr.Accordion("Model", open=bool(status.problem)):
-            model_text = gr.Textbox(current_status(), show_label=False, lines=4,
-                                    interactive=False, elem_id="model")
+        model_text = gr.Textbox(current_status(), label="Model", lines=4, interactive=False,
+                                elem_id="model")
 
         form = [photo, prompts, reference, strength, paste_back, all_faces, aligned]
         # preprocess=False: the uploads arrive as gradio's FileData (a path in its upload
