@@ -579,8 +579,7 @@ SERVE_EXTRA = 'clipinvert serve needs the web extra: pip install "clipinvert[ser
 @app.command(epilog=examples(
     "clipinvert serve",
     "clipinvert serve --domain demo --preload",
-    "clipinvert serve --models runs/stage2/models.toml --domain stage2 --port 8080",
-    "clipinvert serve --host 0.0.0.0 --port 8080"))
+    "clipinvert serve --models runs/stage2/models.toml --domain stage2 --port 8080"))
 @shared(("domain", "models", "device", "dtype", "download", "offline", "trust_checkpoint"))
 def serve(
     host: Annotated[str, typer.Option(

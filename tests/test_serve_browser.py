@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
-import tempfile
 import threading
 import time
 import urllib.parse
@@ -27,8 +25,8 @@ import pytest
 from PIL import Image
 
 from clipinvert.cli import main
+from clipinvert.testing import browser as browser_tools
 
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 TIMEOUT = 60  # seconds for anything the page waits for (a busy 2-core CI machine)
 
 pytestmark = pytest.mark.skipif(os.environ.get("CLIPINVERT_NO_BROWSER", "") not in ("", "0"),
@@ -65,33 +63,15 @@ def server(tiny_models: Path):
 
 
 def new_browser():
-    """Headless chromium from Debian's packages; nothing downloaded (no Selenium Manager)."""
-    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
-        pytest.fail(f"{CHROMIUM} and {CHROMEDRIVER} are needed for the browser tests of "
-                    "`clipinvert serve`: .ci/run installs them (apt-get install chromium "
-                    "chromium-driver); CLIPINVERT_NO_BROWSER=1 skips these tests")
-    os.environ["SE_OFFLINE"] = "true"
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service as DriverService
-
-    profile = tempfile.mkdtemp(prefix="clipinvert-chromium-")
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
-                 f"--user-data-dir={profile}", "--window-size=1400,1000"):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
-    driver = webdriver.Chrome(service=DriverService(executable_path=str(CHROMEDRIVER)),
-                              options=options)
-    driver.profile_dir = profile  # type: ignore[attr-defined]
-    return driver
+    """Headless chromium from Debian's packages (nothing downloaded): a failure that says how
+    to get it when it is not installed."""
+    if not browser_tools.available():
+        pytest.fail(f"browser tests of `clipinvert serve`: {browser_tools.MISSING}")
+    return browser_tools.chromium()
 
 
 def close_browser(driver) -> None:
-    driver.quit()
-    shutil.rmtree(driver.profile_dir, ignore_errors=True)
+    browser_tools.quit(driver)
 
 
 @pytest.fixture(scope="module")
@@ -136,8 +116,10 @@ def submit(driver, photo: Path, prompt: str) -> None:
 
 
 def result_links(driver) -> list[str]:
+    """The downloadable results (the input | inversion | edits strip is listed last)."""
     return [a.get_attribute("href") for a in css(driver, "#downloads a")
-            if a.get_attribute("href")]
+            if a.get_attribute("href")
+            and not a.get_attribute("href").endswith("-input-inversion-edits.png")]
 
 
 def fetch(url: str) -> np.ndarray:
@@ -181,6 +163,8 @@ def test_a_photo_and_a_prompt_give_the_cli_pixels_and_nothing_leaves_the_machine
     assert np.array_equal(fetch(link), expected)
     shown = [img.get_attribute("src") for img in css(browser, "#results img")]
     assert shown and np.array_equal(fetch(shown[0]), expected)  # the gallery shows the same
+    [strip] = [img.get_attribute("src") for img in css(browser, "#strips img")]
+    assert fetch(strip).shape[1] == 3 * 32  # input | inversion | the edit
     assert "clipinvert edit astronaut.png" in css(browser, "#notes textarea")[0].get_attribute(
         "value")
     web = {u for u in requested_urls(browser) if u.split(":", 1)[0] in ("http", "https", "ws",

@@ -219,8 +219,10 @@ class Service:
                 rel = path.relative_to(opts.output)
                 if path.suffix != ".png":
                     continue
-                if rel.parts[0] == "compare":
-                    out.strips.append(path)
+                if rel.parts[0] == "compare":  # named for a download folder
+                    target = folder / "results" / f"{path.stem}-input-inversion-edits.png"
+                    atomic_write(target, lambda tmp, src=path: shutil.copyfile(src, tmp))
+                    out.strips.append(target)
                     continue
                 cond = conditions[0] if single else next(
                     c for c in conditions if c.slug == rel.parts[0])

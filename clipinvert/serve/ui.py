@@ -132,8 +132,9 @@ def build(service: Service, *, queue_size: int = 16):
     def edit(*form):
         outcome = service.edit(EditRequest(**request_fields(*form)))
         return ([(str(r.path), r.label) for r in outcome.results],
-                [str(p) for p in outcome.strips],
-                [str(r.path) for r in outcome.results], _notes(outcome))
+                str(outcome.strips[0]) if outcome.strips else None,
+                [str(r.path) for r in outcome.results] + [str(p) for p in outcome.strips],
+                _notes(outcome))
 
     @_guard
     def animate(*form):
@@ -142,8 +143,8 @@ def build(service: Service, *, queue_size: int = 16):
             **request_fields(*edit_form), steps=int(steps), fps=float(fps),
             formats=tuple(formats or ("gif",)), boomerang=bool(boomerang)))
         preview = next((str(p) for p in outcome.animations if p.suffix == ".gif"), None)
-        return (preview, [str(p) for p in outcome.strips],
-                [str(p) for p in outcome.animations], _notes(outcome))
+        return (preview, str(outcome.strips[0]) if outcome.strips else None,
+                [str(p) for p in outcome.animations + outcome.strips], _notes(outcome))
 
     def current_status() -> str:
         now = service.status()
@@ -184,8 +185,10 @@ def build(service: Service, *, queue_size: int = 16):
             with gr.Column(scale=2):
                 results = gr.Gallery(label="Results", columns=4, height=300, preview=False,
                                      object_fit="contain", elem_id="results")
-                strips = gr.Gallery(label="Input | inversion | edits", columns=1, height=220,
-                                    preview=False, object_fit="contain", elem_id="strips")
+                # an Image, not a Gallery: a wide strip shown whole (a gallery's square tiles
+                # shrink it out of sight); every face's strip is among the downloads too
+                strips = gr.Image(label="Input | inversion | edits", type="filepath",
+                                  height=200, interactive=False, elem_id="strips")
                 downloads = gr.File(label="Download (PNG, settings in its metadata)",
                                     file_count="multiple", elem_id="downloads")
                 notes = gr.Textbox(label="Notes", lines=2, interactive=False, elem_id="notes")
@@ -199,8 +202,8 @@ def build(service: Service, *, queue_size: int = 16):
             animate_button = gr.Button("Animate", elem_id="animate")
             with gr.Row():
                 preview = gr.Image(label="Animation", type="filepath", elem_id="animation")
-                strip = gr.Gallery(label="Frames", columns=1, height=220, preview=False,
-                                   object_fit="contain", elem_id="frames")
+                strip = gr.Image(label="Frames", type="filepath", height=200,
+                                 interactive=False, elem_id="frames")
             animations = gr.File(label="Download the animation", file_count="multiple",
                                  elem_id="animations")
         model_text = gr.Textbox(current_status(), label="Model", lines=4, interactive=False,
