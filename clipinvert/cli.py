@@ -642,6 +642,7 @@ def serve(
         raise
     print(url, flush=True)  # stdout: the result, as every command's
     say("Ctrl-C stops the server")
+    StopSignals.hint("the same command starts it again")  # what the Ctrl-C line says
     try:
         while True:
             time.sleep(0.5)
