@@ -573,6 +573,85 @@ def caption(
     raise typer.Exit(run.exit_code)
 
 
+SERVE_EXTRA = 'clipinvert serve needs the web extra: pip install "clipinvert[serve]"'
+
+
+@app.command(epilog=examples(
+    "clipinvert serve",
+    "clipinvert serve --domain demo --preload",
+    "clipinvert serve --models runs/stage2/models.toml --domain stage2 --port 8080"))
+@shared(("domain", "models", "device", "dtype", "download", "offline", "trust_checkpoint"))
+def serve(
+    host: Annotated[str, typer.Option(
+        metavar="ADDRESS",
+        help="Address to listen on; anything but 127.0.0.1/localhost lets other machines "
+             "in.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(callback=within(1, 65535), metavar="PORT",
+                                      help="Port to listen on.")] = 7860,
+    preload: Annotated[bool, typer.Option(
+        "--preload", help="Load the weights at start-up instead of at the first request.")
+    ] = False,
+    queue_size: Annotated[int, typer.Option(
+        callback=within(1, 10_000), metavar="N",
+        help="Requests that may wait; one more is told the queue is full.")] = 16,
+    share: Annotated[bool, typer.Option(
+        "--share", help="Also open a public gradio.live link (off by default: it exposes the "
+                        "page to the internet).")] = False,
+    *,
+    opts: Common,
+) -> None:
+    """A local web page to edit photos: upload, type a prompt, download the result (Ctrl-C
+    stops it).  Needs the serve extra: pip install "clipinvert[serve]"."""
+    import time
+
+    try:  # before any model: without the extra the command says how to get it
+        import gradio  # noqa: F401
+    except ImportError:
+        print(SERVE_EXTRA, file=sys.stderr)
+        raise typer.Exit(EXIT_USAGE) from None
+    import torch
+
+    from .pipeline import Editor, resolve_device
+    from .runtime import thread_budget, tune_allocator
+    from .serve.app import Service, describe
+    from .serve.ui import launch
+
+    device = resolve_device(opts.device)
+    tune_allocator()
+    torch.set_num_threads(thread_budget(0, device=device.type)[0])
+    editor = Editor(opts.domain, models=opts.models, device=device, dtype=opts.dtype,
+                    download=opts.download, offline=opts.offline or None,
+                    trust_checkpoint=opts.trust_checkpoint)
+    service = Service(editor, models=opts.models)
+    say = functools.partial(print, file=sys.stderr)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        say(f"warning: listening on {host}: other machines can reach this page and use this "
+            "computer's models (there is no login)")
+    if share:
+        say("warning: --share opens a public gradio.live link: anyone with it can use the page")
+    for line in describe(service.status()):
+        say(line)
+    if (problem := service.status().problem) is not None:
+        say(f"missing weights (the page says so too): {problem}")
+    elif preload and (problem := service.preload()) is not None:
+        say(f"cannot load the weights (the page says so too): {problem}")
+    try:
+        demo, url = launch(service, host=host, port=port, share=share, queue_size=queue_size)
+    except BaseException:
+        service.close()
+        raise
+    print(url, flush=True)  # stdout: the result, as every command's
+    say("Ctrl-C stops the server")
+    StopSignals.hint("the same command starts it again")  # what the Ctrl-C line says
+    try:
+        while True:
+            time.sleep(0.5)
+    finally:  # Ctrl-C (or SIGTERM): the port is freed and every temporary file goes
+        demo.close(verbose=False)
+        service.close()
+        say("server stopped")
+
+
 def _train_resume_hint(run_dir: Path) -> str:
     if (run_dir / "config.json").exists():  # the run started: the trainer saved its last step
         return f"continue with: clipinvert train -o {run_dir} --resume"

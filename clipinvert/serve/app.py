@@ -1,0 +1,427 @@
+"""The request → Editor layer of ``clipinvert serve``: no gradio here, so it is tested alone.
+
+Why it runs the CLI's own jobs instead of calling :class:`~clipinvert.pipeline.Editor`
+directly: the page promises the same pixels as ``clipinvert edit`` on the same file and
+options, and the surest way to keep that promise is to share every step — decoding
+(:func:`~clipinvert.imaging.load_image`), face alignment and paste-back (``batch.prepare``),
+batching, the uint8 conversion and the PNG writer.  A request therefore becomes a one-file run
+of :func:`~clipinvert.jobs.run_edit` (or :func:`~clipinvert.jobs.run_interpolate`) on a folder
+of its own under this service's temporary root; the result PNGs are then written again with
+their settings as PNG text (the pixels untouched), and the folder goes when later requests
+push it out of the :attr:`Service.keep` most recent, or when the service closes.
+
+Safety, since this is a server: an upload is bytes, never a path the client chose; it is
+written under a fixed name in the request's folder, capped in bytes and in pixels, and decoded
+by the CLI's guarded decoder (its one-line errors become the page's message).  Prompts are
+capped in number and length, steps and frame rates in range.  One :class:`Service` holds one
+Editor (one copy of the weights) and runs one request at a time (a lock; the page's queue
+serialises too).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import shlex
+import shutil
+import tempfile
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, PngImagePlugin
+
+from .. import __version__, imaging
+from ..errors import EXIT_USAGE, ClipInvertError, InputError, WeightsError
+from ..fileio import atomic_write
+from ..naming import RESERVED_FOLDERS, slugify
+
+__all__ = ["AnimateRequest", "EditRequest", "Limits", "ModelStatus", "Outcome",
+           "RequestError", "ResultFile", "Service", "Upload", "read_settings"]
+
+#: PNG text key holding a result's settings as JSON (:func:`read_settings` reads it back).
+SETTINGS_KEY = "clipinvert"
+ANIMATION_FORMATS = ("gif", "mp4", "webp")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for.  Bytes and pixels bound the memory an upload can cost
+    (a 40 MP photo decodes to 120 MB of RGB); prompts bound the CLIP and edit passes."""
+
+    max_bytes: int = 20 * 2**20
+    max_pixels: int = 40_000_000
+    max_prompts: int = 8
+    max_prompt_chars: int = 300  # CLIP reads 77 tokens anyway (longer prompts get a warning)
+    max_steps: int = 32
+    max_fps: float = 30.0
+
+
+class RequestError(ClipInvertError):
+    """A request that cannot be done, said in one line for the page (the server goes on)."""
+
+    exit_code = EXIT_USAGE
+
+
+@dataclass(frozen=True)
+class Upload:
+    """A file the browser sent: its name (only its suffix and a slug of its stem are used,
+    never as a path) and its bytes."""
+
+    name: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """The page's edit form: what ``clipinvert edit PHOTO PROMPT...`` takes."""
+
+    photo: Upload | None
+    prompts: str = ""  # one prompt per line; blank lines and '#' lines are ignored
+    reference: Upload | None = None
+    strength: float = 1.0
+    paste_back: bool = False
+    all_faces: bool = False
+    aligned: bool = False  # the photo is already an aligned crop (the CLI's --aligned)
+
+
+@dataclass(frozen=True)
+class AnimateRequest(EditRequest):
+    """The animation form: what ``clipinvert interpolate`` takes (one condition)."""
+
+    steps: int = 8
+    fps: float = 8.0
+    formats: tuple[str, ...] = ("gif",)
+    boomerang: bool = False
+
+
+@dataclass(frozen=True)
+class ResultFile:
+    path: Path
+    label: str
+
+
+@dataclass
+class Outcome:
+    """What a request made: ``results`` (edited PNGs carrying their settings, or the frames of
+    an animation), ``strips`` (input | inversion | edits, or the frames side by side),
+    ``animations`` (GIF/MP4/WebP), the warnings the CLI would print, and the CLI command line
+    that gives the same pixels."""
+
+    results: list[ResultFile] = field(default_factory=list)
+    strips: list[Path] = field(default_factory=list)
+    animations: list[Path] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    commands: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """The domain and its files as the page shows them; ``problem`` names what is missing and
+    the command that gets it (the registry's own message)."""
+
+    domain: str
+    label: str | None
+    align: str
+    resolution: int
+    device: str
+    files: dict[str, Path | None]
+    problem: str | None = None
+
+
+def read_settings(path: Path) -> dict:
+    """The settings a result PNG carries (its ``clipinvert`` text chunk), or ``{}``."""
+    with Image.open(path) as im:
+        text = getattr(im, "text", {}).get(SETTINGS_KEY)
+    return json.loads(text) if text else {}
+
+
+def file_size(n: int) -> str:
+    """``n`` bytes for a message: 3.0 kB, 20.0 MB."""
+    return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 1000:.1f} kB"
+
+
+def _suffix(name: str) -> str:
+    """The upload's suffix when it is a plain one (``.jpg``), else none: it only words the
+    decoder's errors (a ``.heic`` is refused by name), it is never trusted as a format."""
+    suffix = Path(name.replace("\\", "/")).suffix.lower()
+    return suffix if 1 < len(suffix) <= 6 and suffix[1:].isalnum() else ""
+
+
+class Service:
+    """One editor behind a page.  Thread-safe: one request runs at a time.
+
+    ``models`` (the ``--models`` file, if any) only goes into the equivalent command lines the
+    results carry.  ``root``: where the temporary folder is made (default: the system's).
+    """
+
+    def __init__(self, editor, *, limits: Limits | None = None, models: Path | None = None,
+                 landmarks: Path | None = None, keep: int = 8, root: Path | None = None) -> None:
+        self.editor = editor
+        self.limits = limits or Limits()
+        self.models = models
+        self.landmarks = landmarks
+        self.keep = max(1, keep)
+        self.root = Path(tempfile.mkdtemp(prefix="clipinvert-serve-", dir=root))
+        self._lock = threading.Lock()
+        self._recent: deque[Path] = deque()
+        self._numbers = itertools.count(1)
+
+    # ---- what the page shows before any request ------------------------------------------
+    def status(self) -> ModelStatus:
+        """The domain's files for the page, found without loading or downloading anything."""
+        ed = self.editor
+        registry = copy.copy(ed.registry)  # looking must not download, even with --download
+        registry.download, registry.offline = False, True
+        files: dict[str, Path | None] = {}
+        for role in ed.roles(edit=True):
+            try:
+                files[role] = registry.locate(ed.domain, role)
+            except WeightsError:
+                files[role] = None
+        missing = [role for role, path in files.items() if path is None]
+        problem = None
+        if missing:
+            problem = registry.missing_message(ed.domain, missing)
+            if ed.registry.download:
+                problem += " (they download at the first request: --download was given)"
+        return ModelStatus(ed.domain.name, ed.domain.label, ed.domain.align,
+                           ed.domain.resolution, str(ed.device), files, problem)
+
+    def preload(self) -> str | None:
+        """Load the weights now (``--preload``); the reason they cannot be, or None."""
+        try:
+            with self._lock:
+                self.editor.preload(edit=True)
+        except ClipInvertError as exc:
+            return str(exc)
+        return None
+
+    # ---- requests --------------------------------------------------------------------------
+    def edit(self, request: EditRequest) -> Outcome:
+        """``clipinvert edit`` on the uploaded photo; one result per condition (and face)."""
+        from ..jobs import run_edit
+
+        with self._lock:
+            folder = self._new_folder()
+            photo, conditions = self._inputs(request, folder)
+            opts = self._run_options(request, folder / "out")
+            report = run_edit(self.editor, photo, conditions, opts, {},
+                              strength=request.strength, compare=True,
+                              paste_back=request.paste_back)
+            outputs = self._outputs(report, photo, request)
+            out = Outcome(warnings=self._warnings(report, photo, request))
+            identity = self.editor.weight_identity(edit=True)
+            single = len(conditions) == 1
+            for path in outputs:
+                rel = path.relative_to(opts.output)
+                if path.suffix != ".png":
+                    continue
+                if rel.parts[0] == "compare":  # named for a download folder
+                    target = folder / "results" / f"{path.stem}-input-inversion-edits.png"
+                    atomic_write(target, lambda tmp, src=path: shutil.copyfile(src, tmp))
+                    out.strips.append(target)
+                    continue
+                cond = conditions[0] if single else next(
+                    c for c in conditions if c.slug == rel.parts[0])
+                command = self._command("edit", request, cond)
+                target = folder / "results" / f"{path.stem}-{cond.slug}.png"
+                settings = self._settings(request, cond, identity, command)
+                _with_settings(path, target, settings)
+                out.results.append(ResultFile(target, cond.label))
+                if command not in out.commands:
+                    out.commands.append(command)
+            return out
+
+    def animate(self, request: AnimateRequest) -> Outcome:
+        """``clipinvert interpolate``: frames from the inversion to the edit, and animations."""
+        from ..jobs import run_interpolate
+
+        lim = self.limits
+        if not 2 <= request.steps <= lim.max_steps:
+            raise RequestError(f"steps: 2 to {lim.max_steps}")
+        if not 1 <= request.fps <= lim.max_fps:
+            raise RequestError(f"frames per second: 1 to {lim.max_fps:g}")
+        formats = list(dict.fromkeys(request.formats)) or ["gif"]
+        if bad := [f for f in formats if f not in ANIMATION_FORMATS]:
+            raise RequestError(f"animation format {bad[0]!r}: use {', '.join(ANIMATION_FORMATS)}")
+        with self._lock:
+            folder = self._new_folder()
+            photo, conditions = self._inputs(request, folder)
+            if len(conditions) != 1:
+                raise RequestError("an animation takes one prompt or one reference image, "
+                                   f"not {len(conditions)}")
+            cond = conditions[0]
+            opts = self._run_options(request, folder / "out")
+            report = run_interpolate(self.editor, photo, cond, opts, {}, steps=request.steps,
+                                     strength=request.strength, formats=formats,
+                                     fps=request.fps, boomerang=request.boomerang,
+                                     paste_back=request.paste_back)
+            outputs = self._outputs(report, photo, request)
+            out = Outcome(warnings=self._warnings(report, photo, request),
+                          commands=[self._command("interpolate", request, cond)])
+            frames: dict[Path, list[Path]] = {}
+            for path in outputs:
+                if path.suffix == ".png":
+                    frames.setdefault(path.parent, []).append(path)
+                elif path.suffix.lstrip(".") in formats:
+                    target = folder / "results" / f"{path.stem}-{cond.slug}{path.suffix}"
+                    atomic_write(target, lambda tmp, src=path: shutil.copyfile(src, tmp))
+                    out.animations.append(target)
+            last = max(1, request.steps - 1)
+            for group, paths in frames.items():
+                paths.sort()
+                alphas = [request.strength * k / last for k in range(len(paths))]
+                out.results += [ResultFile(p, f"{cond.label} × {a:.2f}")
+                                for p, a in zip(paths, alphas, strict=True)]
+                images = [Image.open(p) for p in paths]
+                strip = imaging.side_by_side(images, labels=[f"{a:.2f}" for a in alphas],
+                                             height=min(256, images[0].height))
+                target = folder / "results" / f"{group.name}-{cond.slug}-strip.png"
+                imaging.save_image(strip, target)
+                out.strips.append(target)
+            return out
+
+    def close(self) -> None:
+        """Remove every file the service wrote."""
+        with self._lock:
+            self._recent.clear()
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    # ---- the steps of a request ------------------------------------------------------------
+    def _new_folder(self) -> Path:
+        """A folder for this request; the oldest beyond :attr:`keep` go (the page has copied
+        their files by the time later requests run: requests run one at a time)."""
+        while len(self._recent) >= self.keep:
+            shutil.rmtree(self._recent.popleft(), ignore_errors=True)
+        folder = self.root / f"request-{next(self._numbers)}"
+        folder.mkdir(parents=True)
+        self._recent.append(folder)
+        return folder
+
+    def _prompts(self, text: str) -> list[str]:
+        lim = self.limits
+        lines = [ln.strip() for ln in (text or "").splitlines()]
+        prompts = [ln for ln in lines if ln and not ln.startswith("#")]
+        if len(prompts) > lim.max_prompts:
+            raise RequestError(f"{len(prompts)} prompts: at most {lim.max_prompts} a request")
+        for p in prompts:
+            if len(p) > lim.max_prompt_chars:
+                raise RequestError(f"a prompt of {len(p)} characters: at most "
+                                   f"{lim.max_prompt_chars}")
+        return prompts
+
+    def _store(self, upload: Upload | None, folder: Path, stem: str, what: str) -> Path:
+        """The upload as ``folder/stem<suffix>``, checked: size, pixels, a decodable image."""
+        lim = self.limits
+        if upload is None or not upload.data:
+            raise RequestError(f"{what}: no file given" if upload is not None else
+                               f"upload a {what}")
+        if len(upload.data) > lim.max_bytes:
+            raise RequestError(f"{what}: {file_size(len(upload.data))}, the limit is "
+                               f"{file_size(lim.max_bytes)}")
+        path = folder / f"{stem}{_suffix(upload.name)}"
+        atomic_write(path, lambda tmp: tmp.write_bytes(upload.data))
+        try:  # the CLI's decoder, at this server's pixel limit; its message is the page's
+            imaging.load_image(path, max_pixels=lim.max_pixels).close()
+        except InputError as exc:
+            raise RequestError(f"{what} {upload.name}: {exc}") from None
+        return path
+
+    def _inputs(self, request: EditRequest, folder: Path):
+        from ..jobs import conditions_from
+
+        prompts = self._prompts(request.prompts)
+        stem = slugify(Path(request.photo.name).stem if request.photo else "", 40)
+        if stem == "prompt" or stem in RESERVED_FOLDERS:  # no name, or the job's own folder
+            stem = "photo"
+        photo = self._store(request.photo, folder / "in", stem, "photo")
+        refs = [self._store(request.reference, folder / "ref", "reference", "reference image")
+                ] if request.reference is not None else []
+        if not prompts and not refs:
+            raise RequestError("type a prompt (or give a reference image)")
+        return photo, conditions_from(prompts, refs)
+
+    def _run_options(self, request: EditRequest, output: Path):
+        """The options ``clipinvert edit`` builds from the same flags (``cli._prepare``)."""
+        from ..batch import RunOptions
+        from ..cli import _prepare
+
+        ed = self.editor
+        prep = _prepare(ed.registry, ed.domain, aligned=request.aligned,
+                        all_faces=request.all_faces, size=ed.input_size,
+                        paste_back=request.paste_back, landmarks=self.landmarks)
+        return RunOptions(output=output, batch_size=None, quiet=True, workers=0, prepare=prep)
+
+    @staticmethod
+    def _outputs(report, photo: Path, request: EditRequest) -> list[Path]:
+        record = report.records[0]
+        if record["status"] != "done":
+            raise RequestError(f"{request.photo.name}: "
+                               f"{record.get('reason', record['status'])}")
+        return [Path(p) for p in record["outputs"]]
+
+    @staticmethod
+    def _warnings(report, photo: Path, request: EditRequest) -> list[str]:
+        """The run's warnings, naming the upload as the user knows it."""
+        return [w.replace(str(photo), request.photo.name) for w in report.warnings]
+
+    def _command(self, command: str, request: EditRequest, cond) -> str:
+        """The CLI command line that gives the same pixels as this result."""
+        words = ["clipinvert", command, request.photo.name]
+        words += ["--ref-image", request.reference.name] if cond.label.startswith("ref:") \
+            else [cond.label]
+        if self.models is not None:
+            words += ["--models", str(self.models)]
+        words += ["--domain", self.editor.domain.name]
+        if request.strength != 1.0:
+            words += ["--strength", f"{request.strength:g}"]
+        words += [flag for flag, on in (("--paste-back", request.paste_back),
+                                        ("--all-faces", request.all_faces),
+                                        ("--aligned", request.aligned)) if on]
+        if isinstance(request, AnimateRequest):
+            words += ["--steps", str(request.steps), "--fps", f"{request.fps:g}"]
+            words += [w for f in request.formats for w in ("--format", f)]
+            words += ["--boomerang"] if request.boomerang else []
+        dtype = str(self.editor.dtype).replace("torch.", "")
+        words += ["--dtype", dtype] if dtype != "float32" else []
+        return shlex.join(words)
+
+    def _settings(self, request: EditRequest, cond, identity: dict, command: str) -> dict:
+        ed = self.editor
+        return {
+            "tool": f"clipinvert {__version__}", "command": command,
+            "domain": ed.domain.name, "dtype": str(ed.dtype).replace("torch.", ""),
+            "condition": cond.key if cond.label.startswith("ref:") else cond.label,
+            "prompt": None if cond.label.startswith("ref:") else cond.label,
+            "reference": request.reference.name if cond.label.startswith("ref:") else None,
+            "strength": request.strength, "paste_back": request.paste_back,
+            "all_faces": request.all_faces, "aligned": request.aligned,
+            "models": {role: {"file": Path(f["path"]).name, "sha256": f["sha256"]}
+                       for role, f in identity.items()},
+        }
+
+
+def _with_settings(source: Path, target: Path, settings: dict) -> None:
+    """``source`` (a PNG the job wrote) again as ``target`` with ``settings`` as PNG text: the
+    same pixels, and a downloaded result still says how it was made."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Software", settings["tool"])
+    info.add_text("Description", str(settings["condition"]))
+    info.add_text(SETTINGS_KEY, json.dumps(settings, ensure_ascii=False))
+    with Image.open(source) as im:
+        im.load()
+        atomic_write(target, lambda tmp: im.save(tmp, format="PNG", pnginfo=info,
+                                                 compress_level=imaging.PNG_LEVEL))
+
+
+def describe(status: ModelStatus) -> list[str]:
+    """The status as lines (the page's markdown and ``serve``'s start-up lines share them)."""
+    label = f" — {status.label}" if status.label else ""
+    lines = [f"domain {status.domain}{label} ({status.resolution} px, align "
+             f"{status.align}, {status.device})"]
+    lines += [f"{role}: {path if path is not None else 'missing'}"
+              for role, path in status.files.items()]
+    return lines
