@@ -161,10 +161,10 @@ AllFaces = Annotated[bool, typer.Option(
     help="Process every face found, as <stem>_face<i>, not only the most confident.")]
 DetectSize = Annotated[str, typer.Option(
     "--detect-size", callback=auto_or(64, 65536, word="full"), metavar="N|full",
-    help="Search faces on a copy with a long side of N px, landmarks still at full size: "
-         "~0.45 s less per megapixel, but the crop moves by up to ~1% of its side "
-         "(docs/alignment.md#alignment-at-scale). full (default): today's crops. Ignored with "
-         "--all-faces.")]
+    help="Search faces on a copy N px long, landmarks still at full size: the search costs "
+         "~0.45 s per megapixel of the photo searched, but the crop moves by up to ~1% of its "
+         "side (docs/alignment.md#alignment-at-scale). full: the photo itself, today's crops. "
+         "No face on the copy: full size; ignored with --all-faces.")]
 
 
 def detect_size_pixels(value: str | int) -> int | None:

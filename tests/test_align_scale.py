@@ -8,6 +8,9 @@ The bound checked is the one docs/alignment.md#alignment-at-scale states from me
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import PIL.Image
 import pytest
@@ -106,6 +109,30 @@ def test_all_faces_ignores_the_copy_and_small_photos_are_not_resized(detector,
     # a photo no larger than detect_size is searched as it is
     (face,) = align_image(astronaut, detector, detect_size=512)
     assert "detected_at" not in face.transform and face.transform == today[0].transform
+
+
+@pytest.mark.slow  # ~2-4 s: loads the predictor again, times every stage
+def test_bench_align_reports_stages_and_deltas(tmp_path: Path, capsys,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # the script runs as `python benchmarks/bench_align.py`: its shared module by its plain name
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import bench_align
+
+    out = tmp_path / "align.json"
+    assert bench_align.main(["--sizes", "0.1", "--repeats", "1", "--detect-size", "256",
+                             "--variants-quick", "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    (row,) = figures["stages"]
+    assert row["size"] == [316, 316] and row["copy_size"] == [256, 256]
+    assert set(row["ms"]) == set(bench_align.STAGES) and all(v > 0 for v in row["ms"].values())
+    assert row["ms_per_mp"]["detect"] == pytest.approx(row["ms"]["detect"] / row["megapixels"])
+    half, one = figures["variants"]
+    assert half["variant"] == "0.5x" and half["copy_size"] is None  # 256 px: no copy
+    assert half["quad_delta_px"] == 0 and not half["fell_back"]
+    assert one["variant"] == "1x" and one["copy_size"] == [256, 256]
+    assert 0 < one["quad_delta_px"] <= BOUND * one["qsize"] and one["crop_psnr_db"] > 20
+    table = capsys.readouterr().out
+    assert "landmarks ms/MP" in table and "quad Δ px" in table
 
 
 # --------------------------------------------------------------------------- the full matrix
