@@ -84,6 +84,7 @@ class PrepareOptions:
     align: bool = False
     size: int = 256
     all_faces: bool = False
+    detect_size: int | None = None  # long side of the face-search copy (None: full size)
     keep_original: bool = False
     predictor: Path | None = None
     resize: str = "stretch"  # the domain's policy for non-square inputs when not aligning
@@ -114,7 +115,8 @@ def prepare(src: Path, rel: Path, opts: PrepareOptions) -> Prepared:
         from .align import align_image
 
         faces = align_image(image, _detector(opts.predictor), name=src.name,
-                            output_size=opts.size, all_faces=opts.all_faces)
+                            output_size=opts.size, all_faces=opts.all_faces,
+                            detect_size=opts.detect_size)
         multi = opts.all_faces and len(faces) > 1
         for face in faces:
             stem = rel.with_name(f"{rel.name}_face{face.index}") if multi else rel
@@ -387,7 +389,8 @@ def _run_claimed(command: str, sources: list[tuple[Path, Path]], opts: RunOption
                 "prepare": {"align": prep.align, "size": prep.size, "all_faces": prep.all_faces,
                             "paste_back": prep.keep_original,
                             # only when set, so that folders made before it keep their outputs
-                            **({"resize": prep.resize} if prep.resize != "stretch" else {})}}
+                            **({"resize": prep.resize} if prep.resize != "stretch" else {}),
+                            **({"detect_size": prep.detect_size} if prep.detect_size else {})}}
     fp = fingerprint(settings)
     if not prep.align and prep.resize != "stretch":  # eval re-squares the inputs the same way
         report.meta["resize"] = prep.resize

@@ -35,6 +35,7 @@ from .cli_options import (
     Input,
     Split,
     Strength,
+    detect_size_pixels,
     examples,
     existing_file,
     finite,
@@ -81,7 +82,8 @@ def _root(version: Annotated[bool, typer.Option(
 
 
 def _prepare(registry, domain, *, aligned: bool, all_faces: bool, size: int,
-             paste_back: bool = False, landmarks: Path | None = None):
+             paste_back: bool = False, landmarks: Path | None = None,
+             detect_size: int | None = None):
     """How inputs become model inputs: FFHQ alignment for ``align = "ffhq"`` domains."""
     from .batch import PrepareOptions
 
@@ -96,7 +98,7 @@ def _prepare(registry, domain, *, aligned: bool, all_faces: bool, size: int,
         from .align import FaceDetector
 
         FaceDetector(predictor)
-    return PrepareOptions(align=align, size=size, all_faces=all_faces,
+    return PrepareOptions(align=align, size=size, all_faces=all_faces, detect_size=detect_size,
                           keep_original=paste_back, predictor=predictor)
 
 
@@ -148,7 +150,8 @@ def _load(opts: Common, paste_back: bool = False):
                     download=opts.download, offline=opts.offline or None,
                     trust_checkpoint=opts.trust_checkpoint)
     prep = _prepare(editor.registry, editor.domain, aligned=opts.aligned,
-                    all_faces=opts.all_faces, size=editor.input_size, paste_back=paste_back)
+                    all_faces=opts.all_faces, size=editor.input_size, paste_back=paste_back,
+                    detect_size=detect_size_pixels(opts.detect_size))
     return editor, _run_options(opts, prep, device=editor.device.type, launch=launch)
 
 
@@ -190,7 +193,7 @@ def align(
     if dom.align != "ffhq":  # aligning is the point of this command, whatever the domain
         dom = dataclasses.replace(dom, align="ffhq")
     prep = _prepare(reg, dom, aligned=False, all_faces=opts.all_faces, size=size,
-                    landmarks=landmarks)
+                    landmarks=landmarks, detect_size=detect_size_pixels(opts.detect_size))
     run = _run_options(opts, prep, batch_size=8)
     _finish(run_align(input, run, opts.params), run)
 

@@ -134,3 +134,28 @@ def test_interpolate_paste_back_frames_are_full_photos(photos: Path, faces_model
                   "--paste-back"], faces_models) == 0
     frames = sorted((out / "astronaut").glob("*.png"))
     assert len(frames) == 3 and all(Image.open(f).size == (512, 512) for f in frames)
+
+
+def test_detect_size_option(photos: Path, faces_models: Path, tmp_path: Path, capsys) -> None:
+    src = _alone(photos / "astronaut.png", tmp_path)
+    out = tmp_path / "copy"
+    # align: the face is searched on a 256-px copy, recorded in the transform
+    assert main(["align", str(src), "-o", str(out), "--detect-size", "256", "--workers", "0",
+                 "-q"]) == 0
+    t = json.loads((out / "astronaut.json").read_text())
+    assert t["detected_at"] == [256, 256] and t["source_size"] == [512, 512]
+    # the default (full) is today's path: no copy
+    assert main(["align", str(src), "-o", str(tmp_path / "full"), "--workers", "0", "-q"]) == 0
+    assert "detected_at" not in json.loads((tmp_path / "full" / "astronaut.json").read_text())
+    # a rerun into the same folder with another --detect-size is another setting, not a skip
+    capsys.readouterr()
+    assert main(["align", str(src), "-o", str(out), "--workers", "0", "-q"]) == 2
+    assert "already holds" in capsys.readouterr().err
+    # the model commands take it too (shared with align, declared once)
+    assert _edit(["invert", str(src), "-o", str(tmp_path / "inv"), "--detect-size", "256"],
+                 faces_models) == 0
+    assert json.loads((tmp_path / "inv" / "astronaut.json").read_text())["detected_at"] == [256,
+                                                                                            256]
+    for bad in ("32", "big", "-5"):
+        assert main(["align", str(src), "-o", str(tmp_path / "x"), "--detect-size", bad]) == 2
+        assert "--detect-size" in capsys.readouterr().err

@@ -307,6 +307,7 @@ def align_image(
     name: str = "image",
     output_size: int = DEFAULT_SIZE,
     all_faces: bool = False,
+    detect_size: int | None = None,
 ) -> list[AlignedFace]:
     """Detect faces in a photo and return FFHQ crops, most confident face first.
 
@@ -314,9 +315,15 @@ def align_image(
     last detection, which can be a logo); ``all_faces=True`` returns every detected face.  The
     warp runs at ``max(256, output_size)`` so the default matches the released crops and larger
     outputs are not upscaled from 256.  Raises :class:`InputError` when there is no face.
+
+    ``detect_size`` (opt-in) searches the face on a copy whose long side is at most that many
+    pixels, landmarks at full resolution (:meth:`FaceDetector.find`; crops within the bound of
+    docs/alignment.md#alignment-at-scale).  It is ignored with ``all_faces``: a face too small
+    for the copy would be missed while others are found, and "every face" means every face the
+    full-resolution search finds.
     """
     rgb = image if image.mode == "RGB" else image.convert("RGB")
-    faces = detector.detect(np.asarray(rgb))
+    faces = detector.detect(np.asarray(rgb), None if all_faces else detect_size)
     if not faces:
         raise InputError(f"no face found in {name} — try a frontal photo or --aligned")
     if not all_faces:
@@ -332,5 +339,7 @@ def align_image(
         transform["score"] = float(face.score)
         transform["box"] = list(face.box)
         transform["index"] = index
+        if face.detected_at is not None:
+            transform["detected_at"] = list(face.detected_at)
         results.append(AlignedFace(image=crop, transform=transform, score=face.score, index=index))
     return results
