@@ -443,3 +443,52 @@ def test_a_full_queue_says_so(tiny_models: Path) -> None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def test_a_batch_on_an_aligning_domain_pastes_back_and_edits_every_face(
+        tiny_models: Path, cat_photo: Image.Image, tmp_path: Path, capsys) -> None:
+    """Alignment, every face and paste-back in a batch: each request's photo is aligned by
+    the CLI's code and its faces pasted back into it as the CLI does (within the batched
+    bound), and a photo without a face is its own user's message."""
+    from skimage import data
+
+    from clipinvert import Editor
+
+    models = tiny_models.with_name("serve-faces.toml")  # beside the files it names
+    models.write_text(tiny_models.read_text().replace("[domains.tiny]", "[domains.tinyfaces]")
+                      .replace('align = "none"', 'align = "ffhq"'))
+    face = Image.fromarray(data.astronaut()).crop((120, 20, 330, 230))
+    pair = Image.new("RGB", (520, 260), (200, 200, 200))
+    pair.paste(face, (20, 25))
+    pair.paste(face.transpose(Image.Transpose.FLIP_LEFT_RIGHT).resize((180, 180)), (300, 40))
+    photos = {"astronaut.png": Image.fromarray(data.astronaut()), "pair.png": pair,
+              "chelsea.jpg": cat_photo}
+    for name, image in photos.items():
+        image.save(tmp_path / name)
+    svc = Service(Editor("tinyfaces", models=models, device="cpu"), models=models)
+    try:
+        pasted, faces, cat = svc.edit_many([
+            EditRequest(upload(tmp_path / "astronaut.png"), "blond hair", paste_back=True),
+            EditRequest(upload(tmp_path / "pair.png"), "blond hair", all_faces=True),
+            EditRequest(upload(tmp_path / "chelsea.jpg"), "blond hair")])
+        assert isinstance(cat, RequestError) and "no face found in chelsea.jpg" in str(cat)
+        assert isinstance(pasted, Outcome) and isinstance(faces, Outcome)
+        assert [r.path.name for r in faces.results] == ["pair_face0-blond-hair.png",
+                                                        "pair_face1-blond-hair.png"]
+        assert len(faces.strips) == 2
+        assert pixels(pasted.results[0].path).shape == (512, 512, 3)  # the whole photo
+        cases = [(pasted, "astronaut", ["--paste-back"], ["astronaut.png"]),
+                 (faces, "pair", ["--all-faces"], ["pair_face0.png", "pair_face1.png"])]
+        for outcome, stem, flags, names in cases:
+            out = tmp_path / f"cli-{stem}"
+            src = tmp_path / next(n for n in photos if n.startswith(stem))
+            assert main(["edit", str(src), "blond hair", *flags, "-o", str(out), "--models",
+                         str(models), "--domain", "tinyfaces", "--device", "cpu",
+                         "--quiet"]) == 0
+            capsys.readouterr()
+            for result, name in zip(outcome.results, names, strict=True):
+                got, want = pixels(result.path).astype(int), pixels(out / name).astype(int)
+                assert got.shape == want.shape
+                assert np.abs(got - want).max() <= BATCHED_BOUND
+    finally:
+        svc.close()

@@ -46,6 +46,7 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image, PngImagePlugin
 
@@ -53,6 +54,12 @@ from .. import __version__, imaging
 from ..errors import EXIT_USAGE, ClipInvertError, InputError, WeightsError
 from ..fileio import atomic_write
 from ..naming import RESERVED_FOLDERS, slugify
+
+if TYPE_CHECKING:  # for annotations only: the job modules are imported where used
+    import torch
+
+    from ..batch import Prepared, Report, RunOptions
+    from ..jobs import EditCondition
 
 __all__ = ["AnimateRequest", "EditRequest", "Limits", "ModelStatus", "Outcome",
            "RequestError", "ResultFile", "Service", "Upload", "read_settings"]
@@ -189,13 +196,13 @@ class _Job:
     request: EditRequest
     folder: Path
     photo: Path
-    conditions: list
-    opts: object  # RunOptions
-    item: object  # batch.Prepared: the decoded (aligned) crops
-    report: object  # batch.Report: its warnings
-    embeddings: list
-    inversions: list = field(default_factory=list)  # per crop
-    edits: list = field(default_factory=list)  # per crop, per condition
+    conditions: list[EditCondition]
+    opts: RunOptions
+    item: Prepared  # the decoded (aligned) crops
+    report: Report  # its warnings
+    embeddings: list[torch.Tensor]  # per condition
+    inversions: list[Image.Image] = field(default_factory=list)  # per crop
+    edits: list[list[Image.Image]] = field(default_factory=list)  # per crop, per condition
 
 
 class Service:
@@ -217,8 +224,8 @@ class Service:
         self.keep = max(1, keep)
         self.max_batch = max(1, max_batch)
         self.root = Path(tempfile.mkdtemp(prefix="clipinvert-serve-", dir=root))
-        #: How many requests each of the last batches held (newest last): the log and the
-        #: tests read it to see requests of several users run together.
+        #: How many requests each of the last batches held (newest last): what shows that
+        #: requests of several users ran together (the tests read it).
         self.batch_sizes: deque[int] = deque(maxlen=1000)
         self._lock = threading.Lock()  # the model: one batch or animation at a time
         self._waiting: deque[_Ticket] = deque()
@@ -443,8 +450,9 @@ class Service:
         return self._outcome(job.request, job.folder, job.photo, conditions, opts.output,
                              outputs, job.report.warnings)
 
-    def _outcome(self, request: EditRequest, folder: Path, photo: Path, conditions: list,
-                 output: Path, outputs: list[Path], warnings: list[str]) -> Outcome:
+    def _outcome(self, request: EditRequest, folder: Path, photo: Path,
+                 conditions: list[EditCondition], output: Path, outputs: list[Path],
+                 warnings: list[str]) -> Outcome:
         """The page's results from the job's files: the PNGs again with their settings, the
         strips under a name for a download folder."""
         out = Outcome(warnings=self._warnings(warnings, photo, request))
