@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import io
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +20,17 @@ from clipinvert.serve.app import (
     AnimateRequest,
     EditRequest,
     Limits,
+    Outcome,
     RequestError,
     Service,
     Upload,
     read_settings,
 )
+
+#: Requests batched together: at most this far (grey levels) from the CLI's pixels.  Measured
+#: (docs/serve.md#several-users): the encoder's convolutions are not batch-invariant, so a
+#: batch's composition moves a few values by one level; a request alone is exactly the CLI's.
+BATCHED_BOUND = 1
 
 
 @pytest.fixture(scope="module")
@@ -229,5 +237,258 @@ def test_the_page_builds_offline(service: Service, monkeypatch) -> None:
     assert Path(os.environ["GRADIO_TEMP_DIR"]).is_relative_to(service.root)
     assert demo._queue.max_size == 3
     edit = next(f for f in demo.fns.values() if f.api_name == "edit")
-    assert edit.concurrency_limit == 1 and edit.preprocess is False
+    animate = next(f for f in demo.fns.values() if f.api_name == "animate")
+    # up to a batch of edits handed to the service at once; animations one at a time
+    assert edit.concurrency_limit == service.max_batch == 8 and edit.preprocess is False
+    assert animate.concurrency_limit == 1 and not edit.batch
     assert "IBM Plex" not in io.StringIO(str(ui.theme()._stylesheets)).getvalue()
+
+
+def wait_until(condition, what: str, timeout: float = 60.0) -> None:
+    """Poll ``condition`` until it holds (a deadline for a hung test, not a measurement)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_requests_of_several_users_go_through_the_model_together(
+        service: Service, photo: Path, face_crop: Image.Image, tiny_models: Path,
+        tmp_path: Path, monkeypatch, capsys) -> None:
+    """Three users' requests as one batch: the bad upload is its user's one-line message, the
+    two others get their results — one encoder call for both photos — within the measured
+    bound of the CLI's pixels (and with the CLI's file names, strips and warnings)."""
+    other = tmp_path / "portrait.png"
+    face_crop.rotate(180).resize((40, 40)).save(other)
+    editor = service.editor
+    calls: dict[str, list[int]] = {"encode": [], "edit": []}
+    encode, edit = editor.encode, editor.edit
+
+    def counting_encode(images):
+        calls["encode"].append(len(images))
+        return encode(images)
+
+    def counting_edit(images, condition, strength=1.0):
+        calls["edit"].append(len(images))
+        return edit(images, condition, strength=strength)
+
+    monkeypatch.setattr(editor, "encode", counting_encode)
+    monkeypatch.setattr(editor, "edit", counting_edit)
+    requests = [EditRequest(upload(photo), "she has wavy blond hair\nhe has a beard",
+                            strength=0.7),
+                EditRequest(Upload("notes.png", b"this is not an image\n"), "blond hair"),
+                EditRequest(upload(other), "a smiling person", strength=0.7)]
+    first, bad, third = service.edit_many(requests)
+    assert service.batch_sizes[-1] == 3
+    assert isinstance(bad, RequestError)
+    assert str(bad) == "photo notes.png: not an image file (contents are text)"
+    assert isinstance(first, Outcome) and isinstance(third, Outcome)
+    assert calls["encode"] == [2]  # both photos in one pass
+    assert calls["edit"] == [3]  # three (photo, prompt) edits, one strength: one call
+    assert [r.label for r in first.results] == ["she has wavy blond hair", "he has a beard"]
+    assert [r.label for r in third.results] == ["a smiling person"]
+    assert [p.name for p in first.strips] == ["astronaut-input-inversion-edits.png"]
+    assert any("astronaut.jpg" in w and "not square" in w for w in first.warnings)
+    assert not third.warnings
+    for source, outcome in ((photo, first), (other, third)):
+        for result in outcome.results:
+            out = tmp_path / "cli" / result.path.stem
+            cli_edit(source, out, tiny_models, result.label, "--strength", "0.7")
+            capsys.readouterr()
+            got = pixels(result.path).astype(int)
+            want = pixels(out / f"{source.stem}.png").astype(int)
+            assert got.shape == want.shape
+            assert np.abs(got - want).max() <= BATCHED_BOUND, result.label
+            settings = read_settings(result.path)
+            assert settings["prompt"] == result.label and settings["strength"] == 0.7
+
+
+def test_a_batch_edits_each_strength_in_its_own_call(service: Service, photo: Path,
+                                                     tiny_models: Path, tmp_path: Path,
+                                                     monkeypatch, capsys) -> None:
+    """The model takes one strength a call: requests of two strengths are two edit calls
+    after one encoder call, and each result is its own strength's."""
+    editor = service.editor
+    strengths: list[float] = []
+    edit = editor.edit
+
+    def counting_edit(images, condition, strength=1.0):
+        strengths.append(strength)
+        return edit(images, condition, strength=strength)
+
+    monkeypatch.setattr(editor, "edit", counting_edit)
+    weak, strong = service.edit_many([EditRequest(upload(photo), "grey hair", strength=0.3),
+                                      EditRequest(upload(photo), "grey hair", strength=1.5)])
+    assert sorted(strengths) == [0.3, 1.5]
+    for outcome, strength in ((weak, 0.3), (strong, 1.5)):
+        out = tmp_path / f"cli-{strength}"
+        cli_edit(photo, out, tiny_models, "grey hair", "--strength", str(strength))
+        capsys.readouterr()
+        [result] = outcome.results
+        diff = np.abs(pixels(result.path).astype(int) - pixels(out / "astronaut.png"))
+        assert diff.max() <= BATCHED_BOUND
+    assert not np.array_equal(pixels(weak.results[0].path), pixels(strong.results[0].path))
+
+
+def test_a_request_alone_in_its_batch_is_the_cli_run(service: Service, photo: Path,
+                                                     tiny_models: Path, tmp_path: Path,
+                                                     capsys) -> None:
+    [alone] = service.edit_many([EditRequest(upload(photo), "a bearded man")])
+    assert service.batch_sizes[-1] == 1
+    cli_edit(photo, tmp_path / "cli", tiny_models, "a bearded man")
+    capsys.readouterr()
+    assert np.array_equal(pixels(alone.results[0].path),
+                          pixels(tmp_path / "cli" / "astronaut.png"))
+
+
+def test_requests_that_wait_for_the_model_run_as_one_batch(service: Service,
+                                                           photo: Path) -> None:
+    """Callers on several threads (the page's handlers): while the model is busy their
+    requests wait, then run together; each caller gets its own result, or its own error."""
+    requests = [EditRequest(upload(photo), "blond hair"),
+                EditRequest(Upload("cut.jpg", photo.read_bytes()[:200]), "blond hair"),
+                EditRequest(upload(photo), "a beard")]
+    got: dict[int, Outcome | Exception] = {}
+
+    def call(k: int) -> None:
+        try:
+            got[k] = service.edit(requests[k])
+        except Exception as exc:  # noqa: BLE001 - the test looks at it
+            got[k] = exc
+
+    threads = [threading.Thread(target=call, args=(k,)) for k in range(len(requests))]
+    with service.hold():
+        for t in threads:
+            t.start()
+        wait_until(lambda: service.waiting() == len(requests), "three waiting requests")
+    for t in threads:
+        t.join()
+    assert service.batch_sizes[-1] == 3
+    assert isinstance(got[0], Outcome) and got[0].results[0].label == "blond hair"
+    assert isinstance(got[1], RequestError) and "truncated or corrupt" in str(got[1])
+    assert isinstance(got[2], Outcome) and got[2].results[0].label == "a beard"
+    assert service.waiting() == 0
+
+
+def test_a_batch_of_more_than_max_batch_waiting_requests_is_split(tiny_models: Path,
+                                                                  photo: Path) -> None:
+    from clipinvert import Editor
+
+    svc = Service(Editor("tiny", models=tiny_models, device="cpu"), max_batch=2, keep=2)
+    try:
+        outs: list[Outcome] = []
+        threads = [threading.Thread(target=lambda: outs.append(svc.edit(
+            EditRequest(upload(photo), "blond hair")))) for _ in range(3)]
+        with svc.hold():
+            for t in threads:
+                t.start()
+            wait_until(lambda: svc.waiting() == 3, "three waiting requests")
+        for t in threads:
+            t.join()
+        assert list(svc.batch_sizes) == [2, 1]
+        # every result is still there: a batch never removes the previous batch's folders
+        assert len(outs) == 3 and all(o.results[0].path.exists() for o in outs)
+    finally:
+        svc.close()
+
+
+def test_a_full_queue_says_so(tiny_models: Path) -> None:
+    """The page's queue is bounded: with the model busy, ``max_batch`` requests are with the
+    service, ``queue_size`` wait in gradio's queue, and one more is refused as a full queue
+    (the page shows gradio's "Queue is full" message)."""
+    import json
+    import os
+    import socket
+    import urllib.error
+    import urllib.request
+
+    from clipinvert import Editor
+    from clipinvert.serve.ui import launch
+
+    saved = {k: os.environ.get(k) for k in ("GRADIO_TEMP_DIR", "GRADIO_ANALYTICS_ENABLED")}
+    svc = Service(Editor("tiny", models=tiny_models, device="cpu"), max_batch=2)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo, url = launch(svc, port=port, queue_size=1)
+    try:
+        fn_index = next(k for k, f in demo.fns.items() if f.api_name == "edit")
+
+        def join(k: int) -> int:
+            body = {"data": [None, "blond hair", None, 1.0, False, False, False],
+                    "fn_index": fn_index, "session_hash": f"user{k}", "event_data": None,
+                    "trigger_id": None}
+            req = urllib.request.Request(url.rstrip("/") + "/gradio_api/queue/join",
+                                         json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=30) as response:  # noqa: S310
+                    return response.status
+            except urllib.error.HTTPError as exc:
+                assert "Queue is full" in exc.read().decode()
+                return exc.code
+
+        with svc.hold():
+            for k in range(2):  # with the service, waiting for the model
+                assert join(k) == 200
+                wait_until(lambda k=k: svc.waiting() == k + 1, "a request with the service")
+            assert join(2) == 200  # waits in gradio's queue
+            assert join(3) == 503  # the queue is full
+        wait_until(lambda: svc.waiting() == 0 and len(demo._queue) == 0, "the queue to drain")
+    finally:
+        demo.close(verbose=False)
+        svc.close()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def test_a_batch_on_an_aligning_domain_pastes_back_and_edits_every_face(
+        tiny_models: Path, cat_photo: Image.Image, tmp_path: Path, capsys) -> None:
+    """Alignment, every face and paste-back in a batch: each request's photo is aligned by
+    the CLI's code and its faces pasted back into it as the CLI does (within the batched
+    bound), and a photo without a face is its own user's message."""
+    from skimage import data
+
+    from clipinvert import Editor
+
+    models = tiny_models.with_name("serve-faces.toml")  # beside the files it names
+    models.write_text(tiny_models.read_text().replace("[domains.tiny]", "[domains.tinyfaces]")
+                      .replace('align = "none"', 'align = "ffhq"'))
+    face = Image.fromarray(data.astronaut()).crop((120, 20, 330, 230))
+    pair = Image.new("RGB", (520, 260), (200, 200, 200))
+    pair.paste(face, (20, 25))
+    pair.paste(face.transpose(Image.Transpose.FLIP_LEFT_RIGHT).resize((180, 180)), (300, 40))
+    photos = {"astronaut.png": Image.fromarray(data.astronaut()), "pair.png": pair,
+              "chelsea.jpg": cat_photo}
+    for name, image in photos.items():
+        image.save(tmp_path / name)
+    svc = Service(Editor("tinyfaces", models=models, device="cpu"), models=models)
+    try:
+        pasted, faces, cat = svc.edit_many([
+            EditRequest(upload(tmp_path / "astronaut.png"), "blond hair", paste_back=True),
+            EditRequest(upload(tmp_path / "pair.png"), "blond hair", all_faces=True),
+            EditRequest(upload(tmp_path / "chelsea.jpg"), "blond hair")])
+        assert isinstance(cat, RequestError) and "no face found in chelsea.jpg" in str(cat)
+        assert isinstance(pasted, Outcome) and isinstance(faces, Outcome)
+        assert [r.path.name for r in faces.results] == ["pair_face0-blond-hair.png",
+                                                        "pair_face1-blond-hair.png"]
+        assert len(faces.strips) == 2
+        assert pixels(pasted.results[0].path).shape == (512, 512, 3)  # the whole photo
+        cases = [(pasted, "astronaut", ["--paste-back"], ["astronaut.png"]),
+                 (faces, "pair", ["--all-faces"], ["pair_face0.png", "pair_face1.png"])]
+        for outcome, stem, flags, names in cases:
+            out = tmp_path / f"cli-{stem}"
+            src = tmp_path / next(n for n in photos if n.startswith(stem))
+            assert main(["edit", str(src), "blond hair", *flags, "-o", str(out), "--models",
+                         str(models), "--domain", "tinyfaces", "--device", "cpu",
+                         "--quiet"]) == 0
+            capsys.readouterr()
+            for result, name in zip(outcome.results, names, strict=True):
+                got, want = pixels(result.path).astype(int), pixels(out / name).astype(int)
+                assert got.shape == want.shape
+                assert np.abs(got - want).max() <= BATCHED_BOUND
+    finally:
+        svc.close()

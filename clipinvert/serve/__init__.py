@@ -5,7 +5,9 @@ Two layers, so that everything the page does can be tested without a browser or 
 * :mod:`clipinvert.serve.app` — the request layer: checks an upload (size, pixels, a real
   image), the prompts and the numbers, then runs the very jobs the CLI runs
   (:func:`clipinvert.jobs.run_edit`, :func:`~clipinvert.jobs.run_interpolate`) on a
-  private temporary folder, and hands back result files that carry their settings.  No gradio.
+  private temporary folder — or, for edit requests of several users waiting together, the same
+  steps with one model pass for all of them — and hands back result files that carry their
+  settings.  No gradio.
 * :mod:`clipinvert.serve.ui` — the gradio page over it, imported only by ``clipinvert serve``
   (gradio is the optional ``serve`` extra).
 """

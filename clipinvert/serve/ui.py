@@ -113,8 +113,14 @@ def _notes(outcome: Outcome) -> str:
 
 
 def build(service: Service, *, queue_size: int = 16):
-    """The page (a ``gr.Blocks``), its queue bounded at ``queue_size`` waiting requests, one
-    request running at a time (one model in memory; see docs/serve.md#several-users)."""
+    """The page (a ``gr.Blocks``), its queue bounded at ``queue_size`` waiting requests.
+
+    Up to ``service.max_batch`` edit requests are handed to the service at once, which runs
+    those that wait for the model together (:meth:`Service.edit`; one model in memory, see
+    docs/serve.md#several-users).  Not gradio's own ``batch=True``: there an exception fails
+    every request of the batch, so one user's bad upload could not stay that user's message;
+    here each request keeps its own handler, and its own error.  Animations run one at a time.
+    """
     import gradio as gr
 
     status = service.status()
@@ -213,11 +219,11 @@ def build(service: Service, *, queue_size: int = 16):
         # preprocess=False: the uploads arrive as gradio's FileData (a path in its upload
         # cache) and are decoded by clipinvert's loader, not by gradio's
         run.click(edit, form, [results, strips, downloads, notes], preprocess=False,
-                  concurrency_limit=1, concurrency_id="model", api_name="edit").then(
-            current_status, None, model_text, queue=False)
+                  concurrency_limit=service.max_batch, concurrency_id="edit",
+                  api_name="edit").then(current_status, None, model_text, queue=False)
         animate_button.click(animate, [*form, steps, fps, formats, boomerang],
                              [preview, strip, animations, notes], preprocess=False,
-                             concurrency_limit=1, concurrency_id="model", api_name="animate")
+                             concurrency_limit=1, concurrency_id="animate", api_name="animate")
     demo.queue(max_size=queue_size, default_concurrency_limit=1)
     return demo
 
