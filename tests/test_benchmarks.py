@@ -125,3 +125,44 @@ def test_bench_train_stage_selection() -> None:
     assert parse(["--stages", "e4e,1,e4e"]).stages == ("e4e", 1)
     with pytest.raises(SystemExit):
         parse(["--stages", "3"])
+
+
+def test_bench_io_paper_rate_and_arguments() -> None:
+    import argparse
+
+    import bench_io
+
+    # 16 cores over 2 + 6 core-ms: 2000 img/s, unless the main thread's 1 ms caps it at 1000
+    assert bench_io.paper_rate(16, 2.0, 6.0, 0.5) == pytest.approx(2000.0)
+    assert bench_io.paper_rate(16, 2.0, 6.0, 1.0) == pytest.approx(1000.0)
+    assert bench_io.paper_rate(16, 0.0, 0.0, 0.0) == float("inf")
+    assert bench_io.parse_formats("png, JXL") == ("png", "jxl")
+    assert bench_io.parse_counts("1,2,4") == (1, 2, 4)
+    for bad in ("gif", ""):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench_io.parse_formats(bad)
+    with pytest.raises(argparse.ArgumentTypeError):
+        bench_io.parse_counts("0,2")
+    # every row format writes a suffix the command offers
+    from clipinvert.imaging import OUTPUT_EXTENSIONS
+
+    assert {suffix for suffix, _, _ in bench_io.FORMATS.values()} <= set(OUTPUT_EXTENSIONS)
+
+
+@pytest.mark.slow
+def test_bench_io_runs_the_path_and_reports_every_figure(tmp_path: Path, capsys) -> None:
+    import bench_io
+
+    out = tmp_path / "io.json"
+    assert bench_io.main(["--formats", "png,jxl", "--threads", "1,2", "--count", "6",
+                          "--batch", "4", "--model-ms", "1", "--out-size", "128",
+                          "--in-size", "64", "--workdir", str(tmp_path / "w"),
+                          "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["format"], r["threads"]) for r in rows] == [("png", 1), ("png", 2), ("jxl", 1),
+                                                          ("jxl", 2)]
+    for r in rows:
+        assert r["images"] == 6 and r["images_per_s"] > 0 and r["mean_file_kib"] > 0
+        assert r["reader_core_ms"] > 0 and r["writer_core_ms"] > 0 and r["main_ms"] >= 0
+    assert "img/s on 16 cores (paper)" in capsys.readouterr().out
+    assert not (tmp_path / "w").exists()
