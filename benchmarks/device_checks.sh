@@ -13,6 +13,9 @@
 #          and the GPU's idle % between batches (CUDA events around each batch)
 #   model  model-only ms/image at B=32 (encode + adapter + generator + uint8), fp16 and fp32
 #   train  bench_train at 1024, batch 8, stages 1,2,e4e: fp32, then --amp bf16
+#   sync   `clipinvert edit` on the demo domain's photos (3 batches) with
+#          CLIPINVERT_SYNC_DEBUG=1: every call that waits for the GPU after the loads warns;
+#          the count (and the log's lines) says what still synchronises in the loop
 #   ddp    torchrun --nproc-per-node 1 (NCCL) on the demo domain, 50 steps; prints the loss of
 #          the first and last logged steps (it should fall)
 # Everything goes under $OUT (the device tool's output folder; ./device-out without it): one
@@ -22,7 +25,7 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/device-out}"
 PY="${PYTHON:-python}"
 DRY=0
-STEPS="edit,model,train,ddp"
+STEPS="edit,model,train,ddp,sync"
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;
@@ -71,9 +74,13 @@ if wanted train; then
   step train-bf16 150 "$PY" benchmarks/bench_train.py --device cuda --stages 1,2,e4e \
     --sizes 1024 --batch-sizes 8 --amp bf16 --timeout 140 --json "$OUT/train-bf16.json"
 fi
+DEMO="$OUT/demo"
+demo() {  # the demo domain (random weights, 32 px), made once for ddp and sync
+  [ -f "$DEMO/models.toml" ] && [ "$DRY" = 0 ] && return 0
+  step demo 60 "$PY" -m clipinvert models demo "$DEMO" --no-register --overwrite
+}
 if wanted ddp; then
-  DEMO="$OUT/demo"
-  step ddp-demo 60 "$PY" -m clipinvert models demo "$DEMO" --no-register --overwrite
+  demo
   step ddp-train 150 "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 \
     -m clipinvert train --data "$DEMO/captions" -o "$OUT/ddp-run" --models "$DEMO/models.toml" \
     --domain demo --device cuda --workers 0 -b 2 --max-steps 50 --val-fraction 0.2 \
@@ -89,5 +96,13 @@ if train:
           f"{last['loss']:.4f} ({'falls' if last['loss'] < first['loss'] else 'DOES NOT FALL'})")
 PYEOF
   fi
+fi
+if wanted sync; then
+  demo
+  step sync 90 env CLIPINVERT_SYNC_DEBUG=1 CLIPINVERT_TIMING=1 PYTHONWARNINGS=always \
+    "$PY" -m clipinvert edit "$DEMO/captions" "a smile" --aligned --models "$DEMO/models.toml" --domain demo \
+    --device cuda -b 2 -o "$OUT/sync-out"
+  [ "$DRY" = 1 ] || echo "sync warnings: $(grep -c 'synchronizing CUDA operation' \
+    "$OUT/sync.log")" | tee -a "$SUMMARY"
 fi
 [ "$DRY" = 1 ] || echo "summary: $SUMMARY"

@@ -208,6 +208,9 @@ def _load_models(editor: Editor, *, edit: bool) -> None:
             torch.zeros(1, device=editor.device)
     with timing.phase("weight loads"):
         editor.preload(edit=edit)
+    if editor.device.type == "cuda" and timing.sync_debug():
+        # every call that waits for the GPU from here on warns (issue 20: none in the loop)
+        torch.cuda.set_sync_debug_mode("warn")
 
 
 def _as_pil(image: imaging.ImageOut) -> Image.Image:

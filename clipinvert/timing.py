@@ -54,6 +54,12 @@ def set_enabled(on: bool) -> None:
         _sums.clear()
 
 
+def sync_debug() -> bool:
+    """``CLIPINVERT_SYNC_DEBUG=1``: a CUDA run warns at every call that waits for the GPU once
+    the models are loaded (``torch.cuda.set_sync_debug_mode``), to find any in the loop."""
+    return _on(os.environ.get("CLIPINVERT_SYNC_DEBUG"))
+
+
 def emit(line: str) -> None:
     """One timing line on stderr (stdout is for results only)."""
     print(f"{PREFIX} {line}", file=sys.stderr, flush=True)
