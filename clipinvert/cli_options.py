@@ -104,7 +104,8 @@ FixedBatch = Annotated[int, typer.Option(
     help="Images per batch, 1..4096.")]
 Workers = Annotated[str, typer.Option(
     callback=auto_or(0, MAX_WORKERS), metavar="N|auto",
-    help=f"Processes decoding and aligning images ahead of the model: 0 = in-process, up to "
+    help="Workers decoding and aligning images ahead of the model (threads, or processes "
+         "when aligning faces): 0 = in the main thread, up to "
          f"{MAX_WORKERS} (twice the cores), or auto (on the CPU none up to 4 cores, so the "
          "model keeps them; on a GPU up to 4).")]
 
