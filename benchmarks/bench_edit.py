@@ -51,6 +51,7 @@ import json
 import math
 import os
 import platform
+import re
 import resource
 import shlex
 import statistics
@@ -410,14 +411,35 @@ def write_domain(workdir: Path, paths: dict[str, Path], size: int) -> Path:
     return toml
 
 
+TIMING_PREFIX = "clipinvert timing:"
+
+
+def timing_lines(stderr: str) -> list[str]:
+    """The command's ``CLIPINVERT_TIMING=1`` lines (clipinvert.timing), without the prefix."""
+    return [ln[len(TIMING_PREFIX):].strip() for ln in stderr.splitlines()
+            if ln.startswith(TIMING_PREFIX)]
+
+
+def gpu_idle_percent(lines: Sequence[str]) -> float | None:
+    """The GPU's idle share between batches from a totals line, in %, when it was measured
+    (CUDA runs: events around each batch's device work)."""
+    for ln in lines:
+        m = re.search(r"GPU idle between batches ([0-9.]+) %", ln)
+        if m:
+            return float(m.group(1))
+    return None
+
+
 def time_cli(command: Sequence[str], workdir: Path, photos: Sequence[Path], counts: Sequence[int],
              batch: str, device: torch.device, extra: Sequence[str], repeats: int,
-             threads: int | None = None) -> dict[str, Any]:
+             threads: int | None = None, timing: bool = False) -> dict[str, Any]:
     """Whole ``clipinvert edit`` processes on ``counts`` photos each (best of ``repeats``).
 
     The marginal cost of an edit is the slope between the smallest and the largest count, and
     start-up (interpreter, imports, loading the cached weights, the first batch's warm-up) is
-    what the line leaves at zero photos.
+    what the line leaves at zero photos.  With ``timing`` the command runs with
+    ``CLIPINVERT_TIMING=1`` and the largest count's best run's phase lines are kept (start-up
+    phases, per-image main-thread/reader/writer/model figures, the GPU's idle share).
     """
     import shutil
     import subprocess
@@ -425,8 +447,10 @@ def time_cli(command: Sequence[str], workdir: Path, photos: Sequence[Path], coun
     env = {**os.environ, "CLIPINVERT_HOME": str(workdir / "cache"),
            "CLIPINVERT_MODELS": str(workdir / "models.toml"),
            # the command's thread budget (clipinvert.runtime) takes PyTorch's share from it
-           **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+           **({"OMP_NUM_THREADS": str(threads)} if threads else {}),
+           **({"CLIPINVERT_TIMING": "1"} if timing else {})}
     walls: dict[int, float] = {}
+    phases: list[str] = []
     for n in counts:
         src = workdir / f"cli-in-{n}"
         src.mkdir(exist_ok=True)
@@ -449,6 +473,8 @@ def time_cli(command: Sequence[str], workdir: Path, photos: Sequence[Path], coun
             if done.returncode != 0:
                 raise RuntimeError(f"{' '.join(argv)} failed ({done.returncode}): "
                                    f"{done.stderr.strip()[-400:]}")
+            if wall < best and n == max(counts):
+                phases = timing_lines(done.stderr)
             best = min(best, wall)
         walls[n] = best
     lo, hi = min(counts), max(counts)
@@ -459,7 +485,9 @@ def time_cli(command: Sequence[str], workdir: Path, photos: Sequence[Path], coun
     version_s = time.perf_counter() - t0
     return {"command": " ".join(command), "batch": batch, "extra": list(extra),
             "walls_s": {str(n): w for n, w in walls.items()}, "per_image_s": per_image,
-            "startup_s": walls[lo] - lo * per_image, "version_s": version_s}
+            "startup_s": walls[lo] - lo * per_image, "version_s": version_s,
+            **({"timing": phases, "gpu_idle_percent": gpu_idle_percent(phases)}
+               if timing else {})}
 
 
 def cli_report(runs: list[dict[str, Any]], stage_sums: dict[int, float]) -> str:
@@ -475,7 +503,11 @@ def cli_report(runs: list[dict[str, Any]], stage_sums: dict[int, float]) -> str:
         f"benchmark's warm sum of stages per image: {sums}",
         "",
         format_table(["command", "--batch-size", "photos: wall s", "s per edit", "start-up s",
-                      "--version s"], rows)])
+                      "--version s"], rows),
+        *[f"CLIPINVERT_TIMING, --batch-size {r['batch']}, {max(map(int, r['walls_s']))} "
+          f"photos: " + "; ".join(r["timing"]) for r in runs if r.get("timing")],
+        *[f"GPU idle between batches, --batch-size {r['batch']}: {r['gpu_idle_percent']:.1f} %"
+          for r in runs if r.get("gpu_idle_percent") is not None]])
 
 
 # --------------------------------------------------------------------------------------------
@@ -588,6 +620,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--batch-size values of the timed command runs (default: auto,1,8)")
     p.add_argument("--cli-repeats", type=positive_int, default=1,
                    help="runs per count; the best is kept (default: 1)")
+    p.add_argument("--cli-timing", action="store_true",
+                   help="run the timed command with CLIPINVERT_TIMING=1 and print its phase "
+                        "lines (start-up phases, main-thread/reader/writer/model ms per image, "
+                        "on CUDA the GPU's idle %% between batches)")
     p.add_argument("--clipinvert", default=None,
                    help="the command to time (default: this Python's `-m clipinvert`); e.g. "
                         "another checkout's `.venv/bin/python -m clipinvert` for a before/after")
@@ -710,7 +746,7 @@ def benchmark(args: argparse.Namespace, device: torch.device, dtype: torch.dtype
             print(f"timing the command at --batch-size {b} ...", file=sys.stderr)
             cli_runs.append(time_cli(command, workdir, cli_photos, args.cli_counts, b.strip(),
                                      device, shlex.split(args.cli_args), args.cli_repeats,
-                                     args.threads))
+                                     args.threads, timing=args.cli_timing))
 
     meta = {
         **device_meta(device),

@@ -5,8 +5,11 @@ relative path; a bad input is one line on stderr and a ``failed`` record in the 
 the batch goes on; outputs that already exist are skipped (so an interrupted run resumes) unless
 ``overwrite``; every file appears whole or not at all.
 
-Decoding and face alignment are CPU work and run on a pool of worker processes, ahead of the
-model, so a GPU is not left waiting for them.
+Decoding and face alignment are CPU work and run ahead of the model, so a GPU is not left
+waiting for them: face alignment (dlib, which holds the GIL) on a pool of worker processes,
+plain decoding and the resize to the encoder's input on a pool of threads (PIL releases the GIL
+while it decodes and resizes, and nothing is pickled between processes).  Output images are
+encoded and written by a pool of writer threads behind a bounded queue (:class:`OutputWriter`).
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 from rich.console import Console
 from rich.markup import escape
@@ -40,7 +44,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from . import __version__, imaging
+from . import __version__, imaging, timing
 from .distributed import Launch, barrier, gather, process_group
 from .errors import ClipInvertError, DiskFullError, UsageError
 from .fileio import full_error
@@ -65,6 +69,8 @@ class Crop:
     rel: Path  # output path stem, relative to OUT (no suffix)
     image: Image.Image
     transform: dict | None = None  # crop → source mapping when the crop was aligned
+    # The model's input, resized by the reader (PrepareOptions.model_size): uint8 (S, S, 3)
+    pixels: np.ndarray | None = None
 
 
 @dataclass
@@ -77,6 +83,7 @@ class Prepared:
     outputs: list[Path] = field(default_factory=list)  # filled as its crops are processed
     remaining: int = 0  # crops not yet processed
     failed: bool = False
+    cpu_s: float = 0.0  # CPU time the reader spent on it (CLIPINVERT_TIMING's reader core-ms)
 
 
 @dataclass(frozen=True)
@@ -88,6 +95,9 @@ class PrepareOptions:
     keep_original: bool = False
     predictor: Path | None = None
     resize: str = "stretch"  # the domain's policy for non-square inputs when not aligning
+    # When set, readers also resize each crop to the encoder's input side (the model's own
+    # transform, imaging.to_pixels), so the model's thread only stacks bytes.
+    model_size: int | None = None
 
 
 _DETECTOR = None  # one per worker process, created on first use
@@ -104,6 +114,16 @@ def _detector(predictor: Path | None):
 
 def prepare(src: Path, rel: Path, opts: PrepareOptions) -> Prepared:
     """Decode (and align) one input; never raises for a bad input, records why instead."""
+    t0 = time.thread_time()
+    out = _prepare(src, rel, opts)
+    if opts.model_size and out.error is None:
+        for crop in out.crops:
+            crop.pixels = imaging.to_pixels(crop.image, opts.model_size)
+    out.cpu_s = time.thread_time() - t0
+    return out
+
+
+def _prepare(src: Path, rel: Path, opts: PrepareOptions) -> Prepared:
     out = Prepared(src, rel)
     try:
         image = imaging.load_image(src)
@@ -128,16 +148,37 @@ def prepare(src: Path, rel: Path, opts: PrepareOptions) -> Prepared:
     return out
 
 
+def reader_kind(opts: PrepareOptions) -> str:
+    """``process`` or ``thread``: how :func:`prepared_stream`'s workers run.
+
+    Face alignment needs processes: dlib's detector holds the GIL, so threads would run it one
+    at a time.  Plain decoding (and the resize to the model's input) runs in threads: PIL
+    releases the GIL for both, and a thread hands its result over without pickling a decoded
+    photo between processes.  ``CLIPINVERT_READER=process`` (or ``thread``) overrides.
+    """
+    env = os.environ.get("CLIPINVERT_READER", "").strip().lower()
+    if env in ("process", "thread"):
+        return env
+    if env:
+        raise UsageError(f"CLIPINVERT_READER={env!r}: use process or thread")
+    return "process" if opts.align else "thread"
+
+
 def prepared_stream(sources: Sequence[tuple[Path, Path]], opts: PrepareOptions, workers: int,
                     window: int) -> Iterator[Prepared]:
-    """``prepare`` over all sources, in order, ``window`` inputs ahead on ``workers`` processes."""
+    """``prepare`` over all sources, in order, ``window`` inputs ahead on ``workers`` processes
+    or threads (:func:`reader_kind`)."""
     if workers <= 0:
         for src, rel in sources:
             yield prepare(src, rel, opts)
         return
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
-                               initializer=worker_init)
+    pool: Executor
+    if reader_kind(opts) == "thread":
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="clipinvert-read")
+    else:
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
+                                   initializer=worker_init)
     try:
         yield from _ordered(pool, sources, opts, max(window, workers))
     finally:  # on Ctrl-C or an early stop, drop queued inputs instead of finishing them
@@ -260,23 +301,51 @@ def make_progress(console: Console, quiet: bool) -> Progress:
 # The generic loop
 # ---------------------------------------------------------------------------------------------
 class OutputWriter:
-    """Encodes and writes output images on background threads, so the model can compute the
-    next batch meanwhile (PIL releases the GIL while it compresses).  With no threads — the
-    default on a CPU of up to 4 cores, where the model's threads need every core — it writes
-    at once, in the caller's thread.  :func:`run_folder` settles each batch's writes before
-    calling it done, one batch later."""
+    """Encodes and writes output images on a pool of background threads, so the model computes
+    the next batch meanwhile (fpng, libjxl and PIL's zlib/JPEG/WebP encoders run in C; all but
+    fpng release the GIL while they do, docs/performance.md).  With no threads — the default
+    on a CPU of up to 4 cores, where the model's threads need every core — it writes at once,
+    in the caller's thread.  :func:`run_folder` settles each batch's writes before calling it
+    done, one batch later.
 
-    def __init__(self, threads: int = 0) -> None:
+    The queue is bounded: once ``queue`` writes are waiting or running, :meth:`save` waits for
+    the oldest to finish (backpressure), so a model faster than its writers cannot pile up
+    decoded images in memory (3 MB each at 1024 px).  Its default, four per thread, keeps every
+    writer busy while the model produces the next batch.
+    """
+
+    def __init__(self, threads: int = 0, queue: int | None = None) -> None:
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="clipinvert-write") \
             if threads > 0 else None
+        self.limit = max(1, queue if queue is not None else 4 * threads)
         self._pending: list[tuple[Path, Future[None]]] = []
+        self._queued: deque[Future[None]] = deque()  # submitted, maybe not finished
 
-    def save(self, image: Image.Image, path: Path, png_level: int) -> None:
-        if self._pool is None:
+    @staticmethod
+    def _write(image: imaging.ImageOut, path: Path, png_level: int) -> None:
+        if not timing.ENABLED:
             imaging.save_image(image, path, png_level=png_level)
             return
-        self._pending.append((Path(path), self._pool.submit(
-            imaging.save_image, image, Path(path), png_level=png_level)))
+        t0 = time.thread_time()
+        try:
+            imaging.save_image(image, path, png_level=png_level)
+        finally:
+            timing.add("writer", time.thread_time() - t0)
+
+    def save(self, image: imaging.ImageOut, path: Path, png_level: int) -> None:
+        """Write ``image`` (PIL, or uint8 pixels maybe still arriving from the GPU) to
+        ``path``: at once without threads, else queued (waiting first while the queue is
+        full).  A failed write is reported by :meth:`take`'s futures, never raised here."""
+        if self._pool is None:
+            self._write(image, Path(path), png_level)
+            return
+        while self._queued and self._queued[0].done():
+            self._queued.popleft()
+        while len(self._queued) >= self.limit:  # backpressure: the oldest write first
+            wait([self._queued.popleft()])
+        future = self._pool.submit(self._write, image, Path(path), png_level)
+        self._queued.append(future)
+        self._pending.append((Path(path), future))
 
     def take(self) -> list[tuple[Path, Future[None]]]:
         """The writes started since the last call."""
@@ -286,6 +355,7 @@ class OutputWriter:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
+        self._queued.clear()
 
 
 @dataclass
@@ -297,8 +367,8 @@ class RunOptions:
     workers: int = 0
     report: Path | None = None
     prepare: PrepareOptions = field(default_factory=PrepareOptions)
-    ext: str = "png"  # output images: png, jpg or webp
-    png_level: int = 1  # zlib level of PNG outputs (no effect on pixels)
+    ext: str = "png"  # output images: one of imaging.OUTPUT_EXTENSIONS
+    png_level: int = 1  # PNG encoder and level (imaging.PNG_LEVEL; no effect on pixels)
     launch: Launch = field(default_factory=Launch)  # under torchrun: this process's shard
     writer: OutputWriter = field(default_factory=OutputWriter)  # output images, maybe threaded
 
@@ -306,7 +376,7 @@ class RunOptions:
         """Where an output image of ``stem`` (relative to the output folder) goes."""
         return self.output / f"{stem}.{self.ext}"
 
-    def save(self, image: Image.Image, path: Path) -> None:
+    def save(self, image: imaging.ImageOut, path: Path) -> None:
         self.writer.save(image, path, self.png_level)
 
     @property
@@ -354,6 +424,7 @@ def _run_folder(command: str, inputs: Path, opts: RunOptions, params: dict,
                 meta: Callable[[], dict] | None, settings: dict | None,
                 setup: Callable[[Report], None] | None,
                 auto_batch: Callable[[], int] | None) -> Report:
+    timing.since_start("start to run (imports, options)")
     launch = opts.launch
     console = console or Console(stderr=True)
     # Under torchrun only rank 0 shows progress and the summary; every rank prints its failures.
@@ -525,7 +596,8 @@ def _run_claimed(command: str, sources: list[tuple[Path, Path]], opts: RunOption
             manifest.begin(settings)  # a full disk stops here, before the model pass
             manifest.record([p for c in crops for p in outputs_for(c)], fp)
             try:
-                written = process(crops, batch_owners)
+                with timing.total("batch"):
+                    written = process(crops, batch_owners)
             except ClipInvertError as exc:
                 if exc.exit_code != 1 or isinstance(exc, DiskFullError):
                     drain()
@@ -539,6 +611,9 @@ def _run_claimed(command: str, sources: list[tuple[Path, Path]], opts: RunOption
                     traceback.print_exc()
                 error = exc
             else:
+                if not report.images_done and timing.ENABLED:
+                    timing.emit(f"first batch {(time.perf_counter() - started) * 1000:.1f} ms "
+                                f"({len(crops)} image(s), from the first input read)")
                 report.images_done += len(crops)
                 inflight.append((batch_owners, written, opts.writer.take()))
                 settle(keep=1)  # the previous batch's files are written by now, or failed
@@ -565,9 +640,11 @@ def _run_claimed(command: str, sources: list[tuple[Path, Path]], opts: RunOption
             pending.clear()
             owners.clear()
 
+        started, main_cpu = time.perf_counter(), time.thread_time()
         try:
             for item in prepared_stream(todo, opts.prepare, opts.workers,
                                         window=batch * 2):
+                timing.add("reader", item.cpu_s)
                 progress.advance(prep_task)
                 if item.error:
                     report.failed(item.src, item.error, **_named(renamed, item.src))
@@ -612,6 +689,7 @@ def _run_claimed(command: str, sources: list[tuple[Path, Path]], opts: RunOption
             except DiskFullError as exc:
                 full = full or exc
             opts.writer.close()
+            timing.summary(report.images_done, time.thread_time() - main_cpu)
             if not launch.distributed:
                 with contextlib.suppress(OSError):  # DiskFullError is one: the old file stays
                     manifest.compact()

@@ -105,7 +105,8 @@ FixedBatch = Annotated[int, typer.Option(
     help="Images per batch, 1..4096.")]
 Workers = Annotated[str, typer.Option(
     callback=auto_or(0, MAX_WORKERS), metavar="N|auto",
-    help=f"Processes decoding and aligning images ahead of the model: 0 = in-process, up to "
+    help="Workers decoding and aligning images ahead of the model (threads, or processes "
+         "when aligning faces): 0 = in the main thread, up to "
          f"{MAX_WORKERS} (twice the cores), or auto (on the CPU none up to 4 cores, so the "
          "model keeps them; on a GPU up to 4).")]
 
@@ -127,13 +128,21 @@ def worker_count(value: str | int) -> int:
     return default_workers() if value == "auto" else int(value)
 
 
+def _output_extensions() -> tuple[str, ...]:
+    from .imaging import OUTPUT_EXTENSIONS  # the one list (imaging is heavy: imported late)
+
+    return OUTPUT_EXTENSIONS
+
+
 Ext = Annotated[str, typer.Option(
-    "--ext", callback=lambda v: _one_of(v, ("png", "jpg", "webp")), metavar="FORMAT",
-    help="Output image format: png (lossless), jpg or webp (quality 95).")]
+    "--ext", callback=lambda v: _one_of(v, _output_extensions()), metavar="FORMAT",
+    help="Output image format: png (lossless), jpg or webp (quality 95), jxl (lossless "
+         "JPEG XL: smaller than PNG, as fast to write).")]
 PngLevel = Annotated[int, typer.Option(
     "--png-level", callback=within(0, 9), metavar="0..9",
-    help="PNG compression 0..9 (zlib effort; the pixels are the same at every level): 1 "
-         "writes a 1024² photo ~5x faster than PIL's default 6, for a file ~13 % larger.")]
+    help="PNG compression 0..9 (the pixels are the same at every level): 1 is the fast fpng "
+         "encoder (PIL's zlib level 1 where fpng is missing), 15x faster than zlib; 0 and "
+         "2..9 are zlib at that level (9: smallest, slowest).")]
 
 
 def _one_of(value: str, names: tuple[str, ...]) -> str:

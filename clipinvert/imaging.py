@@ -476,6 +476,26 @@ def load_image(path: Path, max_pixels: int = 100_000_000) -> Image.Image:
 # --------------------------------------------------------------------------------------------
 
 
+def to_pixels(image: Image.Image, size: int) -> np.ndarray:
+    """``image`` as the encoder's uint8 ``(size, size, 3)`` input: the released e4e transform's
+    ``Resize((size, size))`` on the PIL image (BILINEAR, which PIL antialiases when
+    shrinking).  Readers call it ahead of the model (batch.prepare); :func:`to_tensor` too, so
+    both give the same bytes."""
+    if size <= 0:
+        raise ValueError(f"size must be positive, got {size}")
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    resized = rgb.resize((size, size), Image.Resampling.BILINEAR)
+    return np.array(resized, dtype=np.uint8, copy=True)
+
+
+def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 ``(B, S, S, 3)`` pixels, on any device, as the float32 ``(B, 3, S, S)`` model input
+    in ``[-1, 1]`` (``ToTensor`` then ``Normalize(0.5, 0.5)``, the same float32 operations in
+    the same order as ever, so the values are the same on the CPU and a GPU).  The result is
+    channels-last in memory (a view of the HWC bytes), which the CPU encoder prefers."""
+    return pixels.permute(0, 3, 1, 2).to(torch.float32).div(255.0).sub(0.5).div(0.5)
+
+
 def to_tensor(images: Sequence[Image.Image], size: int) -> torch.Tensor:
     """Stack images into a ``(B, 3, size, size)`` float32 batch in ``[-1, 1]``.
 
@@ -485,13 +505,10 @@ def to_tensor(images: Sequence[Image.Image], size: int) -> torch.Tensor:
     """
     if size <= 0:
         raise ValueError(f"size must be positive, got {size}")
-    out = torch.empty((len(images), 3, size, size), dtype=torch.float32)
+    pixels = np.empty((len(images), size, size, 3), dtype=np.uint8)
     for i, image in enumerate(images):
-        rgb = image if image.mode == "RGB" else image.convert("RGB")
-        resized = rgb.resize((size, size), Image.Resampling.BILINEAR)
-        arr = torch.from_numpy(np.array(resized, dtype=np.uint8, copy=True))
-        out[i] = arr.permute(2, 0, 1).to(torch.float32).div(255.0)
-    return out.sub_(0.5).div_(0.5)
+        pixels[i] = to_pixels(image, size)
+    return normalize_pixels(torch.from_numpy(pixels)).contiguous()
 
 
 def fit_square(image: Image.Image, policy: str = "stretch") -> Image.Image:
@@ -520,22 +537,57 @@ def fit_square(image: Image.Image, policy: str = "stretch") -> Image.Image:
     return canvas
 
 
-def to_pil(batch: torch.Tensor) -> list[Image.Image]:
-    """Turn generator output ``(B, 3, H, W)`` (about ``[-1, 1]``) into uint8 RGB images.
+def to_uint8(batch: torch.Tensor) -> torch.Tensor:
+    """Generator output ``(B, 3, H, W)`` (about ``[-1, 1]``) as uint8 ``(B, H, W, 3)`` pixels,
+    computed where the tensor is (on a GPU: no float batch crosses the bus, only the bytes).
 
     Same arithmetic as the released ``tensor2im``: ``(x + 1) / 2``, clamp to ``[0, 1]``,
-    ``* 255`` and *truncate* (``astype(uint8)``), not round, so outputs match published ones.
-    A single ``(3, H, W)`` image is accepted too.  NaNs (a diverged edit) become black.
+    ``* 255`` and *truncate*, not round, so outputs match published ones.  The maths runs in
+    float32 whatever the model's dtype, and the float → uint8 cast truncates towards zero like
+    numpy's ``astype(uint8)`` did here before, so the bytes are the same on every device
+    (tests/test_imaging_io.py proves it against that numpy reference, rounding edges included).
+    A single ``(3, H, W)`` image is accepted too.  NaNs (a diverged edit) become black; +inf
+    white, -inf black.
     """
-    x = batch.detach().to(device="cpu", dtype=torch.float32)
+    x = batch.detach()
     if x.dim() == 3:
         x = x.unsqueeze(0)
     if x.dim() != 4 or x.shape[1] != 3:
         raise ValueError(f"expected a (B, 3, H, W) tensor, got shape {tuple(batch.shape)}")
-    x = torch.nan_to_num(x, nan=-1.0)
+    x = torch.nan_to_num(x.to(torch.float32), nan=-1.0)
     x = ((x + 1) / 2).clamp(0, 1) * 255
-    arr = x.permute(0, 2, 3, 1).contiguous().numpy().astype(np.uint8)
+    return x.to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def to_pil(batch: torch.Tensor) -> list[Image.Image]:
+    """Turn generator output ``(B, 3, H, W)`` (about ``[-1, 1]``) into uint8 RGB images
+    (:func:`to_uint8`, then to the CPU)."""
+    arr = to_uint8(batch).cpu().numpy()
     return [Image.fromarray(a, "RGB") for a in arr]
+
+
+def to_host_pixels(batch: torch.Tensor) -> list[PendingPixels]:
+    """Generator output as one uint8 ``(H, W, 3)`` image per sample in host memory, for the
+    writer threads (:func:`save_image` takes them as they are).
+
+    The conversion (:func:`to_uint8`) runs on the tensor's device.  On CUDA the bytes go to
+    page-locked host memory with a ``non_blocking`` copy and a CUDA event recorded after it:
+    nothing here waits for the GPU (no ``.cpu()``, ``.item()``, ``.numpy()`` of a device
+    tensor, no ``synchronize``); each writer waits on the event in its own thread
+    (:meth:`PendingPixels.wait`).  The pinned buffers come from PyTorch's caching host
+    allocator and stay alive while a writer holds their numpy view, so a buffer is reused only
+    after its image is written.  On the CPU the arrays are plain views, ready at once.
+    """
+    pixels = to_uint8(batch)
+    if pixels.device.type == "cuda":
+        host = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
+        host.copy_(pixels, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        arr = host.numpy()
+        return [PendingPixels(arr[i], ready) for i in range(arr.shape[0])]
+    arr = pixels.cpu().numpy()
+    return [PendingPixels(arr[i]) for i in range(arr.shape[0])]
 
 
 # --------------------------------------------------------------------------------------------
@@ -548,26 +600,127 @@ def to_pil(batch: torch.Tensor) -> list[Image.Image]:
 # ``imaging.atomic_write``.
 
 
+#: Output image formats (``--ext``), the one list: PNG (lossless, the default), JPEG and WebP
+#: at quality 95, lossless JPEG XL (through imagecodecs: as fast as fpng's PNG and ~30 %
+#: smaller, but fewer programs open it).
+OUTPUT_EXTENSIONS: tuple[str, ...] = ("png", "jpg", "webp", "jxl")
+
+
 def _format_for(path: Path) -> str:
-    """PIL format name for ``path``'s suffix; PNG (lossless) when there is none or it is unknown."""
-    return Image.registered_extensions().get(path.suffix.lower(), "PNG")
+    """PIL format name for ``path``'s suffix; PNG (lossless) when there is none or it is unknown.
+    ``JXL`` for ``.jxl`` (written through imagecodecs, not PIL)."""
+    suffix = path.suffix.lower()
+    if suffix == ".jxl":
+        return "JXL"
+    return Image.registered_extensions().get(suffix, "PNG")
 
 
 PNG_LEVEL = 1
-"""Default zlib level of PNG outputs: a 1024² photo took 0.08 s at level 1 against 0.39 s at
-PIL's default 6, for a file 13 % larger (docs/performance.md); pixels are the same at every
-level."""
+"""Default ``--png-level``.  Level 1 is written by fpng (a 1024² photo in ~4-6 ms of one core
+against ~65-90 ms for zlib level 1, file ~7 % larger; docs/performance.md), or by PIL's zlib at
+level 1 where fpng is missing or fails; any other level is PIL's zlib at that level (0 = stored,
+9 = smallest).  Pixels are the same at every level and with either encoder."""
 
 
-def save_image(image: Image.Image, path: Path, *, png_level: int = PNG_LEVEL) -> None:
+class PendingPixels:
+    """An output image still arriving: uint8 ``(H, W, 3)`` pixels that an asynchronous
+    device → host copy is filling, and the CUDA event recorded after that copy.  A writer
+    thread calls :meth:`wait` (which blocks that thread only, never the model's) before
+    reading the bytes.  On the CPU there is no event and :meth:`wait` returns at once."""
+
+    __slots__ = ("array", "ready")
+
+    def __init__(self, array: np.ndarray, ready: object | None = None) -> None:
+        self.array, self.ready = array, ready
+
+    def wait(self) -> np.ndarray:
+        if self.ready is not None:
+            self.ready.synchronize()  # type: ignore[attr-defined]
+        return self.array
+
+
+ImageOut = Image.Image | np.ndarray | PendingPixels
+"""What :func:`save_image` takes: a PIL image, or uint8 ``(H, W, 3)`` RGB pixels (possibly
+still arriving from the GPU)."""
+
+
+def _fpng(arr: np.ndarray) -> bytes | None:
+    """PNG bytes from fpng (uint8 RGB/RGBA), or None when fpng is missing or fails: the
+    caller then uses PIL's zlib.  fpng is pinned (pyproject) because it is alpha-versioned;
+    its output decodes bit-exact with PIL (tests/test_imaging_io.py)."""
+    try:
+        import fpng
+    except ImportError:
+        return None
+    try:
+        return fpng.from_ndarray(np.ascontiguousarray(arr))
+    except Exception:  # noqa: BLE001 - any failure of the fast path falls back to zlib
+        return None
+
+
+def _jxl(arr: np.ndarray) -> bytes:
+    """Lossless JPEG XL at effort 1 (imagecodecs' libjxl): ~5-7 ms a 1024² photo."""
+    try:
+        import imagecodecs
+    except ImportError:
+        raise UsageError("--ext jxl needs imagecodecs (pip install imagecodecs)") from None
+    return bytes(imagecodecs.jpegxl_encode(np.ascontiguousarray(arr), lossless=True, effort=1,
+                                           numthreads=1))
+
+
+def _jpeg(arr: np.ndarray) -> bytes | None:
+    """JPEG quality 95 through imagecodecs' libjpeg-turbo: the same bytes as PIL's (same
+    library, same settings: tests/test_imaging_io.py compares them) in 3.7 core-ms a 1024²
+    photo against PIL's 5.2 (PIL also copies the pixels into an image first).  None where
+    imagecodecs is missing or fails: PIL writes it."""
+    try:
+        import imagecodecs
+
+        return bytes(imagecodecs.jpeg8_encode(np.ascontiguousarray(arr), level=95))
+    except Exception:  # noqa: BLE001 - ImportError or an encoder error: PIL's path
+        return None
+
+
+def encode_image(image: ImageOut, fmt: str, *, png_level: int = PNG_LEVEL) -> bytes | None:
+    """The file's bytes from a fast encoder, or None when PIL is to write it (see
+    :func:`save_image`).  Why not always PIL: its PNG (zlib) took 65-90 core-ms a 1024² photo,
+    the largest cost of a batch run on a GPU (issue 20)."""
+    if isinstance(image, PendingPixels):
+        image = image.wait()
+    if isinstance(image, np.ndarray):
+        arr: np.ndarray | None = image
+    elif image.mode in ("RGB", "RGBA"):
+        arr = np.asarray(image)
+    else:
+        arr = None  # other modes (L, P, ...) keep PIL's own encoding of them
+    if fmt == "JXL":
+        return _jxl(arr if arr is not None else np.asarray(_to_rgb(image)))  # type: ignore[arg-type]
+    if fmt == "PNG" and png_level == PNG_LEVEL and arr is not None:
+        return _fpng(arr)
+    if fmt == "JPEG" and arr is not None and arr.ndim == 3 and arr.shape[2] == 3:
+        return _jpeg(arr)
+    return None
+
+
+def save_image(image: ImageOut, path: Path, *, png_level: int = PNG_LEVEL) -> None:
     """Save atomically in the format the suffix names (PNG by default).
 
     JPEG and WebP are written at quality 95: these are final results, and the default 75 shows
-    visible artefacts on skin and hair.  PNGs at zlib level ``png_level`` (0..9).
+    visible artefacts on skin and hair.  PNGs at ``png_level`` (:data:`PNG_LEVEL`: 1 is fpng
+    when it works, else PIL's zlib), ``.jxl`` lossless JPEG XL.  ``image`` may be a PIL image
+    or uint8 ``(H, W, 3)`` RGB pixels (:class:`PendingPixels` waits for them first), so a
+    writer thread, not the model's, pays for making a picture of them.
     """
-    fmt = _format_for(Path(path))
+    path = Path(path)
+    fmt = _format_for(path)
+    data = encode_image(image, fmt, png_level=png_level)
+    if data is not None:
+        atomic_write(path, lambda tmp: tmp.write_bytes(data))
+        return
+    if isinstance(image, PendingPixels):
+        image = image.wait()
+    img = Image.fromarray(image) if isinstance(image, np.ndarray) else image
     params: dict[str, object] = {}
-    img = image
     if fmt == "JPEG":
         params = {"quality": 95}
         if img.mode not in ("RGB", "L", "CMYK"):
@@ -580,7 +733,7 @@ def save_image(image: Image.Image, path: Path, *, png_level: int = PNG_LEVEL) ->
     def write(tmp: Path) -> None:
         img.save(tmp, format=fmt, **params)
 
-    atomic_write(Path(path), write)
+    atomic_write(path, write)
 
 
 def save_tensor(obj: dict[str, torch.Tensor], path: Path) -> None:

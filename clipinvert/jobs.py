@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from . import imaging
+from . import imaging, timing
 from .batch import Crop, Prepared, Report, RunOptions, run_folder
 from .errors import InputError, UsageError
 from .naming import unique_slugs
@@ -184,11 +184,48 @@ def with_domain_resize(opts: RunOptions, editor: Editor) -> RunOptions:
                                                                  resize=editor.domain.resize))
 
 
+def for_model(opts: RunOptions, editor: Editor) -> RunOptions:
+    """``opts`` for a model command: inputs squared by the domain's policy
+    (:func:`with_domain_resize`) and resized by the readers to the encoder's input, so the
+    model's thread only stacks bytes (:func:`encode_crops`)."""
+    opts = with_domain_resize(opts, editor)
+    return dataclasses.replace(opts, prepare=dataclasses.replace(
+        opts.prepare, model_size=editor.input_size))
+
+
+def encode_crops(editor: Editor, crops: Sequence[Crop]):
+    """The encoder's pass over a batch: from the readers' uint8 pixels when every crop has
+    them (batch.prepare), else from the images (the same values either way)."""
+    if crops and all(c.pixels is not None for c in crops):
+        return editor.encode_pixels([c.pixels for c in crops])  # type: ignore[misc]
+    return editor.encode([c.image for c in crops])
+
+
+def _load_models(editor: Editor, *, edit: bool) -> None:
+    """``editor.preload`` with CLIPINVERT_TIMING lines for CUDA's start and the weight loads."""
+    if editor.device.type == "cuda" and timing.ENABLED:
+        with timing.phase("CUDA init"):
+            torch.zeros(1, device=editor.device)
+    with timing.phase("weight loads"):
+        editor.preload(edit=edit)
+    if editor.device.type == "cuda" and timing.sync_debug():
+        # every call that waits for the GPU from here on warns (issue 20: none in the loop)
+        torch.cuda.set_sync_debug_mode("warn")
+
+
+def _as_pil(image: imaging.ImageOut) -> Image.Image:
+    """A PIL image of output pixels, for what needs one (paste-back, strips, animations)."""
+    if isinstance(image, imaging.PendingPixels):
+        image = image.wait()
+    return Image.fromarray(image) if not isinstance(image, Image.Image) else image
+
+
 def run_invert(editor: Editor, inputs: Path, opts: RunOptions, params: dict | None = None,
                save_latents: bool = True) -> Report:
-    opts = with_domain_resize(opts, editor)
+    opts = for_model(opts, editor)
     out = opts.output
     settings = _settings(editor, edit=False)
+    spans = timing.GpuSpans(editor.device)
 
     def outputs_for(crop: Crop) -> list[Path]:
         paths = [opts.image_path(crop.rel)]
@@ -197,9 +234,13 @@ def run_invert(editor: Editor, inputs: Path, opts: RunOptions, params: dict | No
         return paths + _sidecar(crop, out)
 
     def process(crops: list[Crop], owners: list[Prepared]) -> list[list[Path]]:
-        result = editor.invert([c.image for c in crops])
+        with timing.total("model"):
+            spans.start()
+            result = editor.invert(encode_crops(editor, crops))
+            images = imaging.to_host_pixels(result.images)
+            spans.end()
         written = []
-        for crop, img, w in zip(crops, result.pil(), result.latents, strict=True):
+        for crop, img, w in zip(crops, images, result.latents, strict=True):
             paths = [opts.image_path(crop.rel)]
             opts.save(img, paths[0])
             if save_latents:
@@ -210,7 +251,7 @@ def run_invert(editor: Editor, inputs: Path, opts: RunOptions, params: dict | No
 
     return run_folder("invert", inputs, opts, params or {}, outputs_for, process,
                       meta=lambda: _meta(editor), settings=settings,
-                      setup=lambda report: editor.preload(edit=False),
+                      setup=lambda report: _load_models(editor, edit=False),
                       auto_batch=editor.auto_batch_size)
 
 
@@ -218,18 +259,20 @@ def run_edit(editor: Editor, inputs: Path, conditions: Sequence[EditCondition],
              opts: RunOptions, params: dict | None = None, *, strength: float = 1.0,
              save_latents: bool = False, compare: bool = False,
              paste_back: bool = False) -> Report:
-    opts = with_domain_resize(opts, editor)
+    opts = for_model(opts, editor)
     out = opts.output
     single = len(conditions) == 1
     settings = _settings(editor, edit=True, conditions=[c.key for c in conditions],
                          strength=strength)
     embeddings: list[torch.Tensor] = []
+    spans = timing.GpuSpans(editor.device)
 
     def setup(report: Report) -> None:
-        editor.preload(edit=True)
-        _check_prompts(editor, conditions, report)
-        # Embeddings once per run, not per batch (CLIP is the slowest thing to call per prompt).
-        embeddings.extend(editor.embed(c.value) for c in conditions)
+        _load_models(editor, edit=True)
+        with timing.phase("text embedding"):
+            _check_prompts(editor, conditions, report)
+            # Embeddings once per run, not per batch (CLIP is the slowest thing per prompt).
+            embeddings.extend(editor.embed(c.value) for c in conditions)
 
     def image_path(crop: Crop, cond: EditCondition) -> Path:
         return opts.image_path(crop.rel if single else Path(cond.slug) / crop.rel)
@@ -246,16 +289,25 @@ def run_edit(editor: Editor, inputs: Path, conditions: Sequence[EditCondition],
         return paths + _sidecar(crop, out)
 
     def process(crops: list[Crop], owners: list[Prepared]) -> list[list[Path]]:
-        enc = editor.encode([c.image for c in crops])
-        inversion = editor.invert(enc).pil() if compare else None
+        with timing.total("model"):
+            spans.start()
+            enc = encode_crops(editor, crops)
+            inversion = editor.invert(enc).pil() if compare else None
         written: list[list[Path]] = [[] for _ in crops]
         edits: list[list[Image.Image]] = [[] for _ in crops]
         for cond, emb in zip(conditions, embeddings, strict=True):
-            res = editor.edit(enc, emb, strength=strength)
-            for i, (crop, owner, img) in enumerate(zip(crops, owners, res.pil(), strict=True)):
-                edits[i].append(img)
+            with timing.total("model"):
+                res = editor.edit(enc, emb, strength=strength)
+                images = imaging.to_host_pixels(res.images)
+            for i, (crop, owner, img) in enumerate(zip(crops, owners, images, strict=True)):
                 p = image_path(crop, cond)
-                opts.save(_paste(owner, crop, img) if paste_back else img, p)
+                if compare or paste_back:  # these need a picture now (waits for the copy)
+                    face = _as_pil(img)
+                    if compare:
+                        edits[i].append(face)
+                    opts.save(_paste(owner, crop, face) if paste_back else face, p)
+                else:  # the writer thread waits for the pixels and encodes them
+                    opts.save(img, p)
                 written[i].append(p)
                 if save_latents:
                     rec = {"w": enc.w[i], "w_edit": res.latents[i], "embedding": res.embedding[i],
@@ -264,6 +316,7 @@ def run_edit(editor: Editor, inputs: Path, conditions: Sequence[EditCondition],
                         rec["remapped"] = res.remapped[i]
                     imaging.save_tensor(rec, p.with_suffix(".pt"))
                     written[i].append(p.with_suffix(".pt"))
+        spans.end()
         if compare:
             assert inversion is not None
             labels = ["input", "inversion", *[c.label for c in conditions]]
@@ -288,7 +341,7 @@ def run_interpolate(editor: Editor, inputs: Path, condition: EditCondition, opts
                     params: dict | None = None, *, steps: int = 8, strength: float = 1.0,
                     formats: Sequence[str] = ("gif",), fps: float = 8.0,
                     boomerang: bool = False, paste_back: bool = False) -> Report:
-    opts = with_domain_resize(opts, editor)
+    opts = for_model(opts, editor)
     if steps < 2:
         raise UsageError("--steps must be at least 2")
     for f in formats:
@@ -300,9 +353,10 @@ def run_interpolate(editor: Editor, inputs: Path, condition: EditCondition, opts
     embeddings: list[torch.Tensor] = []
 
     def setup(report: Report) -> None:
-        editor.preload(edit=True)
-        _check_prompts(editor, [condition], report)
-        embeddings.append(editor.embed(condition.value))
+        _load_models(editor, edit=True)
+        with timing.phase("text embedding"):
+            _check_prompts(editor, [condition], report)
+            embeddings.append(editor.embed(condition.value))
 
     digits = max(3, len(str(steps - 1)))
 
@@ -320,7 +374,7 @@ def run_interpolate(editor: Editor, inputs: Path, condition: EditCondition, opts
 
     def process(crops: list[Crop], owners: list[Prepared]) -> list[list[Path]]:
         frames: list[list[Image.Image]] = [[] for _ in crops]
-        for res in editor.iter_interpolation([c.image for c in crops], embeddings[0], steps,
+        for res in editor.iter_interpolation(encode_crops(editor, crops), embeddings[0], steps,
                                              strength):
             for i, (crop, owner, img) in enumerate(zip(crops, owners, res.pil(), strict=True)):
                 k = len(frames[i])

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -70,6 +71,10 @@ CUDA_AUTO_MAX = 8
 #: On the GPU too the released fused form is as fast or faster from B = 8 on (an H200, float32
 #: and float16), and the channels-last unfused form is 1.6–1.9× slower there.
 DECODE_FORMULATION = {"cpu": "fused", "cuda": "fused"}
+#: Batches of uint8 input pixels staged at once (:meth:`Editor.preprocess_pixels`): on CUDA a
+#: staging buffer is written again only after the copy issued from it this many batches ago,
+#: which has long finished, so its event never makes the model's thread wait in practice.
+STAGING_RING = 3
 
 
 def cuda_auto_batch(free_bytes: int, size: int, dtype: torch.dtype) -> int:
@@ -166,6 +171,9 @@ class Editor:
         self._text_cache: dict[str, torch.Tensor] = {}
         self._tokens: dict[str, tuple[int, int]] = {}  # prompt -> (tokens, CLIP's context)
         self.loaded: dict[str, Path] = {}  # role -> file actually loaded (for run reports)
+        # uint8 staging buffers for preprocess_pixels: (buffer, event of its last H2D copy)
+        self._ring: list[tuple[torch.Tensor, object | None]] = []
+        self._ring_pos = -1
 
     @classmethod
     def from_files(cls, *, e4e: Path | str, clipinverter: Path | str | None = None,
@@ -294,6 +302,54 @@ class Editor:
             return x.pin_memory().to(self.device, self.dtype, non_blocking=True)
         x = x.to(self.device, self.dtype)
         return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cpu" else x
+
+    def _staging(self, n: int, side: int) -> tuple[int, torch.Tensor]:
+        """A ``(≥n, side, side, 3)`` uint8 buffer of the ring (page-locked on CUDA, so the
+        copy to the GPU is asynchronous), free to overwrite."""
+        self._ring_pos = k = (self._ring_pos + 1) % STAGING_RING
+        if k < len(self._ring):
+            buf, copied = self._ring[k]
+            if buf.shape[0] >= n and buf.shape[1] == side:
+                if copied is not None:
+                    copied.synchronize()  # type: ignore[attr-defined] # long done, see STAGING_RING
+                return k, buf
+        buf = torch.empty((n, side, side, 3), dtype=torch.uint8,
+                          pin_memory=self.device.type == "cuda")
+        if k < len(self._ring):
+            self._ring[k] = (buf, None)
+        else:
+            self._ring.append((buf, None))
+        return k, buf
+
+    def preprocess_pixels(self, pixels: Sequence[np.ndarray]) -> torch.Tensor:
+        """uint8 ``(S, S, 3)`` images already at the encoder's input size (readers make them:
+        :func:`~clipinvert.imaging.to_pixels`) → the encoder's input, normalised on the device.
+
+        Only bytes cross to the GPU (a quarter of the float batch), from a pinned buffer of a
+        ring, asynchronously; the normalisation is :func:`~clipinvert.imaging.normalize_pixels`,
+        so the values equal :meth:`preprocess`'s of the same images.
+        """
+        n = len(pixels)
+        side = self.input_size
+        k, buf = self._staging(n, side)
+        host = buf.numpy()
+        for i, p in enumerate(pixels):
+            if p.shape != (side, side, 3):
+                raise UsageError(f"pixels of shape {p.shape}, expected {(side, side, 3)}")
+            host[i] = p
+        if self.device.type == "cuda":
+            x = buf[:n].to(self.device, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+            self._ring[k] = (buf, copied)
+            return imaging.normalize_pixels(x).to(self.dtype)
+        x = imaging.normalize_pixels(buf[:n].to(self.device)).to(self.dtype)
+        return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cpu" else x
+
+    @torch.no_grad()
+    def encode_pixels(self, pixels: Sequence[np.ndarray]) -> Encoded:
+        """:meth:`encode` of images the readers already resized (:meth:`preprocess_pixels`)."""
+        return self.model.encode(self.preprocess_pixels(pixels))
 
     @torch.no_grad()
     def encode(self, images: ImagesIn) -> Encoded:

@@ -125,3 +125,105 @@ def test_bench_train_stage_selection() -> None:
     assert parse(["--stages", "e4e,1,e4e"]).stages == ("e4e", 1)
     with pytest.raises(SystemExit):
         parse(["--stages", "3"])
+
+
+def test_bench_io_paper_rate_and_arguments() -> None:
+    import argparse
+
+    import bench_io
+
+    # 16 cores over 2 + 6 core-ms: 2000 img/s, unless the main thread's 1 ms caps it at 1000
+    assert bench_io.paper_rate(16, 2.0, 6.0, 0.5) == pytest.approx(2000.0)
+    assert bench_io.paper_rate(16, 2.0, 6.0, 1.0) == pytest.approx(1000.0)
+    assert bench_io.paper_rate(16, 0.0, 0.0, 0.0) == float("inf")
+    assert bench_io.parse_formats("png, JXL") == ("png", "jxl")
+    assert bench_io.parse_counts("1,2,4") == (1, 2, 4)
+    for bad in ("gif", ""):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench_io.parse_formats(bad)
+    with pytest.raises(argparse.ArgumentTypeError):
+        bench_io.parse_counts("0,2")
+    # every row format writes a suffix the command offers
+    from clipinvert.imaging import OUTPUT_EXTENSIONS
+
+    assert {suffix for suffix, _, _ in bench_io.FORMATS.values()} <= set(OUTPUT_EXTENSIONS)
+
+
+@pytest.mark.slow
+def test_bench_io_runs_the_path_and_reports_every_figure(tmp_path: Path, capsys) -> None:
+    import bench_io
+
+    out = tmp_path / "io.json"
+    assert bench_io.main(["--formats", "png,jxl", "--threads", "1,2", "--count", "6",
+                          "--batch", "4", "--model-ms", "1", "--out-size", "128",
+                          "--in-size", "64", "--workdir", str(tmp_path / "w"),
+                          "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["format"], r["threads"]) for r in rows] == [("png", 1), ("png", 2), ("jxl", 1),
+                                                          ("jxl", 2)]
+    for r in rows:
+        assert r["images"] == 6 and r["images_per_s"] > 0 and r["mean_file_kib"] > 0
+        assert r["reader_core_ms"] > 0 and r["writer_core_ms"] > 0 and r["main_ms"] >= 0
+    assert "img/s on 16 cores (paper)" in capsys.readouterr().out
+    assert not (tmp_path / "w").exists()
+
+
+def test_bench_edit_reads_the_commands_timing_lines() -> None:
+    import bench_edit
+
+    err = ("note\nclipinvert timing: weight loads 12.0 ms\n"
+           "clipinvert timing: totals: 64 images, main thread 0.40 ms/image, GPU idle between "
+           "batches 7.5 %\n")
+    lines = bench_edit.timing_lines(err)
+    assert lines == ["weight loads 12.0 ms", "totals: 64 images, main thread 0.40 ms/image, "
+                     "GPU idle between batches 7.5 %"]
+    assert bench_edit.gpu_idle_percent(lines) == 7.5
+    assert bench_edit.gpu_idle_percent(lines[:1]) is None
+    assert bench_edit.build_parser().parse_args(["--cli", "--cli-timing"]).cli_timing
+
+
+def test_device_checks_script_parses_and_every_command_it_runs_exists(tmp_path: Path) -> None:
+    """benchmarks/device_checks.sh is for a session lent a GPU: here, it must parse (bash -n)
+    and every option it passes must be one its benchmark or command has."""
+    import shlex
+    import shutil
+    import subprocess
+
+    import bench_edit
+    import bench_train
+    import typer.main
+
+    from clipinvert.cli import app
+
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("no bash")
+    script = BENCH / "device_checks.sh"
+    subprocess.run([bash, "-n", str(script)], check=True)
+    done = subprocess.run([bash, str(script), "--dry-run"], capture_output=True, text=True,
+                          check=True, env={"PATH": "/usr/bin:/bin", "OUT": str(tmp_path / "o")})
+    steps = [ln for ln in done.stdout.splitlines() if ln.startswith("STEP ")]
+    names = [ln.split()[1] for ln in steps]
+    assert names == ["edit-png", "edit-jpg", "model-float16", "model-float32", "train-fp32",
+                     "train-bf16", "demo", "ddp-train", "demo", "sync"]  # the issue's order
+    assert not (tmp_path / "o").exists()  # a dry run writes nothing
+    click_app = typer.main.get_command(app)
+    for line in steps:
+        argv = shlex.split(line.split(": ", 1)[1])
+        if argv[0] == "env":  # env NAME=value ... python ...
+            argv = [a for a in argv[1:] if "=" not in a or a.startswith("-")]
+        assert argv[0] == "python"
+        if argv[1].startswith("benchmarks/"):
+            module = {"bench_edit.py": bench_edit, "bench_train.py": bench_train}[
+                Path(argv[1]).name]
+            module.build_parser().parse_args(argv[2:])  # exits on an unknown option
+            continue
+        if argv[1:3] == ["-m", "torch.distributed.run"]:
+            argv = ["python", *argv[argv.index("clipinvert") - 1:]]
+        assert argv[1:3] == ["-m", "clipinvert"], line
+        rest = argv[3:]
+        command = click_app
+        while rest and not rest[0].startswith("-") and hasattr(command, "commands"):
+            command = command.commands[rest.pop(0)]  # type: ignore[attr-defined]
+        known = {o for p in command.params for o in [*p.opts, *getattr(p, "secondary_opts", [])]}
+        assert {a for a in rest if a.startswith("--")} <= known, line

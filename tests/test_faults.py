@@ -107,15 +107,22 @@ def _no_room_for_reports(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize("threads", [0, 2])
 def test_disk_full_writing_an_output_stops_the_run_and_a_rerun_finishes(
         folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, threads: int) -> None:
-    real_save = Image.Image.save
+    real_save, real_write = Image.Image.save, Path.write_bytes
 
     def save(self: Image.Image, fp: object, *args: object, **kwargs: object) -> None:
         if Path(str(fp)).name.startswith(".2.png."):  # the temporary file of output 2
-            Path(str(fp)).write_bytes(b"\x89PNG half")  # some bytes made it before the error
+            real_write(Path(str(fp)), b"\x89PNG half")  # some bytes made it before the error
             raise ENOSPC
         real_save(self, fp, *args, **kwargs)
 
+    def write_bytes(self: Path, data: bytes) -> int:  # fpng's PNG: its bytes, then the write
+        if self.name.startswith(".2.png."):
+            real_write(self, b"\x89PNG half")
+            raise ENOSPC
+        return real_write(self, data)
+
     monkeypatch.setattr(Image.Image, "save", save)
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
     out = tmp_path / "out"
     job = Job(out, threads)
     with pytest.raises(DiskFullError) as info:

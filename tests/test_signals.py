@@ -86,7 +86,10 @@ class Run:
         folder.mkdir()
         self.out = folder / "out"
         self.log = (folder / "stderr.txt").open("w+")
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        # Decode workers are processes here (the readers of an unaligned run are threads by
+        # default; aligning runs keep processes): what must not outlive a stop.
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+               "CLIPINVERT_READER": "process"}
         env.pop("CLIPINVERT_DEBUG", None)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "clipinvert.cli", "invert", str(inputs), "-o", str(self.out),
