@@ -141,6 +141,22 @@ def face_crop() -> Image.Image:
 
 
 @pytest.fixture(scope="session")
+def astronaut() -> Image.Image:
+    """scikit-image's astronaut, whole (512×512): the real face photo of the alignment tests."""
+    from skimage import data
+
+    return Image.fromarray(data.astronaut())
+
+
+@pytest.fixture(scope="session")
+def detector():
+    """dlib's face detector and 68-point predictor, loaded once for the session."""
+    from clipinvert.align import FaceDetector
+
+    return FaceDetector()
+
+
+@pytest.fixture(scope="session")
 def cat_photo() -> Image.Image:
     from skimage import data
 

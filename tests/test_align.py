@@ -38,16 +38,6 @@ N = 256
 
 
 @pytest.fixture(scope="module")
-def detector() -> FaceDetector:
-    return FaceDetector()
-
-
-@pytest.fixture(scope="module")
-def astronaut() -> PIL.Image.Image:
-    return PIL.Image.fromarray(skimage_data.astronaut())
-
-
-@pytest.fixture(scope="module")
 def astro_face(detector, astronaut):
     faces = detector.detect(np.asarray(astronaut))
     assert faces, "dlib found no face on the astronaut photo"

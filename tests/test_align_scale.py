@@ -26,16 +26,6 @@ BOUND = 0.012
 
 
 @pytest.fixture(scope="module")
-def detector() -> FaceDetector:
-    return FaceDetector()
-
-
-@pytest.fixture(scope="module")
-def astronaut() -> PIL.Image.Image:
-    return PIL.Image.fromarray(skimage_data.astronaut())
-
-
-@pytest.fixture(scope="module")
 def astronaut_2x(astronaut: PIL.Image.Image) -> PIL.Image.Image:
     return astronaut.resize((1024, 1024), LANCZOS)
 
