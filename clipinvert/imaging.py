@@ -644,6 +644,14 @@ ImageOut = Image.Image | np.ndarray | PendingPixels
 still arriving from the GPU)."""
 
 
+def as_pil(image: ImageOut) -> Image.Image:
+    """A PIL image of output pixels (waiting first for pixels still arriving from the GPU),
+    for what needs a picture: PIL's encoders, paste-back, strips, animations."""
+    if isinstance(image, PendingPixels):
+        image = image.wait()
+    return Image.fromarray(image) if isinstance(image, np.ndarray) else image
+
+
 def _fpng(arr: np.ndarray) -> bytes | None:
     """PNG bytes from fpng (uint8 RGB/RGBA), or None when fpng is missing or fails: the
     caller then uses PIL's zlib.  fpng is pinned (pyproject) because it is alpha-versioned;
@@ -717,9 +725,7 @@ def save_image(image: ImageOut, path: Path, *, png_level: int = PNG_LEVEL) -> No
     if data is not None:
         atomic_write(path, lambda tmp: tmp.write_bytes(data))
         return
-    if isinstance(image, PendingPixels):
-        image = image.wait()
-    img = Image.fromarray(image) if isinstance(image, np.ndarray) else image
+    img = as_pil(image)
     params: dict[str, object] = {}
     if fmt == "JPEG":
         params = {"quality": 95}

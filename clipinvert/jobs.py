@@ -213,13 +213,6 @@ def _load_models(editor: Editor, *, edit: bool) -> None:
         torch.cuda.set_sync_debug_mode("warn")
 
 
-def _as_pil(image: imaging.ImageOut) -> Image.Image:
-    """A PIL image of output pixels, for what needs one (paste-back, strips, animations)."""
-    if isinstance(image, imaging.PendingPixels):
-        image = image.wait()
-    return Image.fromarray(image) if not isinstance(image, Image.Image) else image
-
-
 def run_invert(editor: Editor, inputs: Path, opts: RunOptions, params: dict | None = None,
                save_latents: bool = True) -> Report:
     opts = for_model(opts, editor)
@@ -302,7 +295,7 @@ def run_edit(editor: Editor, inputs: Path, conditions: Sequence[EditCondition],
             for i, (crop, owner, img) in enumerate(zip(crops, owners, images, strict=True)):
                 p = image_path(crop, cond)
                 if compare or paste_back:  # these need a picture now (waits for the copy)
-                    face = _as_pil(img)
+                    face = imaging.as_pil(img)
                     if compare:
                         edits[i].append(face)
                     opts.save(_paste(owner, crop, face) if paste_back else face, p)

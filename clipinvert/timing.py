@@ -22,7 +22,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 __all__ = ["ENABLED", "add", "emit", "enabled", "phase", "since_start", "totals"]
 
@@ -50,8 +50,7 @@ def set_enabled(on: bool) -> None:
     """Turn timing on or off in-process (tests, benchmarks); clears the totals."""
     global ENABLED
     ENABLED = on
-    with _lock:
-        _sums.clear()
+    reset()
 
 
 def sync_debug() -> bool:
@@ -66,17 +65,18 @@ def emit(line: str) -> None:
 
 
 @contextlib.contextmanager
-def _timed(name: str) -> Iterator[None]:
+def _stopwatch(done: Callable[[float], None]) -> Iterator[None]:
+    """Hands the block's wall time in seconds to ``done``, however the block ends."""
     t0 = time.perf_counter()
     try:
         yield
     finally:
-        emit(f"{name} {(time.perf_counter() - t0) * 1000:.1f} ms")
+        done(time.perf_counter() - t0)
 
 
 def phase(name: str) -> contextlib.AbstractContextManager[None]:
     """A block whose wall time is printed as ``<name> <ms> ms`` when timing is on."""
-    return _timed(name) if ENABLED else _NULL
+    return _stopwatch(lambda s: emit(f"{name} {s * 1000:.1f} ms")) if ENABLED else _NULL
 
 
 def add(key: str, seconds: float) -> None:
@@ -141,18 +141,9 @@ def summary(images: int, main_s: float, extra: dict[str, float] | None = None) -
     emit("totals: " + ", ".join(parts))
 
 
-@contextlib.contextmanager
-def _total(key: str) -> Iterator[None]:
-    t0 = time.perf_counter()
-    try:
-        yield
-    finally:
-        add(key, time.perf_counter() - t0)
-
-
 def total(key: str) -> contextlib.AbstractContextManager[None]:
     """A block whose wall time is added to the total ``key`` when timing is on."""
-    return _total(key) if ENABLED else _NULL
+    return _stopwatch(lambda s: add(key, s)) if ENABLED else _NULL
 
 
 class GpuSpans:
@@ -192,7 +183,7 @@ class GpuSpans:
         if not self._spans:
             return {}
         self._spans[-1][1].synchronize()  # type: ignore[attr-defined]
-        return gpu_idle([(s, e) for s, e in self._spans])
+        return gpu_idle(self._spans)
 
 
 def gpu_idle(spans: list[tuple[object, object]]) -> dict[str, float]:
