@@ -130,11 +130,19 @@ def _run_options(opts: Common, prepare, batch_size: int | None = None,
                       launch=launch or launch_from_env(), writer=writer)
 
 
+def _editor(opts: Common, device):
+    """The command's Editor on ``device``, from the shared weight options (weights load
+    lazily)."""
+    from .pipeline import Editor
+
+    return Editor(opts.domain, models=opts.models, device=device, dtype=opts.dtype,
+                  download=opts.download, offline=opts.offline or None,
+                  trust_checkpoint=opts.trust_checkpoint)
+
+
 def _load(opts: Common, paste_back: bool = False):
     """The editor (its weights load lazily) and the run options of a model command."""
     import torch
-
-    from .pipeline import Editor
 
     # Inference itself draws no random numbers (stored noise buffers); seeding keeps anything
     # a future option might sample reproducible and is recorded in the report.
@@ -146,9 +154,7 @@ def _load(opts: Common, paste_back: bool = False):
     # (cuda:LOCAL_RANK on GPUs; docs/batch-runs.md#torchrun).
     launch = launch_from_env()
     device = process_device(launch, resolve_device(opts.device))
-    editor = Editor(opts.domain, models=opts.models, device=device, dtype=opts.dtype,
-                    download=opts.download, offline=opts.offline or None,
-                    trust_checkpoint=opts.trust_checkpoint)
+    editor = _editor(opts, device)
     prep = _prepare(editor.registry, editor.domain, aligned=opts.aligned,
                     all_faces=opts.all_faces, size=editor.input_size, paste_back=paste_back,
                     detect_size=detect_size_pixels(opts.detect_size))
@@ -614,7 +620,7 @@ def serve(
         raise typer.Exit(EXIT_USAGE) from None
     import torch
 
-    from .pipeline import Editor, resolve_device
+    from .pipeline import resolve_device
     from .runtime import thread_budget, tune_allocator
     from .serve.app import Service, describe
     from .serve.ui import launch
@@ -622,9 +628,7 @@ def serve(
     device = resolve_device(opts.device)
     tune_allocator()
     torch.set_num_threads(thread_budget(0, device=device.type)[0])
-    editor = Editor(opts.domain, models=opts.models, device=device, dtype=opts.dtype,
-                    download=opts.download, offline=opts.offline or None,
-                    trust_checkpoint=opts.trust_checkpoint)
+    editor = _editor(opts, device)
     service = Service(editor, models=opts.models)
     say = functools.partial(print, file=sys.stderr)
     if host not in ("127.0.0.1", "localhost", "::1"):
@@ -632,9 +636,10 @@ def serve(
             "computer's models (there is no login)")
     if share:
         say("warning: --share opens a public gradio.live link: anyone with it can use the page")
-    for line in describe(service.status()):
+    status = service.status()
+    for line in describe(status):
         say(line)
-    if (problem := service.status().problem) is not None:
+    if (problem := status.problem) is not None:
         say(f"missing weights (the page says so too): {problem}")
     elif preload and (problem := service.preload()) is not None:
         say(f"cannot load the weights (the page says so too): {problem}")

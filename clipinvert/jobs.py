@@ -213,6 +213,28 @@ def _load_models(editor: Editor, *, edit: bool) -> None:
         torch.cuda.set_sync_debug_mode("warn")
 
 
+def edit_path(opts: RunOptions, crop: Crop, cond: EditCondition,
+              conditions: Sequence[EditCondition]) -> Path:
+    """Where ``edit`` writes ``crop``'s edit by ``cond``: ``OUT/<stem>`` for one condition,
+    ``OUT/<condition slug>/<stem>`` for several."""
+    return opts.image_path(crop.rel if len(conditions) == 1 else Path(cond.slug) / crop.rel)
+
+
+def compare_path(opts: RunOptions, crop: Crop) -> Path:
+    """Where ``edit --compare`` writes ``crop``'s strip."""
+    return opts.image_path(Path("compare") / crop.rel)
+
+
+def compare_strip(crop: Crop, inversion: Image.Image, edits: Sequence[Image.Image],
+                  conditions: Sequence[EditCondition]) -> Image.Image:
+    """``edit --compare``'s strip: the input (resized to the outputs' size), the inversion and
+    each condition's edit, labelled."""
+    labels = ["input", "inversion", *[c.label for c in conditions]]
+    return imaging.side_by_side(
+        [crop.image.resize(inversion.size, Image.Resampling.LANCZOS), inversion, *edits],
+        labels=labels)
+
+
 def run_invert(editor: Editor, inputs: Path, opts: RunOptions, params: dict | None = None,
                save_latents: bool = True) -> Report:
     opts = for_model(opts, editor)
@@ -254,7 +276,6 @@ def run_edit(editor: Editor, inputs: Path, conditions: Sequence[EditCondition],
              paste_back: bool = False) -> Report:
     opts = for_model(opts, editor)
     out = opts.output
-    single = len(conditions) == 1
     settings = _settings(editor, edit=True, conditions=[c.key for c in conditions],
                          strength=strength)
     embeddings: list[torch.Tensor] = []
@@ -267,18 +288,15 @@ def run_edit(editor: Editor, inputs: Path, conditions: Sequence[EditCondition],
             # Embeddings once per run, not per batch (CLIP is the slowest thing per prompt).
             embeddings.extend(editor.embed(c.value) for c in conditions)
 
-    def image_path(crop: Crop, cond: EditCondition) -> Path:
-        return opts.image_path(crop.rel if single else Path(cond.slug) / crop.rel)
-
     def outputs_for(crop: Crop) -> list[Path]:
         paths = []
         for cond in conditions:
-            p = image_path(crop, cond)
+            p = edit_path(opts, crop, cond, conditions)
             paths.append(p)
             if save_latents:
                 paths.append(p.with_suffix(".pt"))
         if compare:
-            paths.append(opts.image_path(Path("compare") / crop.rel))
+            paths.append(compare_path(opts, crop))
         return paths + _sidecar(crop, out)
 
     def process(crops: list[Crop], owners: list[Prepared]) -> list[list[Path]]:
@@ -293,7 +311,7 @@ def run_edit(editor: Editor, inputs: Path, conditions: Sequence[EditCondition],
                 res = editor.edit(enc, emb, strength=strength)
                 images = imaging.to_host_pixels(res.images)
             for i, (crop, owner, img) in enumerate(zip(crops, owners, images, strict=True)):
-                p = image_path(crop, cond)
+                p = edit_path(opts, crop, cond, conditions)
                 if compare or paste_back:  # these need a picture now (waits for the copy)
                     face = imaging.as_pil(img)
                     if compare:
@@ -312,14 +330,9 @@ def run_edit(editor: Editor, inputs: Path, conditions: Sequence[EditCondition],
         spans.end()
         if compare:
             assert inversion is not None
-            labels = ["input", "inversion", *[c.label for c in conditions]]
             for i, crop in enumerate(crops):
-                size = inversion[i].size
-                strip = imaging.side_by_side(
-                    [crop.image.resize(size, Image.Resampling.LANCZOS), inversion[i], *edits[i]],
-                    labels=labels)
-                p = opts.image_path(Path("compare") / crop.rel)
-                opts.save(strip, p)
+                p = compare_path(opts, crop)
+                opts.save(compare_strip(crop, inversion[i], edits[i], conditions), p)
                 written[i].append(p)
         for i, crop in enumerate(crops):
             written[i] += _transform_outputs(crop, out)

@@ -427,24 +427,19 @@ class Service:
     def _finish_job(self, job: _Job) -> Outcome:
         """One request's files from its images, as ``run_edit`` writes them: the CLI's
         paste-back, strip and PNG writer, in the CLI's output layout."""
-        from ..jobs import _paste, _transform_outputs
+        from ..jobs import _paste, _transform_outputs, compare_path, compare_strip, edit_path
 
         opts, conditions = job.opts, job.conditions
-        single = len(conditions) == 1
-        labels = ["input", "inversion", *[c.label for c in conditions]]
         outputs: list[Path] = []
         for crop, inversion, edits in zip(job.item.crops, job.inversions, job.edits,
                                           strict=True):
             for cond, image in zip(conditions, edits, strict=True):
-                path = opts.image_path(crop.rel if single else Path(cond.slug) / crop.rel)
+                path = edit_path(opts, crop, cond, conditions)
                 opts.save(_paste(job.item, crop, image) if job.request.paste_back else image,
                           path)
                 outputs.append(path)
-            strip = imaging.side_by_side(
-                [crop.image.resize(inversion.size, Image.Resampling.LANCZOS), inversion,
-                 *edits], labels=labels)
-            path = opts.image_path(Path("compare") / crop.rel)
-            opts.save(strip, path)
+            path = compare_path(opts, crop)
+            opts.save(compare_strip(crop, inversion, edits, conditions), path)
             outputs.append(path)
             outputs += _transform_outputs(crop, opts.output)
         return self._outcome(job.request, job.folder, job.photo, conditions, opts.output,
