@@ -10,10 +10,12 @@ import sys
 import threading
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
 from PIL import Image
+from torchrun_helpers import free_port
 
 from clipinvert.cli import SERVE_EXTRA, main
 from clipinvert.serve.app import (
@@ -398,51 +400,42 @@ def test_a_full_queue_says_so(tiny_models: Path) -> None:
     (the page shows gradio's "Queue is full" message)."""
     import json
     import os
-    import socket
     import urllib.error
     import urllib.request
 
     from clipinvert import Editor
     from clipinvert.serve.ui import launch
 
-    saved = {k: os.environ.get(k) for k in ("GRADIO_TEMP_DIR", "GRADIO_ANALYTICS_ENABLED")}
     svc = Service(Editor("tiny", models=tiny_models, device="cpu"), max_batch=2)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    demo, url = launch(svc, port=port, queue_size=1)
-    try:
-        fn_index = next(k for k, f in demo.fns.items() if f.api_name == "edit")
+    with mock.patch.dict(os.environ):  # launch() sets gradio's variables: put back after
+        demo, url = launch(svc, port=free_port(), queue_size=1)
+        try:
+            fn_index = next(k for k, f in demo.fns.items() if f.api_name == "edit")
 
-        def join(k: int) -> int:
-            body = {"data": [None, "blond hair", None, 1.0, False, False, False],
-                    "fn_index": fn_index, "session_hash": f"user{k}", "event_data": None,
-                    "trigger_id": None}
-            req = urllib.request.Request(url.rstrip("/") + "/gradio_api/queue/join",
-                                         json.dumps(body).encode(),
-                                         {"Content-Type": "application/json"})
-            try:
-                with urllib.request.urlopen(req, timeout=30) as response:  # noqa: S310
-                    return response.status
-            except urllib.error.HTTPError as exc:
-                assert "Queue is full" in exc.read().decode()
-                return exc.code
+            def join(k: int) -> int:
+                body = {"data": [None, "blond hair", None, 1.0, False, False, False],
+                        "fn_index": fn_index, "session_hash": f"user{k}", "event_data": None,
+                        "trigger_id": None}
+                req = urllib.request.Request(url.rstrip("/") + "/gradio_api/queue/join",
+                                             json.dumps(body).encode(),
+                                             {"Content-Type": "application/json"})
+                try:
+                    with urllib.request.urlopen(req, timeout=30) as response:  # noqa: S310
+                        return response.status
+                except urllib.error.HTTPError as exc:
+                    assert "Queue is full" in exc.read().decode()
+                    return exc.code
 
-        with svc.hold():
-            for k in range(2):  # with the service, waiting for the model
-                assert join(k) == 200
-                wait_until(lambda k=k: svc.waiting() == k + 1, "a request with the service")
-            assert join(2) == 200  # waits in gradio's queue
-            assert join(3) == 503  # the queue is full
-        wait_until(lambda: svc.waiting() == 0 and len(demo._queue) == 0, "the queue to drain")
-    finally:
-        demo.close(verbose=False)
-        svc.close()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+            with svc.hold():
+                for k in range(2):  # with the service, waiting for the model
+                    assert join(k) == 200
+                    wait_until(lambda k=k: svc.waiting() == k + 1, "a request with the service")
+                assert join(2) == 200  # waits in gradio's queue
+                assert join(3) == 503  # the queue is full
+            wait_until(lambda: svc.waiting() == 0 and len(demo._queue) == 0, "the queue to drain")
+        finally:
+            demo.close(verbose=False)
+            svc.close()
 
 
 def test_a_batch_on_an_aligning_domain_pastes_back_and_edits_every_face(

@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import threading
 import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
 from PIL import Image
+from torchrun_helpers import free_port
 
 from clipinvert.cli import main
 from clipinvert.testing import browser as browser_tools
@@ -34,12 +35,6 @@ pytestmark = pytest.mark.skipif(os.environ.get("CLIPINVERT_NO_BROWSER", "") not 
                                        "`clipinvert serve` are skipped on purpose")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_models: Path):
     """The page over the tiny domain, served from a background thread of this process."""
@@ -47,18 +42,13 @@ def server(tiny_models: Path):
     from clipinvert.serve.app import Service
     from clipinvert.serve.ui import launch
 
-    saved = {k: os.environ.get(k) for k in ("GRADIO_TEMP_DIR", "GRADIO_ANALYTICS_ENABLED")}
-    service = Service(Editor("tiny", models=tiny_models, device="cpu"), models=tiny_models)
-    demo, url = launch(service, port=_free_port())
-    assert urllib.parse.urlsplit(url).hostname == "127.0.0.1"
-    yield url, service
-    demo.close(verbose=False)
-    service.close()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with mock.patch.dict(os.environ):  # launch() sets gradio's variables: put back after
+        service = Service(Editor("tiny", models=tiny_models, device="cpu"), models=tiny_models)
+        demo, url = launch(service, port=free_port())
+        assert urllib.parse.urlsplit(url).hostname == "127.0.0.1"
+        yield url, service
+        demo.close(verbose=False)
+        service.close()
     assert not service.root.exists()  # uploads, results and gradio's cache: all gone
 
 
