@@ -226,17 +226,21 @@ def test_serve_without_the_extra_says_how_to_get_it(monkeypatch, capsys) -> None
 
 def test_the_page_builds_offline(service: Service, monkeypatch) -> None:
     """The gradio page over the service, built without serving it: no analytics, uploads in
-    the service's folder, a bounded queue with one request at a time."""
+    this process's own temporary folder, a bounded queue with one request at a time."""
+    import os
+    import tempfile
+
     from clipinvert.serve import ui
 
     monkeypatch.setenv("GRADIO_TEMP_DIR", "")  # restored after the test
     monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "")
-    ui.offline_environment(service)
+    ui.offline_environment()
     demo = ui.build(service, queue_size=3)
-    import os
 
     assert os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"
-    assert Path(os.environ["GRADIO_TEMP_DIR"]).is_relative_to(service.root)
+    temp = Path(os.environ["GRADIO_TEMP_DIR"])
+    assert temp == ui.gradio_temp_dir() and temp.is_dir()  # the same for every page
+    assert temp.parent == Path(tempfile.gettempdir()) and temp.name.startswith("clipinvert-")
     assert demo._queue.max_size == 3
     edit = next(f for f in demo.fns.values() if f.api_name == "edit")
     animate = next(f for f in demo.fns.values() if f.api_name == "animate")
@@ -485,3 +489,39 @@ def test_a_batch_on_an_aligning_domain_pastes_back_and_edits_every_face(
                 assert np.abs(got - want).max() <= BATCHED_BOUND
     finally:
         svc.close()
+
+
+TWO_PAGES = """
+import sys, urllib.request
+from clipinvert import Editor
+from clipinvert.serve.app import Service
+from clipinvert.serve.ui import launch
+
+models = sys.argv[1]
+for port in sys.argv[2:]:
+    service = Service(Editor("tiny", models=models, device="cpu"))
+    demo, url = launch(service, port=int(port))
+    with urllib.request.urlopen(url, timeout=60) as page:  # noqa: S310
+        assert page.status == 200
+    demo.close(verbose=False)
+    service.close()
+"""
+
+
+def test_a_process_that_serves_two_pages_leaves_no_temporary_files(
+        tiny_models: Path, tmp_path: Path) -> None:
+    """gradio reads its temporary folder once per process, at its first import: a notebook or
+    a test session that starts a second page must not leave the first page's folder behind.
+    Everything either page wrote is gone when the process ends."""
+    import os
+    import subprocess
+
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRADIO_")}
+    env |= {"TMPDIR": str(temp), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", TWO_PAGES, str(tiny_models),
+                           str(free_port()), str(free_port())],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.relative_to(temp) for p in temp.rglob("*")) == []

@@ -40,7 +40,7 @@ def server(tiny_models: Path):
     """The page over the tiny domain, served from a background thread of this process."""
     from clipinvert import Editor
     from clipinvert.serve.app import Service
-    from clipinvert.serve.ui import launch
+    from clipinvert.serve.ui import gradio_temp_dir, launch
 
     with mock.patch.dict(os.environ):  # launch() sets gradio's variables: put back after
         service = Service(Editor("tiny", models=tiny_models, device="cpu"), models=tiny_models)
@@ -49,7 +49,9 @@ def server(tiny_models: Path):
         yield url, service
         demo.close(verbose=False)
         service.close()
-    assert not service.root.exists()  # uploads, results and gradio's cache: all gone
+    assert not service.root.exists()  # requests and results: all gone
+    temp = Path(os.environ.get("GRADIO_TEMP_DIR") or gradio_temp_dir())
+    assert not [p for p in temp.rglob("*") if p.is_file()]  # and the page's uploads
 
 
 def new_browser():

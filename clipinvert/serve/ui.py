@@ -3,7 +3,8 @@
 Imported only by the ``serve`` command (gradio is the optional ``serve`` extra), and only after
 :func:`offline_environment` has made gradio keep to this machine: no analytics or version
 check, no share link unless asked, no web fonts (the theme uses the system's), and its upload
-cache inside the service's own temporary folder, which goes when the server stops.
+cache in a temporary folder of this process's own: the page's files go when it closes, the
+folder when the process ends (:func:`gradio_temp_dir`).
 
 What the page hands to the request layer: an upload's *bytes*, read from gradio's upload cache
 only after checking that the file gradio names lies inside that cache (gradio checks it too);
@@ -13,10 +14,13 @@ no path the browser sends is opened otherwise.  Every failure becomes a message 
 
 from __future__ import annotations
 
+import atexit
 import base64
 import html
 import os
+import shutil
 import sys
+import tempfile
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -49,11 +53,34 @@ CSS = """
 """
 
 
-def offline_environment(service: Service) -> None:
+#: gradio's temporary folder for this process (see :func:`gradio_temp_dir`); None until made.
+_process_temp: Path | None = None
+
+
+def gradio_temp_dir() -> Path:
+    """The folder gradio keeps uploads and its cache in: one per *process*, removed at exit.
+
+    Why not one per page: gradio reads ``GRADIO_TEMP_DIR`` into module constants when it is
+    first imported, so a second page in the same process (a notebook, a test session) would
+    still write into the first page's folder after that page had removed it, and leave it
+    behind.  Each page deletes its own files when it closes (``delete_cache``); the folder
+    itself goes with the process.  A ``GRADIO_TEMP_DIR`` the user set is theirs: used as it
+    is and never removed.
+    """
+    global _process_temp
+    if _process_temp is None:
+        if os.environ.get("GRADIO_TEMP_DIR"):
+            return Path(os.environ["GRADIO_TEMP_DIR"])
+        _process_temp = Path(tempfile.mkdtemp(prefix="clipinvert-gradio-"))
+        atexit.register(shutil.rmtree, _process_temp, ignore_errors=True)
+    return _process_temp
+
+
+def offline_environment() -> None:
     """Settings gradio reads from the environment, set before it is imported: no analytics,
-    uploads kept under the service's temporary root."""
+    uploads kept in this process's own temporary folder."""
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
-    os.environ["GRADIO_TEMP_DIR"] = str(service.root / "gradio")
+    os.environ["GRADIO_TEMP_DIR"] = str(gradio_temp_dir())
 
 
 def _upload(payload: Any, what: str, service: Service) -> Upload | None:
@@ -239,7 +266,7 @@ def theme():
 def launch(service: Service, *, host: str = "127.0.0.1", port: int | None = 7860,
            share: bool = False, queue_size: int = 16, quiet: bool = True):
     """Start the page in a background thread; returns ``(demo, local_url)``."""
-    offline_environment(service)
+    offline_environment()
     demo = build(service, queue_size=queue_size)
     _, url, _ = demo.launch(
         server_name=host, server_port=port, share=share, prevent_thread_lock=True,
