@@ -69,7 +69,9 @@ def _keep_only_failed_tests_folders(request: pytest.FixtureRequest,
     shared ones too (the tiny domains, checkpoints: 0.9 GB in a full run); only the failed
     tests' own tmp_path folders help to see what went wrong, so the rest goes."""
     yield
-    if not request.session.testsfailed or request.config.option.basetemp:
+    # a pytest-xdist worker's --basetemp is its own folder in the session's, not the user's
+    given = request.config.option.basetemp and not hasattr(request.config, "workerinput")
+    if not request.session.testsfailed or given:
         return  # a passing session's folder pytest removes; a --basetemp given is the user's
     for entry in tmp_path_factory.getbasetemp().iterdir():
         # pytest's "…current" links to removed folders are removed by pytest itself

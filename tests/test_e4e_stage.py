@@ -167,6 +167,7 @@ def test_progressive_stage_follows_e4e_steps() -> None:
     assert [progressive_stage(t, s0, 8) for t in (0, 2, 3, 6)] == [1, 1, 2, 3]
 
 
+@pytest.mark.slow  # full-width encoder, MoCo ResNet-50 and AlexNet: ~18 s
 def test_step_equals_e4e_coach(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Three steps on random full-width weights: every logged loss equals e4e's own coach's,
     and so do the encoder's and the discriminator's updates (golden numbers above)."""

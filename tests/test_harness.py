@@ -121,10 +121,13 @@ def test_fails(shared, tmp_path):
 '''
 
 
-def test_a_failing_session_leaves_only_its_failed_tests_folders(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", ["parallel", "-n 0"])
+def test_a_failing_session_leaves_only_its_failed_tests_folders(tmp_path: Path,
+                                                                 workers: str) -> None:
     """A session of this suite's conftest, in a subprocess with its own TMPDIR and no thread
     setting: it leaves there only the failed test's tmp_path — not the fixtures' shared folders,
-    nor what its children left in their temporary folder, nor its own isolated folder."""
+    nor what its children left in their temporary folder, nor its own isolated folder; in
+    parallel worker processes (the default) as in one."""
     suite = tmp_path / "suite"
     suite.mkdir()
     shutil.copy(TESTS / "conftest.py", suite / "conftest.py")
@@ -135,13 +138,16 @@ def test_a_failing_session_leaves_only_its_failed_tests_folders(tmp_path: Path) 
            if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "PYTEST_ADDOPTS")}
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-c",
-         str(ROOT / "pyproject.toml"), "--rootdir", str(suite), str(suite)],
+         str(ROOT / "pyproject.toml"), "--rootdir", str(suite), str(suite),
+         *([] if workers == "parallel" else workers.split())],
         capture_output=True, text=True, timeout=300, env={**env, "TMPDIR": str(temp)},
         cwd=suite, check=False)
     assert "1 failed, 3 passed" in done.stdout, done.stdout[-3000:] + done.stderr[-2000:]
     assert [p.name for p in temp.iterdir()] == [f"pytest-of-{getpass.getuser()}"]
     left = [p.relative_to(temp).parts[2:] for p in temp.rglob("*")
             if p.is_file() and not p.is_symlink()]
+    # in parallel (pytest-xdist), below the failing worker's folder
+    left = [parts[1:] if parts[0].startswith("popen-gw") else parts for parts in left]
     assert left == [("test_fails0", "evidence.txt")]
 
 

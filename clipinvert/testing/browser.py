@@ -28,6 +28,18 @@ def available() -> bool:
     return CHROMIUM.exists() and CHROMEDRIVER.exists()
 
 
+def _short_temp() -> str | None:
+    """Where the profile goes: the system's temporary folder, unless its path is so long that
+    Chromium's socket below the profile (``<profile>/org.chromium.Chromium.XXXXXX/
+    SingletonSocket``) would pass the 107 bytes a Unix socket path may have: Chromium then
+    exits at start-up ("Socket path too long"; a nested TMPDIR such as a test session's under
+    pytest-xdist, or macOS's ``/var/folders/...``)."""
+    here = tempfile.gettempdir()
+    if len(here) <= 30 or not os.access("/tmp", os.W_OK):
+        return here
+    return "/tmp"
+
+
 def chromium(width: int = 1400, height: int = 1000) -> Any:
     """A Selenium driver of headless Chromium with its own throw-away profile, logging every
     network request (``driver.get_log("performance")``); :func:`quit` removes the profile."""
@@ -37,14 +49,16 @@ def chromium(width: int = 1400, height: int = 1000) -> Any:
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
-    profile = tempfile.mkdtemp(prefix="clipinvert-chromium-")
+    profile = tempfile.mkdtemp(prefix="clipinvert-chromium-", dir=_short_temp())
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
     for flag in (*FLAGS, f"--user-data-dir={profile}", f"--window-size={width},{height}"):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
     try:
-        driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)),
+        # Chromium's own temporary files (its single-instance socket) inside the profile
+        driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER),
+                                                  env={**os.environ, "TMPDIR": profile}),
                                   options=options)
     except BaseException:
         shutil.rmtree(profile, ignore_errors=True)
