@@ -611,13 +611,14 @@ def serve(
 ) -> None:
     """A local web page to edit photos: upload, type a prompt, download the result (Ctrl-C
     stops it).  Needs the serve extra: pip install "clipinvert[serve]"."""
+    import importlib.util
     import time
 
-    try:  # before any model: without the extra the command says how to get it
-        import gradio  # noqa: F401
-    except ImportError:
+    # Before any model: without the extra the command says how to get it.  Looked up, not
+    # imported: gradio reads its temporary folder once, at import, and launch() sets it first.
+    if importlib.util.find_spec("gradio") is None:
         print(SERVE_EXTRA, file=sys.stderr)
-        raise typer.Exit(EXIT_USAGE) from None
+        raise typer.Exit(EXIT_USAGE)
     import torch
 
     from .pipeline import resolve_device
@@ -643,6 +644,7 @@ def serve(
         say(f"missing weights (the page says so too): {problem}")
     elif preload and (problem := service.preload()) is not None:
         say(f"cannot load the weights (the page says so too): {problem}")
+    StopSignals.hint("the same command starts it again")  # what the Ctrl-C line says
     try:
         demo, url = launch(service, host=host, port=port, share=share, queue_size=queue_size)
     except BaseException:
@@ -650,7 +652,6 @@ def serve(
         raise
     print(url, flush=True)  # stdout: the result, as every command's
     say("Ctrl-C stops the server")
-    StopSignals.hint("the same command starts it again")  # what the Ctrl-C line says
     try:
         while True:
             time.sleep(0.5)

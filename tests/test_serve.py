@@ -492,27 +492,51 @@ def test_a_batch_on_an_aligning_domain_pastes_back_and_edits_every_face(
 
 
 TWO_PAGES = """
-import sys, urllib.request
+import os, signal, sys, threading, time, urllib.request
 from clipinvert import Editor
+from clipinvert.cli import main
 from clipinvert.serve.app import Service
 from clipinvert.serve.ui import launch
 
-models = sys.argv[1]
-for port in sys.argv[2:]:
-    service = Service(Editor("tiny", models=models, device="cpu"))
-    demo, url = launch(service, port=int(port))
-    with urllib.request.urlopen(url, timeout=60) as page:  # noqa: S310
-        assert page.status == 200
-    demo.close(verbose=False)
-    service.close()
+models, first, second = sys.argv[1:]
+
+
+def page_answers(url):
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=60) as page:
+                return page.status == 200
+        except OSError:
+            assert time.monotonic() < deadline, "the page never answered"
+            time.sleep(0.1)
+
+
+def ctrl_c_when_served():  # as a person at the terminal would, once the command waits
+    page_answers(f"http://127.0.0.1:{first}/")
+    main_thread = threading.main_thread().ident
+    while sys._current_frames()[main_thread].f_code.co_name != "serve":
+        time.sleep(0.01)  # still inside launch(): its return, the URL line
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+threading.Thread(target=ctrl_c_when_served, daemon=True).start()
+print("serve:", main(["serve", "--models", models, "--domain", "tiny", "--device", "cpu",
+                      "--port", first]), flush=True)
+service = Service(Editor("tiny", models=models, device="cpu"))
+demo, url = launch(service, port=int(second))  # a second page in the same process
+assert page_answers(url)
+demo.close(verbose=False)
+service.close()
 """
 
 
 def test_a_process_that_serves_two_pages_leaves_no_temporary_files(
         tiny_models: Path, tmp_path: Path) -> None:
-    """gradio reads its temporary folder once per process, at its first import: a notebook or
-    a test session that starts a second page must not leave the first page's folder behind.
-    Everything either page wrote is gone when the process ends."""
+    """``clipinvert serve`` stopped by Ctrl-C, then a second page in the same process (as a
+    notebook or a test session starts several): gradio reads its temporary folder once per
+    process, at its first import, and neither the command nor the second page may leave a
+    folder behind.  Everything either page wrote is gone when the process ends."""
     import os
     import subprocess
 
@@ -524,4 +548,6 @@ def test_a_process_that_serves_two_pages_leaves_no_temporary_files(
                            str(free_port()), str(free_port())],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
+    assert "serve: 130" in done.stdout  # Ctrl-C: the usual exit status of an interrupted command
+    assert "server stopped" in done.stderr
     assert sorted(p.relative_to(temp) for p in temp.rglob("*")) == []

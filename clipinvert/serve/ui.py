@@ -268,9 +268,13 @@ def launch(service: Service, *, host: str = "127.0.0.1", port: int | None = 7860
     """Start the page in a background thread; returns ``(demo, local_url)``."""
     offline_environment()
     demo = build(service, queue_size=queue_size)
-    _, url, _ = demo.launch(
-        server_name=host, server_port=port, share=share, prevent_thread_lock=True,
-        quiet=quiet, inbrowser=False, show_error=False, max_file_size=service.limits.max_bytes,
-        ssr_mode=False, pwa=False, mcp_server=False, enable_monitoring=False,
-        theme=theme(), css=CSS, footer_links=[])
+    try:
+        _, url, _ = demo.launch(
+            server_name=host, server_port=port, share=share, prevent_thread_lock=True,
+            quiet=quiet, inbrowser=False, show_error=False,
+            max_file_size=service.limits.max_bytes, ssr_mode=False, pwa=False,
+            mcp_server=False, enable_monitoring=False, theme=theme(), css=CSS, footer_links=[])
+    except BaseException:  # Ctrl-C while it starts, a port in use: no server left running
+        demo.close(verbose=False)
+        raise
     return demo, url
