@@ -50,8 +50,7 @@ def server(tiny_models: Path):
         demo.close(verbose=False)
         service.close()
     assert not service.root.exists()  # requests and results: all gone
-    temp = Path(os.environ.get("GRADIO_TEMP_DIR") or gradio_temp_dir())
-    assert not [p for p in temp.rglob("*") if p.is_file()]  # and the page's uploads
+    assert not [p for p in gradio_temp_dir().rglob("*") if p.is_file()]  # and the page's uploads
 
 
 def new_browser():

@@ -28,7 +28,7 @@ def available() -> bool:
     return CHROMIUM.exists() and CHROMEDRIVER.exists()
 
 
-def _short_temp() -> str | None:
+def _short_temp() -> str:
     """Where the profile goes: the system's temporary folder, unless its path is so long that
     Chromium's socket below the profile (``<profile>/org.chromium.Chromium.XXXXXX/
     SingletonSocket``) would pass the 107 bytes a Unix socket path may have: Chromium then
